@@ -1,0 +1,196 @@
+"""The `qarvd` command line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    help="qarvd: a streaming world model, quantized with Q-ARVD.", no_args_is_help=True, pretty_exceptions_enable=False
+)
+
+
+@app.callback()
+def main() -> None:
+    """qarvd: train, generate, evaluate and benchmark streaming world models."""
+
+
+def fail(message: str) -> None:
+    """One clear message on stderr and exit code 2."""
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    preset: str = typer.Option("tiny-world", help="model preset to train"),
+    steps: int = typer.Option(3000, help="optimizer steps"),
+    batch: int = typer.Option(16, help="clips per step"),
+    seed: int = typer.Option(0, help="seed for data, noise and init"),
+    out: Path = typer.Option(Path("runs/tiny-world"), help="run directory: checkpoints, log, exported weights"),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default)"),
+    compile: bool = typer.Option(True, help="torch.compile the training forward"),
+):
+    """Train a world preset on simulator clips; resumes from OUT if a checkpoint is there."""
+    import torch
+
+    from qarvd_core.model import PRESETS
+    from qarvd_core.training import TrainConfig
+    from qarvd_core.training import train as run_training
+
+    if preset not in PRESETS:
+        fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = TrainConfig(preset=preset, steps=steps, batch=batch, seed=seed, compile=compile)
+    path = run_training(cfg, out)
+    typer.echo(f"weights: {path}")
+
+
+def _load(model: str, dtype: str = "fp32"):
+    import torch
+
+    from qarvd_core.config import load_model
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if dtype not in dtypes:
+        fail(f"unknown dtype {dtype!r}; choose fp32 or bf16")
+    try:
+        return load_model(model, dtype=dtypes[dtype])
+    except ValueError as e:
+        fail(str(e))
+
+
+def _check_writable(path: Path, what: str) -> None:
+    parent = path.resolve().parent
+    if parent.exists() and not parent.is_dir():
+        fail(f"cannot write {what} {path}: {parent} is not a directory")
+    if not parent.is_dir():
+        fail(f"cannot write {what} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        fail(f"cannot write {what} {path}: directory {parent} is not writable")
+
+
+@app.command()
+def generate(
+    model: str = typer.Option("tiny-world", help="shipped model name or path to .safetensors weights"),
+    prompt: str = typer.Option("islands", help="scene prompt: a biome name"),
+    seed: int = typer.Option(0, help="noise seed"),
+    actions: str = typer.Option("right*24,down*24,left*24,up*24", help="action script, e.g. 'right*24,none*6'"),
+    out: Path = typer.Option(Path("demo.mp4"), help="output H.264 MP4"),
+    scale: int = typer.Option(4, min=1, max=16, help="nearest-neighbour upscaling of the MP4"),
+    frames_dir: Path | None = typer.Option(None, help="also write every frame losslessly as DIR/000000.png, ..."),
+    fps: int = typer.Option(16, min=1, max=120, help="frame rate of the MP4"),
+    json_out: bool = typer.Option(False, "--json", help="print frames, fps and chunk latency as JSON"),
+):
+    """Stream a video from a model under an action script; frame i is generated under action i."""
+    import json
+    import time
+
+    import numpy as np
+
+    from qarvd_core.sampling import Stream
+    from qarvd_core.video import upscale, write_mp4, write_pngs
+    from qarvd_core.world.scripts import parse_actions
+    from qarvd_core.world.simulator import BIOME_NAMES
+
+    try:
+        script = parse_actions(actions)
+    except ValueError as e:
+        fail(str(e))
+    if prompt not in BIOME_NAMES:
+        fail(f"unknown prompt {prompt!r}; choose a biome: {', '.join(BIOME_NAMES)}")
+    if out.suffix.lower() != ".mp4":
+        fail(f"--out must end in .mp4, got {out}")
+    _check_writable(out, "video")
+    if frames_dir is not None:
+        if frames_dir.exists() and any(frames_dir.iterdir()):
+            fail(f"--frames-dir {frames_dir} exists and is not empty; give a new directory")
+        _check_writable(frames_dir, "frames directory")
+    net = _load(model)
+
+    stream = Stream(net, prompt, seed)
+    Fr = net.args.frames_per_chunk
+    padded = script + [script[-1]] * (-len(script) % Fr)
+    frames, chunk_ms = [], []
+    for k in range(0, len(padded), Fr):
+        t0 = time.perf_counter()
+        frames.append(stream.step(padded[k : k + Fr]))
+        chunk_ms.append((time.perf_counter() - t0) * 1000)
+    video = np.concatenate(frames)[: len(script)]
+    write_mp4(upscale(video, scale), out, fps=fps)
+    if frames_dir is not None:
+        tmp = frames_dir.with_name(f".{frames_dir.name}.part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_pngs(video, tmp)
+        if frames_dir.exists():
+            frames_dir.rmdir()
+        tmp.rename(frames_dir)
+    gen_fps = len(padded) / (sum(chunk_ms) / 1000)
+    if json_out:
+        typer.echo(
+            json.dumps(
+                {
+                    "frames": len(video),
+                    "fps": gen_fps,
+                    "chunk_ms": {"p50": float(np.percentile(chunk_ms, 50)), "p95": float(np.percentile(chunk_ms, 95))},
+                }
+            )
+        )
+    else:
+        typer.echo(f"wrote {out} ({len(video)} frames, generated at {gen_fps:.1f} frames/s)")
+
+
+@app.command("eval")
+def evaluate_cmd(
+    model: str = typer.Option(..., help="model to evaluate: name or weights path"),
+    reference: str | None = typer.Option(None, help="reference model (e.g. the FP model) for PSNR/SSIM"),
+    json_path: Path = typer.Option(..., "--json", help="output JSON; .md table and .png plots go beside it"),
+    scenarios: int = typer.Option(8, min=1, help="held-out scenarios"),
+    frames: int = typer.Option(48, min=6, help="frames per scenario"),
+    drift_frames: int = typer.Option(600, min=30, help="frames of each long drift stream"),
+):
+    """Quality on held-out worlds: vs a reference model and vs the simulator."""
+    from qarvd_core.eval.evaluate import EvalConfig, evaluate, write_report
+
+    _check_writable(json_path, "report")
+    net = _load(model)
+    ref = _load(reference) if reference else None
+    cfg = EvalConfig(scenarios=scenarios, frames=frames, drift_frames=drift_frames)
+    result = evaluate(net, ref, cfg, progress=lambda stage: typer.echo(f"eval: {stage}", err=True))
+    result["model"], result["reference"] = model, reference
+    paths = write_report(result, json_path, f"qarvd eval: {model}" + (f" vs {reference}" if reference else ""))
+    typer.echo(json_path.with_suffix(".md").read_text())
+    typer.echo("wrote " + ", ".join(map(str, paths)))
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("tiny-world", help="model name or weights path"),
+    json_path: Path | None = typer.Option(None, "--json", help="write the result as JSON here"),
+    chunks: int = typer.Option(40, min=1, help="timed chunks"),
+    warmup: int = typer.Option(5, min=0, help="untimed chunks first"),
+    threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)"),
+    dtype: str = typer.Option("fp32", help="fp32 or bf16"),
+    profile: bool = typer.Option(False, help="also report the share of time per op group"),
+):
+    """Streaming speed: time per chunk (p50/p95) and frames per second."""
+    import json
+
+    import torch
+
+    from qarvd_core.eval.bench import bench_stream
+
+    if json_path is not None:
+        _check_writable(json_path, "result")
+    if threads:
+        torch.set_num_threads(threads)
+    result = bench_stream(_load(model, dtype), chunks=chunks, warmup=warmup, profile=profile)
+    result["model"] = model
+    text = json.dumps(result, indent=2)
+    if json_path is not None:
+        json_path.write_text(text + "\n")
+    typer.echo(text)

@@ -1,0 +1,1 @@
+"""Evaluation and benchmarking of world models (DESIGN §6)."""

@@ -1,0 +1,73 @@
+"""`qarvd bench`: streaming speed of a model, warm-up excluded, threads stated."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import numpy as np
+import torch
+
+from qarvd_core.model import WorldModel
+from qarvd_core.sampling import Stream
+from qarvd_core.world.simulator import ACTIONS
+
+# Profiler op names grouped into what a reader cares about.
+_OP_GROUPS = {
+    "linear": ("aten::addmm", "aten::mm", "aten::linear", "aten::_int_mm", "aten::bmm"),
+    "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product"),
+    "patch embedding": ("aten::convolution", "aten::mkldnn_convolution", "aten::conv3d"),
+}
+
+
+def bench_stream(
+    model: WorldModel, chunks: int = 40, warmup: int = 5, prompt: str = "islands", seed: int = 0, profile: bool = False
+) -> dict:
+    """Time `chunks` chunks of one live stream (cycling actions) after `warmup` chunks."""
+    stream = Stream(model, prompt, seed)
+    rng = np.random.default_rng(seed)
+    for _ in range(warmup):
+        stream.step(ACTIONS[rng.integers(len(ACTIONS))])
+    times = []
+    for _ in range(chunks):
+        t0 = time.perf_counter()
+        stream.step(ACTIONS[rng.integers(len(ACTIONS))])
+        times.append(time.perf_counter() - t0)
+    ms = np.array(times) * 1000
+    fr = model.args.frames_per_chunk
+    result = {
+        "chunks": chunks,
+        "warmup_chunks": warmup,
+        "frames_per_chunk": fr,
+        "chunk_ms": {
+            "p50": float(np.percentile(ms, 50)),
+            "p95": float(np.percentile(ms, 95)),
+            "mean": float(ms.mean()),
+        },
+        "fps": float(fr * chunks / ms.sum() * 1000),
+        "threads": torch.get_num_threads(),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if profile:
+        result["time_share"] = _profile(stream, min(10, chunks))
+    return result
+
+
+def _profile(stream: Stream, chunks: int) -> dict:
+    """Share of self CPU time per op group over `chunks` chunks."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(chunks):
+            stream.step("right")
+    totals: dict[str, float] = {}
+    for ev in prof.key_averages():
+        group = next(
+            (g for g, names in _OP_GROUPS.items() if ev.key.startswith(names)),
+            "other (norms, RoPE, modulation, copies)",
+        )
+        totals[group] = totals.get(group, 0.0) + ev.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    return {k: round(v / whole, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}

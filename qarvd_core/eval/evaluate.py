@@ -1,0 +1,193 @@
+"""`qarvd eval`: quality of a model on held-out scenarios (DESIGN §6).
+
+Against a reference model (the paper's "-FP" protocol), both models roll out the same
+held-out worlds with identical prompts, actions and noise seeds, and frames are compared
+pairwise. Against the simulator, the generated pixels are checked for what the world
+guarantees: the camera moves as commanded, revisited places look the same, and long
+streams stay sharp and inside their biome's palette.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qarvd_core.eval import metrics
+from qarvd_core.model import WorldModel
+from qarvd_core.sampling import rollout, to_uint8
+from qarvd_core.world.scripts import random_walk, scenarios
+from qarvd_core.world.simulator import BIOME_NAMES
+from qarvd_core.world.simulator import rollout as sim_rollout
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    scenarios: int = 8  # held-out worlds, cycling through biomes and policies
+    frames: int = 48  # per scenario (16 chunks of 3)
+    drift_frames: int = 600  # one long stream per biome
+    revisit_max_gap: int = 0  # 0: the model's rolling window in frames
+
+
+def _generate(model: WorldModel, cases, frames: int) -> np.ndarray:
+    x = rollout(
+        model, [c.biome for c in cases], [list(c.actions)[:frames] for c in cases], [c.noise_seed for c in cases]
+    )
+    return to_uint8(x)  # [B, T, H, W, 3]
+
+
+def _revisit_pairs(camera: np.ndarray, max_gap: int) -> list[tuple[int, int]]:
+    """Frame pairs (i, j) showing the same camera position, 2 <= j - i <= max_gap."""
+    return [
+        (i, j)
+        for j in range(len(camera))
+        for i in range(max(0, j - max_gap), j - 1)
+        if (camera[i] == camera[j]).all() and not (camera[i + 1 : j] == camera[j]).all(axis=1).all()
+    ]
+
+
+def evaluate(
+    model: WorldModel, reference: WorldModel | None = None, cfg: EvalConfig = EvalConfig(), progress=lambda stage: None
+) -> dict:
+    a = model.args
+    cases = scenarios("heldout", cfg.scenarios, cfg.frames)
+    progress("held-out scenarios")
+    gen = _generate(model, cases, cfg.frames)
+    T = gen.shape[1]
+    truth = [sim_rollout(c.biome, c.world_seed, list(c.actions)[:T]) for c in cases]
+    hits = np.stack([metrics.action_hits(g, list(c.actions)) for g, c in zip(gen, cases)])
+    sim_hits = np.stack([metrics.action_hits(t["frames"], list(c.actions)) for t, c in zip(truth, cases)])
+
+    max_gap = cfg.revisit_max_gap or a.window_chunks * a.frames_per_chunk
+    rev, rev_sim = [], []
+    for g, t in zip(gen, truth):
+        for i, j in _revisit_pairs(t["camera"], max_gap):
+            rev.append(metrics.psnr(g[i], g[j]))
+            rev_sim.append(metrics.psnr(t["frames"][i], t["frames"][j]))
+
+    result: dict = {
+        "frames": int(gen.shape[0] * T),
+        "scenarios": len(cases),
+        "action_accuracy": float(hits.mean()),
+        "action_accuracy_simulator": float(sim_hits.mean()),
+        "revisit_pairs": len(rev),
+        "revisit_psnr_db": float(np.mean(rev)) if rev else None,
+        "revisit_psnr_db_simulator": float(np.mean(rev_sim)) if rev_sim else None,
+        "action_accuracy_per_chunk": _per_chunk(
+            np.pad(hits, ((0, 0), (1, 0)), constant_values=np.nan), a.frames_per_chunk
+        ),
+    }
+    if reference is not None:
+        progress("reference rollouts")
+        ref = _generate(reference, cases, cfg.frames)
+        p, s = metrics.psnr(gen, ref), metrics.ssim(gen, ref)
+        ref_hits = np.stack([metrics.action_hits(r, list(c.actions)) for r, c in zip(ref, cases)])
+        result |= {
+            "psnr_db_mean": float(p.mean()),
+            "ssim_mean": float(s.mean()),
+            "psnr_db_per_chunk": _per_chunk(p, a.frames_per_chunk),
+            "reference_action_accuracy": float(ref_hits.mean()),
+        }
+    progress("drift streams")
+    result["drift"] = _drift(model, cfg.drift_frames)
+    result["config"] = asdict(cfg)
+    return result
+
+
+def _per_chunk(per_frame: np.ndarray, frames_per_chunk: int) -> list[float]:
+    B, T = per_frame.shape
+    return [float(v) for v in np.nanmean(per_frame.reshape(B, T // frames_per_chunk, -1), axis=(0, 2))]
+
+
+def _drift(model: WorldModel, frames: int) -> dict:
+    """One long random-walk stream per biome on held-out worlds: sharpness and palette over time."""
+    cases = scenarios("heldout", len(BIOME_NAMES), frames, offset=1000)
+    rng = np.random.default_rng(0)
+    walks = [random_walk(rng, frames) for _ in cases]
+    gen = to_uint8(rollout(model, [c.biome for c in cases], walks, [c.noise_seed for c in cases]))
+    T = gen.shape[1]
+    sharp_ref = np.array(
+        [metrics.sharpness(sim_rollout(c.biome, c.world_seed, w[:T])["frames"]).mean() for c, w in zip(cases, walks)]
+    )
+    sharp = metrics.sharpness(gen) / sharp_ref[:, None]  # [B, T], 1.0 = as crisp as the simulator
+    pal = np.stack([metrics.palette_error(g, c.biome) for g, c in zip(gen, cases)])  # [B, T]
+    hits = np.stack([metrics.action_hits(g, w[:T]) for g, w in zip(gen, walks)])
+    edge = min(100, T // 3)
+    bucket = max(1, T // 20)
+    return {
+        "frames": int(T),
+        "streams": len(cases),
+        "sharpness_ratio_first": float(sharp[:, :edge].mean()),
+        "sharpness_ratio_last": float(sharp[:, -edge:].mean()),
+        "palette_error_first": float(pal[:, :edge].mean()),
+        "palette_error_last": float(pal[:, -edge:].mean()),
+        "action_accuracy_first": float(hits[:, :edge].mean()),
+        "action_accuracy_last": float(hits[:, -edge:].mean()),
+        "curve_frame": list(range(0, T - T % bucket, bucket)),
+        "sharpness_curve": [float(v) for v in sharp[:, : T - T % bucket].reshape(len(cases), -1, bucket).mean((0, 2))],
+        "palette_error_curve": [
+            float(v) for v in pal[:, : T - T % bucket].reshape(len(cases), -1, bucket).mean((0, 2))
+        ],
+    }
+
+
+def write_report(result: dict, json_path: Path, title: str) -> list[Path]:
+    """JSON, a Markdown table and PNG plots side by side; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    d = result["drift"]
+    rows = [
+        ("action accuracy (held-out)", result["action_accuracy"]),
+        ("action accuracy of the simulator's own frames (metric ceiling)", result["action_accuracy_simulator"]),
+        (
+            "revisit PSNR dB (simulator's own)",
+            f"{_fmt(result['revisit_psnr_db'])} ({_fmt(result['revisit_psnr_db_simulator'])})",
+        ),
+        (
+            f"drift: sharpness vs simulator, first/last {min(100, d['frames'] // 3)} of {d['frames']} frames",
+            f"{d['sharpness_ratio_first']:.3f} / {d['sharpness_ratio_last']:.3f}",
+        ),
+        (
+            "drift: palette error (RGB units), first/last",
+            f"{d['palette_error_first']:.2f} / {d['palette_error_last']:.2f}",
+        ),
+        ("drift: action accuracy, first/last", f"{d['action_accuracy_first']:.3f} / {d['action_accuracy_last']:.3f}"),
+    ]
+    if "psnr_db_mean" in result:
+        rows[:0] = [
+            ("PSNR dB vs reference", result["psnr_db_mean"]),
+            ("SSIM vs reference", result["ssim_mean"]),
+            ("reference action accuracy", result["reference_action_accuracy"]),
+        ]
+    md = [f"# {title}", "", "| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text("\n".join(md) + "\n")
+
+    fig, axes = plt.subplots(1, 3 if "psnr_db_per_chunk" in result else 2, figsize=(13, 3.6))
+    axes[0].plot(d["curve_frame"], d["sharpness_curve"], label="sharpness / simulator")
+    axes[0].plot(d["curve_frame"], np.array(d["palette_error_curve"]) / 10, label="palette error / 10")
+    axes[0].set(xlabel="frame", title=f"drift over a {d['frames']}-frame stream")
+    axes[0].legend()
+    axes[1].plot(result["action_accuracy_per_chunk"], marker="o")
+    axes[1].set(xlabel="chunk", ylabel="action accuracy", ylim=(0, 1.05), title="action following per chunk")
+    if "psnr_db_per_chunk" in result:
+        axes[2].plot(result["psnr_db_per_chunk"], marker="o")
+        axes[2].set(xlabel="chunk", ylabel="PSNR dB", title="PSNR vs reference per chunk")
+    fig.tight_layout()
+    png = json_path.with_suffix(".png")
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return [json_path, md_path, png]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)

@@ -1,0 +1,417 @@
+"""A Wan-style block-causal video diffusion transformer, in one file.
+
+Key names follow Wan 2.1 (`blocks.N.self_attn.q`, `blocks.N.ffn.0`, `head.head`, ...) so that
+real Self-Forcing / CausVid checkpoints map 1:1. Generation is chunk by chunk: tokens of chunk
+k attend to chunks <= k, earlier chunks come from a per-layer KV cache (keys stored after
+RoPE), and the cache rolls: `sink_chunks` first chunks are kept forever, then a window of
+`window_chunks`. When the window rolls, the kept keys are rotated back in time so that RoPE
+positions never grow, however long the stream runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qarvd_core.world.simulator import ACTIONS, BIOME_NAMES
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int = 256
+    n_layers: int = 6
+    n_heads: int = 4
+    ffn_dim: int = 1024
+    in_channels: int = 3
+    patch_size: int = 8
+    frame_height: int = 64  # in pixels (tiny presets) or latent cells (Wan)
+    frame_width: int = 64
+    frames_per_chunk: int = 3
+    freq_dim: int = 256
+    text_dim: int = 256
+    text_len: int = 4
+    n_prompts: int = len(BIOME_NAMES)  # 0: prompt embeddings come from an external text encoder
+    n_actions: int = len(ACTIONS)  # 0: no action conditioning
+    window_chunks: int = 3
+    sink_chunks: int = 1
+    rope_theta: float = 10000.0
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
+        if self.frame_height % self.patch_size or self.frame_width % self.patch_size:
+            raise ValueError("frame size must be a multiple of patch_size")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.frame_height // self.patch_size, self.frame_width // self.patch_size
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.tokens_per_frame * self.frames_per_chunk
+
+    @property
+    def context_chunks(self) -> int:
+        """Chunks a query can see at most: sink + window + itself; train on clips this long."""
+        return self.sink_chunks + self.window_chunks + 1
+
+    @classmethod
+    def from_name(cls, name: str) -> ModelArgs:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+PRESETS: dict[str, dict] = {
+    "tiny-world": dict(dim=256, n_layers=6, n_heads=4, ffn_dim=1024),
+    "small-world": dict(dim=512, n_layers=8, n_heads=8, ffn_dim=2048),
+    # The Self-Forcing / CausVid layout (Wan 2.1 T2V 1.3B, causal); 480x832 video -> 60x104 latents.
+    "wan2.1-1.3b-causal": dict(
+        dim=1536,
+        n_layers=30,
+        n_heads=12,
+        ffn_dim=8960,
+        in_channels=16,
+        patch_size=2,
+        frame_height=60,
+        frame_width=104,
+        text_dim=4096,
+        text_len=512,
+        n_prompts=0,
+        n_actions=0,
+        window_chunks=6,
+        sink_chunks=1,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def _axis_angles(positions: Tensor, dim: int, theta: float) -> Tensor:
+    """Rotation angles [len(positions), dim // 2] for one axis."""
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return positions.double()[:, None] * inv
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Wan's split of a head's dims between the (time, height, width) axes."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_freqs(args: ModelArgs, time_positions: Tensor) -> Tensor:
+    """(cos, sin) [T * tokens_per_frame, head_dim // 2, 2] for frames at `time_positions`."""
+    dt, dh, dw = rope_split(args.head_dim)
+    gh, gw = args.grid
+    T = len(time_positions)
+    ang = torch.cat(
+        [
+            _axis_angles(time_positions, dt, args.rope_theta)[:, None, None].expand(T, gh, gw, -1),
+            _axis_angles(torch.arange(gh), dh, args.rope_theta)[None, :, None].expand(T, gh, gw, -1),
+            _axis_angles(torch.arange(gw), dw, args.rope_theta)[None, None, :].expand(T, gh, gw, -1),
+        ],
+        dim=-1,
+    ).reshape(T * gh * gw, -1)
+    return torch.stack([ang.cos(), ang.sin()], dim=-1).float()
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate consecutive pairs of x's last dim by angles given as cos/sin [..., last // 2]."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
+    """x [B, L, H, hd] rotated by freqs [L, hd/2, 2]."""
+    return rotate(x, freqs[None, :, None, :, 0], freqs[None, :, None, :, 1])
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+class KVCache:
+    """Keys (after RoPE) and values of committed chunks for every layer.
+
+    Holds at most sink + window chunks between steps (plus one slot for the chunk being
+    committed). `time_offset` is the RoPE time position of the next chunk's first frame.
+    """
+
+    def __init__(self, args: ModelArgs, batch: int, device=None, dtype=torch.float32):
+        self.args = args
+        cap = (args.context_chunks) * args.chunk_tokens
+        shape = (args.n_layers, batch, args.n_heads, cap, args.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.n_chunks = 0  # chunks held now
+        self.committed = 0  # chunks ever committed
+        # Rotating keys back by one chunk in time: applied to the window when it rolls.
+        self._t_dims = rope_split(args.head_dim)[0]
+        back = _axis_angles(torch.tensor([-args.frames_per_chunk]), self._t_dims, args.rope_theta)[0]
+        self._roll_cos, self._roll_sin = back.cos().float().to(device), back.sin().float().to(device)
+
+    @property
+    def length(self) -> int:
+        return self.n_chunks * self.args.chunk_tokens
+
+    @property
+    def time_offset(self) -> int:
+        return self.n_chunks * self.args.frames_per_chunk
+
+    def view(self, layer: int) -> tuple[Tensor, Tensor]:
+        return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Store the committing chunk's k, v [B, H, chunk_tokens, hd] in the slot after the held ones."""
+        s = self.length
+        self.k[layer, :, :, s : s + k.shape[2]] = k
+        self.v[layer, :, :, s : s + v.shape[2]] = v
+
+    def advance(self) -> None:
+        """Count the chunk just written; roll the window if it is now over-full."""
+        a, ct = self.args, self.args.chunk_tokens
+        self.n_chunks += 1
+        self.committed += 1
+        if self.n_chunks <= a.sink_chunks + a.window_chunks:
+            return
+        lo, hi = a.sink_chunks * ct, self.n_chunks * ct
+        # Drop the oldest window chunk; shift the rest left and one chunk back in time.
+        kept = self.k[:, :, :, lo + ct : hi].clone()
+        kept[..., : self._t_dims] = rotate(kept[..., : self._t_dims], self._roll_cos, self._roll_sin)
+        self.k[:, :, :, lo : hi - ct] = kept
+        self.v[:, :, :, lo : hi - ct] = self.v[:, :, :, lo + ct : hi].clone()
+        self.n_chunks -= 1
+
+    def reset(self) -> None:
+        self.n_chunks = 0
+        self.committed = 0
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.head_dim = args.n_heads, args.head_dim
+        self.q = nn.Linear(args.dim, args.dim)
+        self.k = nn.Linear(args.dim, args.dim)
+        self.v = nn.Linear(args.dim, args.dim)
+        self.o = nn.Linear(args.dim, args.dim)
+        self.norm_q = RMSNorm(args.dim, args.eps)
+        self.norm_k = RMSNorm(args.dim, args.eps)
+
+    def forward(self, x: Tensor, freqs: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int, commit: bool):
+        B, L, D = x.shape
+        q = apply_rope(self.norm_q(self.q(x)).view(B, L, self.n_heads, self.head_dim), freqs).transpose(1, 2)
+        k = apply_rope(self.norm_k(self.k(x)).view(B, L, self.n_heads, self.head_dim), freqs).transpose(1, 2)
+        v = self.v(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            ck, cv = cache.view(layer)
+            if commit:
+                cache.write(layer, k, v)
+            k = torch.cat([ck.to(k.dtype), k], dim=2)
+            v = torch.cat([cv.to(v.dtype), v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, L, hd]
+        return self.o(y.transpose(1, 2).reshape(B, L, D))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.head_dim = args.n_heads, args.head_dim
+        self.q = nn.Linear(args.dim, args.dim)
+        self.k = nn.Linear(args.dim, args.dim)
+        self.v = nn.Linear(args.dim, args.dim)
+        self.o = nn.Linear(args.dim, args.dim)
+        self.norm_q = RMSNorm(args.dim, args.eps)
+        self.norm_k = RMSNorm(args.dim, args.eps)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        B, L, D = x.shape
+        q = self.norm_q(self.q(x)).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.norm_k(self.k(context)).view(B, -1, self.n_heads, self.head_dim).transpose(1, 2)
+        v = self.v(context).view(B, -1, self.n_heads, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(args.dim, args.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(args)
+        self.norm3 = nn.LayerNorm(args.dim, args.eps)
+        self.cross_attn = CrossAttention(args)
+        self.norm2 = nn.LayerNorm(args.dim, args.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(args.dim, args.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(args.ffn_dim, args.dim)
+        )
+        self.modulation = nn.Parameter(torch.zeros(1, 6, args.dim))
+
+    def forward(self, x, e0, context, freqs, mask, cache, layer, commit):
+        # x [B, T*N, D]; e0 [B, T, 6, D]: one adaLN modulation per frame, shared by its N tokens.
+        B, L, D = x.shape
+        T = e0.shape[1]
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation[:, None] + e0).unsqueeze(3).unbind(2)
+
+        def modulate(h, shift, scale):
+            return (h.view(B, T, -1, D) * (1 + scale) + shift).view(B, L, D)
+
+        def gated(h, gate):
+            return (h.view(B, T, -1, D) * gate).view(B, L, D)
+
+        y = self.self_attn(modulate(self.norm1(x), shift1, scale1), freqs, mask, cache, layer, commit)
+        x = x + gated(y, gate1)
+        x = x + self.cross_attn(self.norm3(x), context)
+        y = self.ffn(modulate(self.norm2(x), shift2, scale2))
+        return x + gated(y, gate2)
+
+
+class Head(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = nn.LayerNorm(args.dim, args.eps, elementwise_affine=False)
+        self.head = nn.Linear(args.dim, args.in_channels * args.patch_size**2)
+        self.modulation = nn.Parameter(torch.zeros(1, 2, args.dim))
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        B, L, D = x.shape
+        T = e.shape[1]
+        shift, scale = (self.modulation[:, None] + e[:, :, None]).unsqueeze(3).unbind(2)  # [B, T, 1, D]
+        return self.head((self.norm(x).view(B, T, -1, D) * (1 + scale) + shift).view(B, L, D))
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of flow time t in [0, 1] (scaled to Wan's 0..1000)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * 1000)[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class WorldModel(nn.Module):
+    """Predicts clean frames x0 from noisy frames x_t, per-frame flow times, actions and a prompt."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        p = args.patch_size
+        self.patch_embedding = nn.Conv3d(args.in_channels, args.dim, kernel_size=(1, p, p), stride=(1, p, p))
+        self.text_embedding = nn.Sequential(
+            nn.Linear(args.text_dim, args.dim), nn.GELU(approximate="tanh"), nn.Linear(args.dim, args.dim)
+        )
+        self.time_embedding = nn.Sequential(
+            nn.Linear(args.freq_dim, args.dim), nn.SiLU(), nn.Linear(args.dim, args.dim)
+        )
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(args.dim, 6 * args.dim))
+        self.blocks = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.head = Head(args)
+        # Scene prompts of the tiny presets are learned token sequences (one per biome);
+        # the Wan preset takes text-encoder embeddings instead.
+        if args.n_prompts:
+            self.prompt_encoder = nn.Embedding(args.n_prompts, args.text_len * args.text_dim)
+        if args.n_actions:
+            self.action_embedding = nn.Embedding(args.n_actions, args.dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.5)
+        # adaLN-zero: every block starts as the identity and the head predicts zeros.
+        nn.init.zeros_(self.time_projection[1].weight)
+        nn.init.zeros_(self.head.head.weight)
+
+    # Conditioning -------------------------------------------------------------
+
+    def encode_prompt(self, prompt_ids: Tensor) -> Tensor:
+        """Biome ids [B] -> cross-attention context [B, text_len, dim]."""
+        a = self.args
+        text = self.prompt_encoder(prompt_ids).view(-1, a.text_len, a.text_dim)
+        return self.text_embedding(text)
+
+    def _frame_embedding(self, t: Tensor, actions: Tensor | None) -> Tensor:
+        e = self.time_embedding(timestep_embedding(t, self.args.freq_dim).to(self.patch_embedding.weight.dtype))
+        if actions is not None and self.args.n_actions:
+            # Actions drive the per-frame adaLN directly: frame i is generated under action i.
+            e = e + self.action_embedding(actions)
+        return e  # [B, T, D]
+
+    # Forward ------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        actions: Tensor | None,
+        context: Tensor,
+        cache: KVCache | None = None,
+        commit: bool = False,
+    ) -> Tensor:
+        """x [B, T, C, H, W] noisy frames, t [B, T] flow times, actions [B, T] -> x0 [B, T, C, H, W].
+
+        Without a cache, T frames are processed as T / frames_per_chunk block-causal chunks
+        (training, reference). With a cache, x is one chunk placed after the cached ones;
+        `commit=True` also writes its keys/values into the cache (the clean t=0 re-run).
+        """
+        a = self.args
+        B, T, C, H, W = x.shape
+        if T % a.frames_per_chunk:
+            raise ValueError(f"frame count {T} must be a multiple of frames_per_chunk={a.frames_per_chunk}")
+        p, (gh, gw), N = a.patch_size, a.grid, a.tokens_per_frame
+        h = self.patch_embedding(x.transpose(1, 2))  # [B, D, T, gh, gw]
+        h = h.flatten(2).transpose(1, 2)  # [B, T*N, D]
+        e = self._frame_embedding(t, actions)
+        e0 = self.time_projection(e).view(B, T, 6, a.dim)
+
+        if cache is None:
+            freqs = rope_freqs(a, torch.arange(T)).to(x.device)
+            chunk_of = torch.arange(T * N, device=x.device) // a.chunk_tokens
+            mask = chunk_of[:, None] >= chunk_of[None, :]  # block-causal
+        else:
+            if T != a.frames_per_chunk:
+                raise ValueError("cached generation takes exactly one chunk at a time")
+            freqs = rope_freqs(a, torch.arange(T) + cache.time_offset).to(x.device)
+            mask = None
+        for i, block in enumerate(self.blocks):
+            h = block(h, e0, context, freqs, mask, cache, i, commit)
+        if cache is not None and commit:
+            cache.advance()
+        out = self.head(h, e)  # [B, T*N, C*p*p]
+        out = out.view(B, T, gh, gw, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
+        return out.reshape(B, T, C, H, W)

@@ -1,0 +1,185 @@
+"""Few-step flow-matching sampling and the streaming API.
+
+Flow time t runs from 1 (pure noise) to 0 (clean): x_t = (1 - t) * x0 + t * noise. The
+model predicts x0; each step moves deterministically (DDIM-style) to the next time on a
+shifted schedule. `Stream` is the one object for a live stream: the CLI, the evaluator and
+the server all drive generation through it (or through `rollout`, its batched form).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from qarvd_core.model import KVCache, WorldModel
+from qarvd_core.world.simulator import ACTIONS, BIOME_NAMES
+
+DEFAULT_STEPS = 4
+DEFAULT_SHIFT = 1.5
+
+
+def flow_schedule(steps: int = DEFAULT_STEPS, shift: float = DEFAULT_SHIFT) -> list[float]:
+    """Decreasing flow times, first 1.0, 0 excluded: t = shift*s / (1 + (shift-1)*s)."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    s = np.linspace(1.0, 0.0, steps + 1)[:-1]
+    return [float(shift * v / (1 + (shift - 1) * v)) for v in s]
+
+
+def to_uint8(frames: Tensor) -> np.ndarray:
+    """[..., C, H, W] in [-1, 1] -> [..., H, W, C] uint8."""
+    x = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).cpu().numpy()
+
+
+def from_uint8(frames: np.ndarray) -> Tensor:
+    """[..., H, W, C] uint8 -> [..., C, H, W] float in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3).float() / 127.5 - 1
+
+
+def action_ids(actions) -> Tensor:
+    try:
+        return torch.tensor([ACTIONS.index(a) for a in actions], dtype=torch.long)
+    except ValueError as e:
+        raise ValueError(f"unknown action in {list(actions)}; choose from {', '.join(ACTIONS)}") from e
+
+
+def prompt_id(prompt: str) -> int:
+    if prompt not in BIOME_NAMES:
+        raise ValueError(f"unknown prompt {prompt!r}; choose a biome: {', '.join(BIOME_NAMES)}")
+    return BIOME_NAMES.index(prompt)
+
+
+@torch.no_grad()
+def denoise_chunk(
+    model: WorldModel,
+    cache: KVCache,
+    context: Tensor,
+    actions: Tensor,
+    noise: Tensor,
+    schedule: list[float],
+) -> Tensor:
+    """One chunk: noise [B, F, C, H, W] -> clean frames, then commit them to the cache at t=0."""
+    B, Fr = actions.shape
+    x = noise
+    x0 = noise
+    for i, t in enumerate(schedule):
+        tt = torch.full((B, Fr), t, device=noise.device)
+        x0 = model(x, tt, actions, context, cache=cache).clamp(-1, 1)
+        t_next = schedule[i + 1] if i + 1 < len(schedule) else 0.0
+        eps = (x - (1 - t) * x0) / t
+        x = (1 - t_next) * x0 + t_next * eps
+    model(x0, torch.zeros(B, Fr, device=noise.device), actions, context, cache=cache, commit=True)
+    return x0
+
+
+@dataclass
+class _HeldChunk:
+    frames: Tensor  # [B, F, C, H, W]
+    actions: Tensor  # [B, F]
+
+
+class Stream:
+    """A live stream: start with a model, prompt and seed; `step(action)` yields one chunk.
+
+    Holds its own KV cache and seeded noise generator; `set_prompt` switches the scene and
+    re-caches the held context under the new prompt; `reset` starts over.
+    """
+
+    def __init__(self, model: WorldModel, prompt: str, seed: int, steps: int = DEFAULT_STEPS, shift=DEFAULT_SHIFT):
+        self.model = model
+        self.args = model.args
+        self.schedule = flow_schedule(steps, shift)
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.cache = KVCache(self.args, 1, self.device, self.dtype)
+        self.reset(seed, prompt)
+
+    def reset(self, seed: int | None = None, prompt: str | None = None) -> None:
+        self.seed = self.seed if seed is None else seed
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.cache.reset()
+        self.held: list[_HeldChunk] = []
+        self.frame_index = 0
+        self.set_prompt(prompt or self.prompt)
+
+    @torch.no_grad()
+    def set_prompt(self, prompt: str) -> None:
+        """Switch the scene prompt; the held chunks are re-run under it so the cache matches."""
+        pid = torch.tensor([prompt_id(prompt)], device=self.device)
+        self.prompt = prompt
+        self.context = self.model.encode_prompt(pid)
+        held, self.held = self.held, []
+        self.cache.reset()
+        for chunk in held:
+            t0 = torch.zeros(chunk.actions.shape, device=self.device)
+            self.model(chunk.frames, t0, chunk.actions, self.context, cache=self.cache, commit=True)
+            self._hold(chunk)
+
+    def _hold(self, chunk: _HeldChunk) -> None:
+        # Mirror the cache: sink chunks forever, then the newest window chunks.
+        a = self.args
+        self.held.append(chunk)
+        if len(self.held) > a.sink_chunks + a.window_chunks:
+            del self.held[a.sink_chunks]
+
+    def _noise(self) -> Tensor:
+        a = self.args
+        shape = (1, a.frames_per_chunk, a.in_channels, a.frame_height, a.frame_width)
+        return torch.randn(shape, generator=self.generator).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def step(self, action: str | list[str]) -> np.ndarray:
+        """Generate the next chunk; `action` is held for the chunk or given per frame.
+
+        Returns frames [F, H, W, 3] uint8.
+        """
+        Fr = self.args.frames_per_chunk
+        acts = [action] * Fr if isinstance(action, str) else list(action)
+        if len(acts) != Fr:
+            raise ValueError(f"give one action or exactly {Fr} (one per frame), got {len(acts)}")
+        ids = action_ids(acts)[None].to(self.device)
+        x0 = denoise_chunk(self.model, self.cache, self.context, ids, self._noise(), self.schedule)
+        self._hold(_HeldChunk(x0, ids))
+        self.frame_index += Fr
+        return to_uint8(x0[0])
+
+
+@torch.no_grad()
+def rollout(
+    model: WorldModel,
+    prompts: list[str],
+    actions: list[list[str]],
+    seeds: list[int],
+    steps: int = DEFAULT_STEPS,
+    shift: float = DEFAULT_SHIFT,
+    on_chunk=None,
+) -> Tensor:
+    """Batched streams in lockstep: frames [B, T, C, H, W] in [-1, 1].
+
+    Stream b uses the noise of `Stream(model, prompts[b], seeds[b])`, so a batched rollout
+    and a single stream with the same seed see identical noise. T is the script length
+    rounded down to whole chunks. `on_chunk(k, n_chunks)` reports progress.
+    """
+    a = model.args
+    B, Fr = len(prompts), a.frames_per_chunk
+    n_chunks = min(len(x) for x in actions) // Fr
+    if n_chunks == 0:
+        raise ValueError(f"action scripts must hold at least one chunk ({Fr} frames)")
+    p = next(model.parameters())
+    cache = KVCache(a, B, p.device, p.dtype)
+    context = model.encode_prompt(torch.tensor([prompt_id(x) for x in prompts], device=p.device))
+    ids = torch.stack([action_ids(x[: n_chunks * Fr]) for x in actions]).to(p.device)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    shape = (1, Fr, a.in_channels, a.frame_height, a.frame_width)
+    schedule = flow_schedule(steps, shift)
+    out = []
+    for k in range(n_chunks):
+        noise = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(p.device, p.dtype)
+        out.append(denoise_chunk(model, cache, context, ids[:, k * Fr : (k + 1) * Fr], noise, schedule))
+        if on_chunk is not None:
+            on_chunk(k + 1, n_chunks)
+    return torch.cat(out, dim=1)

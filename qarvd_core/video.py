@@ -1,0 +1,63 @@
+"""Writing generated frames: H.264 MP4 through PyAV, lossless PNG frames through Pillow.
+
+Both write to a temporary name and rename on success, so a failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+
+def upscale(frames: np.ndarray, scale: int) -> np.ndarray:
+    """Nearest-neighbour upscaling of [T, H, W, 3] frames (keeps pixel-art edges crisp)."""
+    if scale == 1:
+        return frames
+    return frames.repeat(scale, axis=1).repeat(scale, axis=2)
+
+
+def write_mp4(frames, path: Path, fps: int = 16, crf: int = 18) -> Path:
+    """Encode an iterable of [H, W, 3] uint8 frames as H.264 (yuv420p) at `fps`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.part")
+    count = 0
+    try:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = None
+            for frame in frames:
+                if stream is None:
+                    stream = container.add_stream("libx264", rate=fps)
+                    # yuv420p needs even sizes; all presets are multiples of 8.
+                    stream.height, stream.width = frame.shape[:2]
+                    stream.pix_fmt = "yuv420p"
+                    stream.options = {"crf": str(crf), "preset": "veryfast"}
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                    container.mux(packet)
+                count += 1
+            if stream is None:
+                raise ValueError("no frames to write")
+            for packet in stream.encode():
+                container.mux(packet)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_mp4(path: Path) -> np.ndarray:
+    """Decode every frame of a video as [T, H, W, 3] uint8."""
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def write_pngs(frames: np.ndarray, directory: Path, start: int = 0) -> None:
+    """Frames as DIR/000000.png, 000001.png, ... (lossless)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(frames, start):
+        tmp = directory / f".{i:06d}.png.part"
+        Image.fromarray(frame).save(tmp, format="PNG")
+        os.replace(tmp, directory / f"{i:06d}.png")

@@ -1,0 +1,43 @@
+"""Shared fixtures: miniature models with real weights files, built in seconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Tests use one thread: the suite must share two cores with whatever else runs.
+torch.set_num_threads(1)
+
+from qarvd_core.config import save_weights
+from qarvd_core.model import ModelArgs, WorldModel
+
+MINI = ModelArgs(dim=32, n_layers=2, n_heads=2, ffn_dim=64, text_dim=16, window_chunks=2, sink_chunks=1)
+
+
+def mini_model(seed: int = 0, args: ModelArgs = MINI) -> WorldModel:
+    """A miniature model with every weight non-zero (the zero inits would hide bugs)."""
+    torch.manual_seed(seed)
+    model = WorldModel(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture
+def mini():
+    return mini_model()
+
+
+@pytest.fixture
+def mini_weights(tmp_path):
+    """A miniature model saved like a shipped one; returns (path, model as loaded back in fp32)."""
+    path = save_weights(mini_model(), tmp_path / "mini.safetensors", preset=None)
+    from qarvd_core.config import load_model
+
+    return path, load_model(str(path))
+
+
+@pytest.fixture
+def make_mini():
+    return mini_model

@@ -1,0 +1,40 @@
+import json
+
+from typer.testing import CliRunner
+
+from qarvd_core.cli import app
+from qarvd_core.eval.evaluate import EvalConfig, _revisit_pairs, evaluate
+
+SMALL = EvalConfig(scenarios=3, frames=12, drift_frames=30)
+
+
+def test_model_against_itself_is_perfect_and_against_another_is_not(mini, make_mini):
+    same = evaluate(mini, mini, SMALL)
+    assert same["psnr_db_mean"] == 100 and abs(same["ssim_mean"] - 1) < 1e-9
+    assert len(same["psnr_db_per_chunk"]) == 4 and same["frames"] == 36
+    assert same["action_accuracy_simulator"] > 0.9
+    other = evaluate(mini, make_mini(seed=1), SMALL)
+    assert other["psnr_db_mean"] < 40
+    d = other["drift"]
+    assert d["frames"] == 30 and d["streams"] == 4 and len(d["sharpness_curve"]) == len(d["curve_frame"])
+
+
+def test_revisit_pairs_need_a_round_trip():
+    import numpy as np
+
+    cam = np.array([[0, 0], [1, 0], [2, 0], [1, 0], [0, 0], [0, 0]])
+    assert _revisit_pairs(cam, 9) == [(1, 3), (0, 4), (0, 5)]
+    assert _revisit_pairs(cam, 3) == [(1, 3)]
+
+
+def test_eval_cli_writes_json_markdown_and_plot(mini_weights, tmp_path):
+    path, _ = mini_weights
+    out = tmp_path / "r" / "eval.json"
+    out.parent.mkdir()
+    r = CliRunner().invoke(app, ["eval", "--model", str(path), "--reference", str(path), "--json", str(out),
+                                 "--scenarios", "2", "--frames", "9", "--drift-frames", "30"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["psnr_db_mean"] == 100 and "action_accuracy" in res and "drift" in res
+    assert out.with_suffix(".md").read_text().startswith("# qarvd eval")
+    assert out.with_suffix(".png").stat().st_size > 1000

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import torch
+
+from qarvd_core.sampling import Stream, flow_schedule, rollout, to_uint8
+
+
+def test_schedule_is_shifted_and_decreasing():
+    s = flow_schedule(4, 1.5)
+    assert len(s) == 4 and s[0] == 1.0 and all(a > b for a, b in zip(s, s[1:])) and s[-1] > 0
+    assert s[2] > 0.5  # the shift spends more steps at high noise than a linear schedule
+    with pytest.raises(ValueError):
+        flow_schedule(0)
+
+
+def test_stream_is_deterministic_given_a_seed(mini):
+    a = [Stream(mini, "islands", seed=5).step(act) for act in ("left", "up")]
+    b = [Stream(mini, "islands", seed=5).step(act) for act in ("left", "up")]
+    s1 = Stream(mini, "islands", seed=5)
+    c = [s1.step("left"), s1.step("up")]
+    s2 = Stream(mini, "islands", seed=6)
+    d = [s2.step("left"), s2.step("up")]
+    np.testing.assert_array_equal(c[0], Stream(mini, "islands", seed=5).step("left"))
+    assert not np.array_equal(c[1], d[1])
+    assert a[0].shape == (mini.args.frames_per_chunk, 64, 64, 3) and a[0].dtype == np.uint8
+    np.testing.assert_array_equal(np.stack(a), np.stack(b))
+
+
+def test_batched_rollout_matches_single_streams(mini):
+    actions = [["right"] * 6, ["down"] * 3 + ["none"] * 3]
+    batch = to_uint8(rollout(mini, ["islands", "snow"], actions, [1, 2]))
+    for b, (prompt, seed) in enumerate([("islands", 1), ("snow", 2)]):
+        s = Stream(mini, prompt, seed)
+        single = np.concatenate([s.step(actions[b][k : k + 3]) for k in (0, 3)])
+        assert np.abs(batch[b].astype(int) - single.astype(int)).max() <= 1
+
+
+def test_prompt_switch_recaches_held_context(mini):
+    s = Stream(mini, "islands", seed=3)
+    for act in ("right", "up", "left", "down"):
+        s.step(act)
+    before = s.cache.view(1)[0].clone()
+    s.set_prompt("desert")
+    # The held chunks re-committed from scratch under the new prompt: the same cache.
+    fresh = Stream(mini, "desert", seed=3)
+    for chunk in s.held:
+        mini(chunk.frames, torch.zeros(1, 3), chunk.actions, fresh.context, cache=fresh.cache, commit=True)
+    assert s.cache.n_chunks == fresh.cache.n_chunks == len(s.held) == 3
+    torch.testing.assert_close(s.cache.view(1)[0], fresh.cache.view(1)[0])
+    assert (s.cache.view(1)[0] - before).abs().max() > 1e-4  # the prompt reaches the cache
+    assert s.step("right").shape == (3, 64, 64, 3)
+
+
+def test_stream_rejects_bad_input(mini):
+    with pytest.raises(ValueError, match="biome"):
+        Stream(mini, "moon", 0)
+    s = Stream(mini, "forest", 0)
+    with pytest.raises(ValueError, match="unknown action"):
+        s.step("jump")
+    with pytest.raises(ValueError, match="exactly 3"):
+        s.step(["left", "right"])
