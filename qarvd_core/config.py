@@ -78,5 +78,3 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
             f"unexpected {unexpected[:3]}"
         )
     return model.to(device=device, dtype=dtype).eval()
-
-

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-# Tests use one thread: the suite must share two cores with whatever else runs.
-torch.set_num_threads(1)
-
 from qarvd_core.config import save_weights
 from qarvd_core.model import ModelArgs, WorldModel
+
+# Tests use one thread: the suite must share two cores with whatever else runs.
+torch.set_num_threads(1)
 
 MINI = ModelArgs(dim=32, n_layers=2, n_heads=2, ffn_dim=64, text_dim=16, window_chunks=2, sink_chunks=1)
 

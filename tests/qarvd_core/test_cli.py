@@ -14,9 +14,27 @@ runner = CliRunner()
 def test_generate_writes_mp4_frames_and_json(mini_weights, tmp_path):
     path, _ = mini_weights
     out, frames = tmp_path / "demo.mp4", tmp_path / "frames"
-    r = runner.invoke(app, ["generate", "--model", str(path), "--prompt", "snow", "--seed", "3",
-                            "--actions", "right*4,down*3", "--out", str(out), "--scale", "2",
-                            "--frames-dir", str(frames), "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(path),
+            "--prompt",
+            "snow",
+            "--seed",
+            "3",
+            "--actions",
+            "right*4,down*3",
+            "--out",
+            str(out),
+            "--scale",
+            "2",
+            "--frames-dir",
+            str(frames),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["frames"] == 7 and info["fps"] > 0 and info["chunk_ms"]["p95"] >= info["chunk_ms"]["p50"] > 0
@@ -31,8 +49,22 @@ def test_generate_is_reproducible(mini_weights, tmp_path):
     dirs = []
     for name in ("a", "b"):
         d = tmp_path / name
-        r = runner.invoke(app, ["generate", "--model", str(path), "--actions", "left*3", "--seed", "9",
-                                "--out", str(tmp_path / f"{name}.mp4"), "--frames-dir", str(d)])
+        r = runner.invoke(
+            app,
+            [
+                "generate",
+                "--model",
+                str(path),
+                "--actions",
+                "left*3",
+                "--seed",
+                "9",
+                "--out",
+                str(tmp_path / f"{name}.mp4"),
+                "--frames-dir",
+                str(d),
+            ],
+        )
         assert r.exit_code == 0, r.output
         dirs.append(np.stack([np.asarray(Image.open(d / f"{i:06d}.png")) for i in range(3)]))
     np.testing.assert_array_equal(*dirs)
@@ -78,8 +110,9 @@ def test_unwritable_output_directory(mini_weights, tmp_path):
 def test_bench_reports_chunk_latency_and_fps(mini_weights, tmp_path):
     path, _ = mini_weights
     out = tmp_path / "b.json"
-    r = runner.invoke(app, ["bench", "--model", str(path), "--chunks", "4", "--warmup", "1", "--json", str(out),
-                            "--profile"])
+    r = runner.invoke(
+        app, ["bench", "--model", str(path), "--chunks", "4", "--warmup", "1", "--json", str(out), "--profile"]
+    )
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     assert res["chunks"] == 4 and res["fps"] > 0 and res["threads"] >= 1

@@ -18,10 +18,22 @@ def test_presets_build_and_describe_wan_layout():
     wan = ModelArgs.from_name("wan2.1-1.3b-causal")
     assert (wan.dim, wan.n_layers, wan.n_heads, wan.ffn_dim, wan.text_dim) == (1536, 30, 12, 8960, 4096)
     keys = set(WorldModel(ModelArgs.from_name("tiny-world")).state_dict())
-    for k in ["blocks.0.self_attn.q.weight", "blocks.0.self_attn.norm_q.weight", "blocks.5.cross_attn.o.bias",
-              "blocks.0.ffn.0.weight", "blocks.0.ffn.2.weight", "blocks.0.norm3.weight", "blocks.0.modulation",
-              "time_embedding.0.weight", "time_embedding.2.weight", "time_projection.1.weight", "head.head.weight",
-              "head.modulation", "patch_embedding.weight", "text_embedding.0.weight"]:
+    for k in [
+        "blocks.0.self_attn.q.weight",
+        "blocks.0.self_attn.norm_q.weight",
+        "blocks.5.cross_attn.o.bias",
+        "blocks.0.ffn.0.weight",
+        "blocks.0.ffn.2.weight",
+        "blocks.0.norm3.weight",
+        "blocks.0.modulation",
+        "time_embedding.0.weight",
+        "time_embedding.2.weight",
+        "time_projection.1.weight",
+        "head.head.weight",
+        "head.modulation",
+        "patch_embedding.weight",
+        "text_embedding.0.weight",
+    ]:
         assert k in keys, k
 
 
@@ -50,8 +62,10 @@ def test_cached_incremental_equals_full_recomputation(mini):
     with torch.no_grad():
         full = mini(x, t, acts, ctx)
         cache = KVCache(mini.args, 2)
-        inc = [mini(x[:, k : k + F], t[:, k : k + F], acts[:, k : k + F], ctx, cache=cache, commit=True)
-               for k in range(0, x.shape[1], F)]
+        inc = [
+            mini(x[:, k : k + F], t[:, k : k + F], acts[:, k : k + F], ctx, cache=cache, commit=True)
+            for k in range(0, x.shape[1], F)
+        ]
     torch.testing.assert_close(torch.cat(inc, 1), full, atol=1e-4, rtol=1e-4)
 
 
@@ -78,8 +92,17 @@ def test_rolled_cache_keys_match_a_fresh_cache_of_the_kept_chunks(mini):
 
 def test_rolling_cache_memory_and_positions_stay_bounded(make_mini):
     """Thousands of frames (an hour at 1 fps per chunk) on a tiny config: nothing grows."""
-    args = ModelArgs(dim=16, n_layers=1, n_heads=1, ffn_dim=32, text_dim=8, frame_height=16, frame_width=16,
-                     window_chunks=2, sink_chunks=1)
+    args = ModelArgs(
+        dim=16,
+        n_layers=1,
+        n_heads=1,
+        ffn_dim=32,
+        text_dim=8,
+        frame_height=16,
+        frame_width=16,
+        window_chunks=2,
+        sink_chunks=1,
+    )
     model = make_mini(args=args)
     cache = KVCache(args, 1)
     ctx = model.encode_prompt(torch.tensor([0]))

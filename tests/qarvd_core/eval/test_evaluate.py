@@ -31,8 +31,24 @@ def test_eval_cli_writes_json_markdown_and_plot(mini_weights, tmp_path):
     path, _ = mini_weights
     out = tmp_path / "r" / "eval.json"
     out.parent.mkdir()
-    r = CliRunner().invoke(app, ["eval", "--model", str(path), "--reference", str(path), "--json", str(out),
-                                 "--scenarios", "2", "--frames", "9", "--drift-frames", "30"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(path),
+            "--reference",
+            str(path),
+            "--json",
+            str(out),
+            "--scenarios",
+            "2",
+            "--frames",
+            "9",
+            "--drift-frames",
+            "30",
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     assert res["psnr_db_mean"] == 100 and "action_accuracy" in res and "drift" in res

@@ -15,8 +15,11 @@ def test_psnr_and_ssim_of_identical_and_noisy_frames():
 
 
 def test_camera_action_recovers_the_simulators_motion():
-    hits = [metrics.action_hits(r["frames"], list(sc.actions))
-            for sc in scenarios("heldout", 8, 30) for r in [rollout(sc.biome, sc.world_seed, list(sc.actions))]]
+    hits = [
+        metrics.action_hits(r["frames"], list(sc.actions))
+        for sc in scenarios("heldout", 8, 30)
+        for r in [rollout(sc.biome, sc.world_seed, list(sc.actions))]
+    ]
     assert np.concatenate(hits).mean() >= 0.97
 
 
