@@ -64,10 +64,20 @@ def save_weights(model: WorldModel, path: Path, **info) -> Path:
     return path
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> WorldModel:
-    """Build the model its manifest describes and load its weights (eval mode)."""
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               quant_mode: str = "deploy") -> WorldModel:
+    """Build the model its manifest describes and load its weights (eval mode).
+
+    Quantized checkpoints load in `quant_mode` ('deploy': integer GEMMs; 'simulate': fake
+    quant); their scales stay fp32 whatever `dtype` says.
+    """
     weights = resolve_weights(name_or_path)
     manifest = read_manifest(weights)
+    if manifest.get("format") == "qarvd-quantized":
+        from qarvd_core.quant import set_mode
+        from qarvd_core.quant.serialization import load_quantized
+
+        return set_mode(load_quantized(weights), quant_mode).to(device)
     args = ModelArgs(**manifest["args"])
     model = WorldModel(args)
     state = load_file(str(weights))

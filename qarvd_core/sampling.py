@@ -157,12 +157,15 @@ def rollout(
     steps: int = DEFAULT_STEPS,
     shift: float = DEFAULT_SHIFT,
     on_chunk=None,
+    chunk_model=None,
 ) -> Tensor:
     """Batched streams in lockstep: frames [B, T, C, H, W] in [-1, 1].
 
     Stream b uses the noise of `Stream(model, prompts[b], seeds[b])`, so a batched rollout
     and a single stream with the same seed see identical noise. T is the script length
     rounded down to whole chunks. `on_chunk(k, n_chunks)` reports progress.
+    `chunk_model(k)` picks the model for chunk k (all share one cache): Q-ARVD's
+    sensitivity runs quantize one chunk at a time this way.
     """
     a = model.args
     B, Fr = len(prompts), a.frames_per_chunk
@@ -171,7 +174,8 @@ def rollout(
         raise ValueError(f"action scripts must hold at least one chunk ({Fr} frames)")
     p = next(model.parameters())
     cache = KVCache(a, B, p.device, p.dtype)
-    context = model.encode_prompt(torch.tensor([prompt_id(x) for x in prompts], device=p.device))
+    prompt_ids = torch.tensor([prompt_id(x) for x in prompts], device=p.device)
+    contexts: dict[int, Tensor] = {}
     ids = torch.stack([action_ids(x[: n_chunks * Fr]) for x in actions]).to(p.device)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     shape = (1, Fr, a.in_channels, a.frame_height, a.frame_width)
@@ -179,7 +183,10 @@ def rollout(
     out = []
     for k in range(n_chunks):
         noise = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(p.device, p.dtype)
-        out.append(denoise_chunk(model, cache, context, ids[:, k * Fr : (k + 1) * Fr], noise, schedule))
+        m = model if chunk_model is None else chunk_model(k)
+        if id(m) not in contexts:
+            contexts[id(m)] = m.encode_prompt(prompt_ids)
+        out.append(denoise_chunk(m, cache, contexts[id(m)], ids[:, k * Fr : (k + 1) * Fr], noise, schedule))
         if on_chunk is not None:
             on_chunk(k + 1, n_chunks)
     return torch.cat(out, dim=1)

@@ -1,0 +1,19 @@
+"""Quantization framework: `quantize(model, config, calibration)` and the versioned checkpoint format."""
+
+from qarvd_core.quant.api import METHODS, QuantConfig, config_from_dict, quantize
+from qarvd_core.quant.calibration import CalibrationSet
+from qarvd_core.quant.linear import DualScaleQuantLinear, QuantLinear, set_mode
+from qarvd_core.quant.methods import QArvdConfig, RTNConfig
+
+__all__ = [
+    "METHODS",
+    "CalibrationSet",
+    "DualScaleQuantLinear",
+    "QArvdConfig",
+    "QuantConfig",
+    "QuantLinear",
+    "RTNConfig",
+    "config_from_dict",
+    "quantize",
+    "set_mode",
+]

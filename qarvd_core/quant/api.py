@@ -1,0 +1,111 @@
+"""One verb: `quantize(model, config, calibration)` returns a quantized copy of the model.
+
+Configs are frozen dataclasses, one per method, registered by name for the CLI and REST.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+from torch import nn
+
+from qarvd_core.model import WorldModel
+from qarvd_core.quant.calibration import CalibrationSet
+from qarvd_core.quant.primitives import QuantSpec
+
+# Kept in full precision by default, as in the paper: patch embedding, time embedding and
+# projection, output head (attention matmuls and the KV cache are never quantized).
+DEFAULT_KEEP_FP = ("patch_embedding", "time_embedding", "time_projection", "head")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Settings every method shares."""
+
+    name: ClassVar[str] = ""
+    w_bits: int = 8
+    a_bits: int = 8
+    keep_fp: tuple[str, ...] = DEFAULT_KEEP_FP
+
+    def __post_init__(self):
+        for what in ("w_bits", "a_bits"):
+            bits = getattr(self, what)
+            if not isinstance(bits, int) or not 2 <= bits <= 8:
+                raise ValueError(f"{what} must be an integer from 2 to 8, got {bits!r}; e.g. w_bits=4, a_bits=8")
+
+    @property
+    def w_spec(self) -> QuantSpec:
+        return QuantSpec(self.w_bits, symmetric=False)
+
+    @property
+    def a_spec(self) -> QuantSpec:
+        return QuantSpec(self.a_bits, symmetric=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["keep_fp"] = list(self.keep_fp)
+        return {"method": self.name, **d}
+
+
+METHODS: dict[str, tuple[type[QuantConfig], object]] = {}
+
+
+def register(config_cls: type[QuantConfig]):
+    """Decorator for a method's `run(model, config, calibration, progress)` function."""
+
+    def wrap(fn):
+        METHODS[config_cls.name] = (config_cls, fn)
+        return fn
+
+    return wrap
+
+
+def config_from_dict(d: dict) -> QuantConfig:
+    """Build a method's config from {"method": name, ...}; unknown names or fields raise ValueError."""
+    d = dict(d)
+    name = d.pop("method", None)
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    cls = METHODS[name][0]
+    known = {f.name for f in fields(cls)}
+    extra = set(d) - known
+    if extra:
+        raise ValueError(f"unknown option(s) {sorted(extra)} for method {name!r}; known: {sorted(known)}")
+    if "keep_fp" in d:
+        d["keep_fp"] = tuple(d["keep_fp"])
+    return cls(**d)
+
+
+def target_linears(model: nn.Module, keep_fp: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """The nn.Linear layers a method quantizes: all but those under a kept prefix."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not any(name == p or name.startswith(p + ".") for p in keep_fp)
+    }
+
+
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantize(model: WorldModel, config: QuantConfig, calibration: CalibrationSet | None = None,
+             progress: bool = True) -> WorldModel:
+    """A quantized copy of `model` (simulate mode); the original is left untouched.
+
+    The copy carries `quant_info`: method, config, per-layer summary, frame weights and
+    the calibration description, which `save_quantized` writes into the manifest.
+    """
+    if not isinstance(config, QuantConfig) or config.name not in METHODS:
+        raise ValueError(f"config must be one of {', '.join(c.__name__ for c, _ in METHODS.values())}")
+    calibration = calibration or CalibrationSet()
+    qmodel = copy.deepcopy(model).float().eval()
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    _, run = METHODS[config.name]
+    info = run(qmodel, config, calibration, progress)
+    qmodel.quant_info = {"config": config.to_dict(), "calibration": calibration.describe(), **info}
+    return qmodel

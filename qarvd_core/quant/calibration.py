@@ -1,0 +1,93 @@
+"""Calibration data: per-layer inputs from full-precision rollouts of calibration scenarios.
+
+Each collected row is tagged with the chunk it came from and the flow time of the pass,
+so Q-ARVD can weight samples by chunk (S1). Memory is bounded by keeping a random subset
+of tokens per forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from qarvd_core.model import WorldModel
+from qarvd_core.sampling import rollout
+from qarvd_core.world.scripts import Scenario, scenarios
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Which calibration scenarios to roll out (never the held-out split)."""
+
+    rollouts: int = 4
+    chunks: int = 7  # the official setting: 21 frames = 7 chunks of 3
+    tokens_per_pass: int = 64  # rows kept per layer per forward pass and stream
+    seed: int = 0
+
+    def scenarios(self, frames_per_chunk: int) -> list[Scenario]:
+        return scenarios("calibration", self.rollouts, self.chunks * frames_per_chunk, offset=self.seed * 1000)
+
+    def describe(self) -> dict:
+        return {"split": "calibration", "rollouts": self.rollouts, "chunks": self.chunks,
+                "tokens_per_pass": self.tokens_per_pass, "seed": self.seed}
+
+
+@dataclass
+class LayerInputs:
+    """Rows x [S, in_features] with the chunk index and flow time of each row."""
+
+    x: list[Tensor] = field(default_factory=list)
+    chunk: list[Tensor] = field(default_factory=list)
+    t: list[Tensor] = field(default_factory=list)
+
+    def stacked(self) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.cat(self.x), torch.cat(self.chunk), torch.cat(self.t)
+
+
+class _PassTags:
+    """Chunk index and flow time of the forward pass in flight (set by a model pre-hook)."""
+
+    chunk = 0
+    t = 0.0
+
+
+@torch.no_grad()
+def collect_inputs(model: WorldModel, layers: dict[str, nn.Linear], calib: CalibrationSet,
+                   progress: bool = True) -> dict[str, LayerInputs]:
+    """Roll out the calibration scenarios with `model` and record each named layer's inputs."""
+    tags = _PassTags()
+    gen = torch.Generator().manual_seed(calib.seed)
+    store = {name: LayerInputs() for name in layers}
+
+    def tag_pass(_module, args, kwargs):
+        cache = kwargs.get("cache")
+        tags.chunk = cache.committed if cache is not None else 0
+        tags.t = float(args[1].flatten()[0])
+
+    def record(name):
+        def hook(_module, inputs, _output):
+            x = inputs[0].reshape(inputs[0].shape[0], -1, inputs[0].shape[-1])  # [B, L, in]
+            keep = min(calib.tokens_per_pass, x.shape[1])
+            idx = torch.randperm(x.shape[1], generator=gen)[:keep]
+            rows = x[:, idx].reshape(-1, x.shape[-1]).float().cpu()
+            store[name].x.append(rows)
+            store[name].chunk.append(torch.full((len(rows),), tags.chunk))
+            store[name].t.append(torch.full((len(rows),), tags.t))
+
+        return hook
+
+    handles = [model.register_forward_pre_hook(tag_pass, with_kwargs=True)]
+    handles += [layer.register_forward_hook(record(name)) for name, layer in layers.items()]
+    cases = calib.scenarios(model.args.frames_per_chunk)
+    bar = tqdm(total=calib.chunks, desc="calibration rollouts", disable=not progress)
+    try:
+        rollout(model, [c.biome for c in cases], [list(c.actions) for c in cases], [c.noise_seed for c in cases],
+                on_chunk=lambda k, n: bar.update(1))
+    finally:
+        bar.close()
+        for h in handles:
+            h.remove()
+    return store

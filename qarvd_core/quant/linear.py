@@ -1,0 +1,237 @@
+"""Quantized linear layers, swapped in for nn.Linear (gpt-fast style: integers as buffers).
+
+Two modes share the same integer weights and scales:
+- simulate: dequantize and run a float matmul (fake quant; any bit-width; calibration);
+- deploy: integer GEMM through `torch._int_mm` (int8 x int8 -> int32) on CPU and CUDA,
+  with 4-bit weights stored two per byte and unpacked to int8 for the GEMM. Where
+  `_int_mm` has no kernel (other devices), deploy falls back to the simulate path.
+Both modes compute the same function up to float rounding (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qarvd_core.quant.primitives import (
+    QuantSpec,
+    fake_quant,
+    minmax_weight,
+    mse_search_weight,
+    quantize,
+    weighted_mse_search_activation,
+)
+
+WEIGHT_INITS = {"mse": mse_search_weight, "minmax": minmax_weight}
+
+ACT_MODES = ("static", "dynamic", "none")  # per-tensor static, per-token dynamic, not quantized
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """int8 codes in [-8, 7], shape [out, in] -> uint8 [out, ceil(in / 2)], two per byte."""
+    u = (codes.to(torch.int16) & 0xF).to(torch.uint8)
+    if u.shape[1] % 2:
+        u = F.pad(u, (0, 1))
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor, in_features: int) -> Tensor:
+    """Inverse of pack_int4: int8 codes [out, in_features]."""
+    lo = (packed & 0xF).to(torch.int8)
+    hi = (packed >> 4).to(torch.int8)
+    codes = torch.stack([lo, hi], dim=-1).flatten(1)[:, :in_features]
+    return torch.where(codes > 7, codes - 16, codes)
+
+
+class QuantLinear(nn.Module):
+    """y = Q(x) Q(W)^T + b with W symmetric per output channel and x per tensor or per token."""
+
+    def __init__(self, in_features: int, out_features: int, w_spec: QuantSpec, a_spec: QuantSpec | None,
+                 act_mode: str = "static", bias: bool = True):
+        super().__init__()
+        if act_mode not in ACT_MODES:
+            raise ValueError(f"act_mode must be one of {ACT_MODES}, got {act_mode!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.w_spec, self.a_spec, self.act_mode = w_spec, a_spec, act_mode
+        self.mode = "simulate"
+        packed = w_spec.bits <= 4
+        shape = (out_features, (in_features + 1) // 2) if packed else (out_features, in_features)
+        self.register_buffer("qweight", torch.zeros(shape, dtype=torch.uint8 if packed else torch.int8))
+        self.register_buffer("w_scale", torch.ones(out_features))
+        self.register_buffer("w_zero", torch.zeros(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("a_scale", torch.tensor(1.0))
+        self.register_buffer("a_zero", torch.tensor(0.0))
+        self._deploy_cache: dict | None = None
+
+    @classmethod
+    def from_float(cls, weight: Tensor, bias: Tensor | None, w_spec: QuantSpec, a_spec: QuantSpec | None,
+                   act_mode: str = "static", weight_init: str = "mse") -> QuantLinear:
+        """Round-to-nearest weights with per-output-channel scales from `weight_init`."""
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, w_spec, a_spec, act_mode, bias=bias is not None)
+        scale, zero = WEIGHT_INITS[weight_init](weight.float(), w_spec)
+        layer.set_weight(quantize(weight.float(), scale[:, None], zero[:, None], w_spec), scale, zero)
+        if bias is not None:
+            layer.bias = bias.detach().float().clone()
+        return layer
+
+    def init_activation(self, x: Tensor, sample_weights: Tensor | None = None, pcts=None) -> None:
+        """Static per-tensor range from calibration rows x [S, in] by (weighted) MSE search."""
+        if self.act_mode == "static":
+            kw = {} if pcts is None else {"pcts": pcts}
+            self.set_activation(*weighted_mse_search_activation(x, self.a_spec, sample_weights, **kw))
+
+    # Weights ---------------------------------------------------------------------
+    # Codes are stored centred into int8: code - offset, offset = 2^(b-1) for asymmetric
+    # quantizers (codes 0..2^b-1) and 0 for symmetric ones; zero points are centred alike.
+
+    def set_weight(self, codes: Tensor, scale: Tensor, zero: Tensor | None = None) -> None:
+        """Store weight codes [out, in] (in the quantizer's own range), scales and zero points [out]."""
+        off = _offset(self.w_spec)
+        centred = (codes.round() - off).to(torch.int8)
+        self.qweight = pack_int4(centred) if self.w_spec.bits <= 4 else centred
+        self.w_scale = scale.reshape(-1).float().clone()
+        zero = torch.zeros(self.out_features) if zero is None else zero.reshape(-1).float()
+        self.w_zero = zero - off
+        self._deploy_cache = None
+
+    def weight_codes(self) -> Tensor:
+        """Centred int8 codes [out, in]."""
+        if self.w_spec.bits <= 4:
+            return unpack_int4(self.qweight, self.in_features)
+        return self.qweight
+
+    def dequantized_weight(self) -> Tensor:
+        return (self.weight_codes().float() - self.w_zero[:, None]) * self.w_scale[:, None]
+
+    def set_activation(self, scale: Tensor, zero: Tensor) -> None:
+        self.a_scale = scale.detach().float().reshape(()).clone()
+        self.a_zero = zero.detach().float().reshape(()).clone()
+
+    # Forward ---------------------------------------------------------------------
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """Fake-quantized input (simulate mode)."""
+        if self.act_mode == "static":
+            return fake_quant(x, self.a_scale, self.a_zero, self.a_spec)
+        if self.act_mode == "dynamic":
+            spec = QuantSpec(self.a_spec.bits, symmetric=True)  # per-token dynamic ranges are symmetric
+            scale = (x.abs().amax(-1, keepdim=True) / spec.qmax).clamp_min(1e-8)
+            return fake_quant(x, scale, 0.0, spec)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "deploy" and self.act_mode != "none" and x.device.type in ("cpu", "cuda"):
+            return self._forward_int(x)
+        w = self.dequantized_weight().to(x.dtype)
+        return F.linear(self.quantize_input(x), w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _deploy_tensors(self) -> dict:
+        # Transposed int8 weights, their column sums and integer zero points: once per weight change.
+        if self._deploy_cache is None or self._deploy_cache["wt"].device != self.qweight.device:
+            codes = self.weight_codes()
+            self._deploy_cache = {
+                "wt": codes.t().contiguous(),
+                "colsum": codes.sum(1, dtype=torch.int32),
+                "w_zero": self.w_zero.round().to(torch.int32),
+                "asym_w": bool(self.w_zero.abs().max() > 0),
+            }
+        return self._deploy_cache
+
+    def _forward_int(self, x: Tensor) -> Tensor:
+        # (a - za)(w - zw)^T = a w^T - zw * rowsum(a) - za * colsum(w) + K * za * zw, all in int32.
+        d = self._deploy_tensors()
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        if self.act_mode == "static":
+            off = _offset(self.a_spec)
+            a = torch.clamp(torch.round(x2 / self.a_scale) + self.a_zero, self.a_spec.qmin, self.a_spec.qmax) - off
+            a = a.to(torch.int8)
+            za = int(self.a_zero.item()) - off
+            scale = self.a_scale * self.w_scale
+        else:
+            s = (x2.abs().amax(-1, keepdim=True) / (2 ** (self.a_spec.bits - 1) - 1)).clamp_min(1e-8)
+            a = torch.clamp(torch.round(x2 / s), -(2 ** (self.a_spec.bits - 1)), 2 ** (self.a_spec.bits - 1) - 1)
+            a = a.to(torch.int8)
+            za = 0
+            scale = s * self.w_scale
+        acc = torch._int_mm(a, d["wt"])
+        if za:
+            acc = acc - za * d["colsum"]
+        if d["asym_w"]:
+            acc = acc - a.sum(1, keepdim=True, dtype=torch.int32) * d["w_zero"] + self.in_features * za * d["w_zero"]
+        y = acc.float() * scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        a = f"A{self.a_spec.bits}-{self.act_mode}" if self.a_spec else "A-float"
+        return f"{self.in_features}, {self.out_features}, W{self.w_spec.bits} {a}, mode={self.mode}"
+
+
+class DualScaleQuantLinear(nn.Module):
+    """Q-ARVD's outlier-aware dual-scale layer: y = Q(x_o) Q(W_o)^T + Q(x_n) Q(W_n)^T + b.
+
+    The outlier input columns and the normal ones each get their own weight and activation
+    quantizers at the same bit-width, so outliers no longer stretch the normal columns'
+    scales. Only the column indices are stored; each part runs its own integer GEMM.
+    """
+
+    def __init__(self, in_features: int, out_features: int, outlier_idx: Tensor, w_spec: QuantSpec,
+                 a_spec: QuantSpec | None, act_mode: str = "static", bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        mask = torch.zeros(in_features, dtype=torch.bool)
+        mask[outlier_idx] = True
+        self.register_buffer("outlier_idx", torch.nonzero(mask).flatten())
+        self.register_buffer("normal_idx", torch.nonzero(~mask).flatten())
+        self.outlier = QuantLinear(len(self.outlier_idx), out_features, w_spec, a_spec, act_mode, bias=False)
+        self.normal = QuantLinear(len(self.normal_idx), out_features, w_spec, a_spec, act_mode, bias=False)
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_float(cls, weight: Tensor, bias: Tensor | None, outlier_idx: Tensor, w_spec: QuantSpec,
+                   a_spec: QuantSpec | None, act_mode: str = "static", weight_init: str = "mse"):
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, outlier_idx, w_spec, a_spec, act_mode, bias=bias is not None)
+        layer.outlier, layer.normal = (
+            QuantLinear.from_float(weight[:, idx], None, w_spec, a_spec, act_mode, weight_init)
+            for idx in (layer.outlier_idx, layer.normal_idx)
+        )
+        if bias is not None:
+            layer.bias = bias.detach().float().clone()
+        return layer
+
+    def parts(self) -> list[tuple[QuantLinear, Tensor]]:
+        return [(self.outlier, self.outlier_idx), (self.normal, self.normal_idx)]
+
+    def init_activation(self, x: Tensor, sample_weights: Tensor | None = None, pcts=None) -> None:
+        for part, idx in self.parts():
+            part.init_activation(x[:, idx], sample_weights, pcts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.outlier(x[..., self.outlier_idx]) + self.normal(x[..., self.normal_idx])
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dequantized_weight(self) -> Tensor:
+        w = torch.empty(self.out_features, self.in_features)
+        w[:, self.outlier_idx] = self.outlier.dequantized_weight()
+        w[:, self.normal_idx] = self.normal.dequantized_weight()
+        return w
+
+
+def _offset(spec: QuantSpec) -> int:
+    return 0 if spec.symmetric else 2 ** (spec.bits - 1)
+
+
+def set_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Switch every quantized layer to 'simulate' or 'deploy'."""
+    if mode not in ("simulate", "deploy"):
+        raise ValueError(f"mode must be 'simulate' or 'deploy', got {mode!r}")
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.mode = mode
+    return model
