@@ -194,3 +194,144 @@ def bench(
     if json_path is not None:
         json_path.write_text(text + "\n")
     typer.echo(text)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Option("tiny-world", help="base model: name or weights path"),
+    method: str = typer.Option("qarvd", help="quantization method (see `qarvd methods`)"),
+    w_bits: int = typer.Option(8, help="weight bits, 2..8"),
+    a_bits: int = typer.Option(8, help="activation bits, 2..8"),
+    out: Path = typer.Option(..., help="output checkpoint NAME.safetensors (NAME.json is written beside it)"),
+    calib_rollouts: int = typer.Option(4, min=1, help="calibration rollouts (calibration split)"),
+    calib_chunks: int = typer.Option(7, min=2, help="chunks per calibration rollout"),
+    option: list[str] = typer.Option([], "--option", "-o", help="method option KEY=VALUE (JSON value), repeatable"),
+    evaluate: bool = typer.Option(True, help="measure PSNR/SSIM/action accuracy vs the base and store them"),
+):
+    """Quantize a model and write a versioned checkpoint usable wherever a model name is."""
+    import json
+
+    from qarvd_core.eval.evaluate import EvalConfig
+    from qarvd_core.eval.evaluate import evaluate as run_eval
+    from qarvd_core.quant import CalibrationSet, config_from_dict
+    from qarvd_core.quant import quantize as run_quantize
+    from qarvd_core.quant.serialization import save_quantized
+
+    options = {"method": method, "w_bits": w_bits, "a_bits": a_bits}
+    for item in option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--option {item!r} must look like KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    try:
+        config = config_from_dict(options)
+    except (ValueError, TypeError) as e:
+        fail(str(e))
+    if out.suffix != ".safetensors":
+        fail(f"--out must end in .safetensors, got {out}")
+    _check_writable(out, "checkpoint")
+    base = _load(model)
+    qmodel = run_quantize(base, config, CalibrationSet(rollouts=calib_rollouts, chunks=calib_chunks))
+    metrics = None
+    if evaluate:
+        typer.echo("evaluating against the base model on held-out scenarios", err=True)
+        r = run_eval(qmodel, base, EvalConfig(scenarios=4, frames=24, drift_frames=0))
+        metrics = {
+            k: r[k]
+            for k in ("psnr_db_mean", "ssim_mean", "action_accuracy", "reference_action_accuracy", "psnr_db_per_chunk")
+        }
+        metrics["protocol"] = "qarvd eval, 4 held-out scenarios x 24 frames, simulate mode"
+    save_quantized(qmodel, out, model, metrics)
+    typer.echo(f"wrote {out}" + (f" (PSNR vs base {metrics['psnr_db_mean']:.2f} dB)" if metrics else ""))
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="a quantized checkpoint (.safetensors)")):
+    """Print a quantized checkpoint's manifest readably."""
+    from qarvd_core.config import read_manifest
+
+    try:
+        m = read_manifest(path)
+    except ValueError as e:
+        fail(str(e))
+    if m.get("format") != "qarvd-quantized":
+        fail(f"{path} is not a quantized checkpoint")
+    q = m["quantization"]
+    cfg = q["config"]
+    typer.echo(f"{path}  (format {m['format']} v{m['format_version']}, created {m['created']})")
+    typer.echo(f"base model   {m['base_model']['id']}  sha256 {m['base_model']['sha256'][:16]}…")
+    typer.echo(f"method       {cfg['method']}  W{cfg['w_bits']}A{cfg['a_bits']}  kept FP: {', '.join(cfg['keep_fp'])}")
+    others = {k: v for k, v in cfg.items() if k not in ("method", "w_bits", "a_bits", "keep_fp")}
+    if others:
+        typer.echo("options      " + ", ".join(f"{k}={v}" for k, v in others.items()))
+    typer.echo(f"calibration  {q['calibration']}")
+    if q.get("frame_weights"):
+        typer.echo("frame weights " + " ".join(f"{w:.3f}" for w in q["frame_weights"]))
+    layers = q["layers"]
+    dual = {n: v for n, v in layers.items() if v["kind"] == "dual"}
+    typer.echo(f"layers       {len(layers)} quantized, {len(dual)} dual-scale")
+    for n, v in dual.items():
+        typer.echo(f"  {n:32s} {v['outliers']:4d} of {v['in']} input columns as outliers")
+    typer.echo(f"file         {path.stat().st_size / 1e6:.2f} MB, sha256 {m['sha256'][:16]}…")
+    if m.get("evaluation"):
+        e = m["evaluation"]
+        typer.echo(
+            f"evaluation   PSNR {e['psnr_db_mean']:.2f} dB, SSIM {e['ssim_mean']:.4f}, action accuracy "
+            f"{e['action_accuracy']:.3f} (base {e['reference_action_accuracy']:.3f})"
+        )
+
+
+analyze_app = typer.Typer(
+    help="Measure the paper's observations: chunk sensitivity (C1), outlier map (C2).", no_args_is_help=True
+)
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command("sensitivity")
+def analyze_sensitivity(
+    model: str = typer.Option("tiny-world", help="model name or weights path"),
+    w_bits: int = typer.Option(4, help="weight bits"),
+    a_bits: int = typer.Option(8, help="activation bits"),
+    rollouts: int = typer.Option(8, min=1, help="calibration prompts averaged over"),
+    chunks: int = typer.Option(7, min=2, help="chunks per rollout"),
+    json_path: Path = typer.Option(Path("sensitivity.json"), "--json", help="output JSON (PNG beside it)"),
+):
+    """C1: MSE of the final video when only chunk k is quantized, and the S1 frame weights."""
+    from qarvd_core.quant import CalibrationSet, QArvdConfig
+    from qarvd_core.quant.analysis import sensitivity, write_json_and_plot
+
+    try:
+        QArvdConfig(w_bits=w_bits, a_bits=a_bits)
+    except ValueError as e:
+        fail(str(e))
+    _check_writable(json_path, "result")
+    result = sensitivity(
+        _load(model), w_bits, a_bits, CalibrationSet(rollouts=min(rollouts, 4), chunks=chunks), rollouts
+    )
+    result["model"] = model
+    paths = write_json_and_plot(result, json_path, "sensitivity")
+    typer.echo("chunk MSE     " + " ".join(f"{e:.2e}" for e in result["chunk_mse"]))
+    typer.echo("frame weights " + " ".join(f"{w:.3f}" for w in result["frame_weights"]))
+    typer.echo("wrote " + ", ".join(map(str, paths)))
+
+
+@analyze_app.command("outliers")
+def analyze_outliers(
+    model: str = typer.Option("tiny-world", help="model name or weights path"),
+    json_path: Path = typer.Option(Path("outliers.json"), "--json", help="output JSON (PNG beside it)"),
+):
+    """C2: how many outlier input columns each block layer has (what S2 isolates)."""
+    from qarvd_core.quant.analysis import outlier_map, write_json_and_plot
+
+    _check_writable(json_path, "result")
+    result = outlier_map(_load(model))
+    result["model"] = model
+    paths = write_json_and_plot(result, json_path, "outliers")
+    for r in result["layers"]:
+        if r["outliers"]:
+            typer.echo(f"{r['layer']:32s} {r['outliers']:4d} / {r['in']}")
+    typer.echo(f"{result['dual_scale_layers']} of {result['total_layers']} block layers get dual scales")
+    typer.echo("wrote " + ", ".join(map(str, paths)))

@@ -64,8 +64,9 @@ def save_weights(model: WorldModel, path: Path, **info) -> Path:
     return path
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               quant_mode: str = "deploy") -> WorldModel:
+def load_model(
+    name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", quant_mode: str = "deploy"
+) -> WorldModel:
     """Build the model its manifest describes and load its weights (eval mode).
 
     Quantized checkpoints load in `quant_mode` ('deploy': integer GEMMs; 'simulate': fake

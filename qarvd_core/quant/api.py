@@ -92,8 +92,9 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def quantize(model: WorldModel, config: QuantConfig, calibration: CalibrationSet | None = None,
-             progress: bool = True) -> WorldModel:
+def quantize(
+    model: WorldModel, config: QuantConfig, calibration: CalibrationSet | None = None, progress: bool = True
+) -> WorldModel:
     """A quantized copy of `model` (simulate mode); the original is left untouched.
 
     The copy carries `quant_info`: method, config, per-layer summary, frame weights and

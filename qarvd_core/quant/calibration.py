@@ -31,8 +31,13 @@ class CalibrationSet:
         return scenarios("calibration", self.rollouts, self.chunks * frames_per_chunk, offset=self.seed * 1000)
 
     def describe(self) -> dict:
-        return {"split": "calibration", "rollouts": self.rollouts, "chunks": self.chunks,
-                "tokens_per_pass": self.tokens_per_pass, "seed": self.seed}
+        return {
+            "split": "calibration",
+            "rollouts": self.rollouts,
+            "chunks": self.chunks,
+            "tokens_per_pass": self.tokens_per_pass,
+            "seed": self.seed,
+        }
 
 
 @dataclass
@@ -55,8 +60,9 @@ class _PassTags:
 
 
 @torch.no_grad()
-def collect_inputs(model: WorldModel, layers: dict[str, nn.Linear], calib: CalibrationSet,
-                   progress: bool = True) -> dict[str, LayerInputs]:
+def collect_inputs(
+    model: WorldModel, layers: dict[str, nn.Linear], calib: CalibrationSet, progress: bool = True
+) -> dict[str, LayerInputs]:
     """Roll out the calibration scenarios with `model` and record each named layer's inputs."""
     tags = _PassTags()
     gen = torch.Generator().manual_seed(calib.seed)
@@ -84,8 +90,13 @@ def collect_inputs(model: WorldModel, layers: dict[str, nn.Linear], calib: Calib
     cases = calib.scenarios(model.args.frames_per_chunk)
     bar = tqdm(total=calib.chunks, desc="calibration rollouts", disable=not progress)
     try:
-        rollout(model, [c.biome for c in cases], [list(c.actions) for c in cases], [c.noise_seed for c in cases],
-                on_chunk=lambda k, n: bar.update(1))
+        rollout(
+            model,
+            [c.biome for c in cases],
+            [list(c.actions) for c in cases],
+            [c.noise_seed for c in cases],
+            on_chunk=lambda k, n: bar.update(1),
+        )
     finally:
         bar.close()
         for h in handles:

@@ -47,8 +47,15 @@ def unpack_int4(packed: Tensor, in_features: int) -> Tensor:
 class QuantLinear(nn.Module):
     """y = Q(x) Q(W)^T + b with W symmetric per output channel and x per tensor or per token."""
 
-    def __init__(self, in_features: int, out_features: int, w_spec: QuantSpec, a_spec: QuantSpec | None,
-                 act_mode: str = "static", bias: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        w_spec: QuantSpec,
+        a_spec: QuantSpec | None,
+        act_mode: str = "static",
+        bias: bool = True,
+    ):
         super().__init__()
         if act_mode not in ACT_MODES:
             raise ValueError(f"act_mode must be one of {ACT_MODES}, got {act_mode!r}")
@@ -66,8 +73,15 @@ class QuantLinear(nn.Module):
         self._deploy_cache: dict | None = None
 
     @classmethod
-    def from_float(cls, weight: Tensor, bias: Tensor | None, w_spec: QuantSpec, a_spec: QuantSpec | None,
-                   act_mode: str = "static", weight_init: str = "mse") -> QuantLinear:
+    def from_float(
+        cls,
+        weight: Tensor,
+        bias: Tensor | None,
+        w_spec: QuantSpec,
+        a_spec: QuantSpec | None,
+        act_mode: str = "static",
+        weight_init: str = "mse",
+    ) -> QuantLinear:
         """Round-to-nearest weights with per-output-channel scales from `weight_init`."""
         out_f, in_f = weight.shape
         layer = cls(in_f, out_f, w_spec, a_spec, act_mode, bias=bias is not None)
@@ -180,8 +194,16 @@ class DualScaleQuantLinear(nn.Module):
     scales. Only the column indices are stored; each part runs its own integer GEMM.
     """
 
-    def __init__(self, in_features: int, out_features: int, outlier_idx: Tensor, w_spec: QuantSpec,
-                 a_spec: QuantSpec | None, act_mode: str = "static", bias: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        outlier_idx: Tensor,
+        w_spec: QuantSpec,
+        a_spec: QuantSpec | None,
+        act_mode: str = "static",
+        bias: bool = True,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         mask = torch.zeros(in_features, dtype=torch.bool)
@@ -193,8 +215,16 @@ class DualScaleQuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
-    def from_float(cls, weight: Tensor, bias: Tensor | None, outlier_idx: Tensor, w_spec: QuantSpec,
-                   a_spec: QuantSpec | None, act_mode: str = "static", weight_init: str = "mse"):
+    def from_float(
+        cls,
+        weight: Tensor,
+        bias: Tensor | None,
+        outlier_idx: Tensor,
+        w_spec: QuantSpec,
+        a_spec: QuantSpec | None,
+        act_mode: str = "static",
+        weight_init: str = "mse",
+    ):
         out_f, in_f = weight.shape
         layer = cls(in_f, out_f, outlier_idx, w_spec, a_spec, act_mode, bias=bias is not None)
         layer.outlier, layer.normal = (

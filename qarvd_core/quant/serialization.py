@@ -77,19 +77,25 @@ def load_quantized(path: Path | str) -> WorldModel:
         raise ValueError(f"{path} is not a qarvd quantized checkpoint (no format {FORMAT!r} in its manifest)")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {version}; this qarvd reads version {FORMAT_VERSION}: "
-                         "upgrade qarvd or re-run `qarvd quantize` with this version")
+        raise ValueError(
+            f"{path} has format_version {version}; this qarvd reads version {FORMAT_VERSION}: "
+            "upgrade qarvd or re-run `qarvd quantize` with this version"
+        )
     base = manifest["base_model"]
     try:
         base_path = resolve_weights(base["id"])
     except ValueError:
         base_path = None  # the base is not installed here; the checkpoint is self-contained
     if base_path is not None and sha256_of(base_path) != base["sha256"]:
-        raise ValueError(f"{path} was quantized from a different {base['id']!r} (sha256 {base['sha256'][:12]}…, "
-                         f"installed {sha256_of(base_path)[:12]}…): re-run `qarvd quantize` on the installed base")
+        raise ValueError(
+            f"{path} was quantized from a different {base['id']!r} (sha256 {base['sha256'][:12]}…, "
+            f"installed {sha256_of(base_path)[:12]}…): re-run `qarvd quantize` on the installed base"
+        )
     if sha256_of(path) != manifest["sha256"]:
-        raise ValueError(f"{path} does not match the sha256 in its manifest (truncated or modified): "
-                         "copy it again or re-run `qarvd quantize`")
+        raise ValueError(
+            f"{path} does not match the sha256 in its manifest (truncated or modified): "
+            "copy it again or re-run `qarvd quantize`"
+        )
     try:
         state = load_file(str(path))
     except SafetensorError as e:
@@ -102,11 +108,24 @@ def load_quantized(path: Path | str) -> WorldModel:
         lin = model.get_submodule(name)
         if layer["kind"] == "dual":
             idx = state[f"{name}.outlier_idx"]
-            q = DualScaleQuantLinear(layer["in"], layer["out"], idx, config.w_spec, config.a_spec,
-                                     layer.get("act_mode", "static"), bias=lin.bias is not None)
+            q = DualScaleQuantLinear(
+                layer["in"],
+                layer["out"],
+                idx,
+                config.w_spec,
+                config.a_spec,
+                layer.get("act_mode", "static"),
+                bias=lin.bias is not None,
+            )
         else:
-            q = QuantLinear(layer["in"], layer["out"], config.w_spec, config.a_spec,
-                            layer.get("act_mode", "static"), bias=lin.bias is not None)
+            q = QuantLinear(
+                layer["in"],
+                layer["out"],
+                config.w_spec,
+                config.a_spec,
+                layer.get("act_mode", "static"),
+                bias=lin.bias is not None,
+            )
         swap_module(model, name, q)
     model.load_state_dict({k: v.float() if v.dtype == torch.float16 else v for k, v in state.items()})
     model.quant_info = info

@@ -76,16 +76,15 @@ def find_outlier_columns(w: Tensor, z: float = 3.5, ratio: float = 1.2, align: i
 
 
 @torch.no_grad()
-def chunk_sensitivity(fp: WorldModel, quant: WorldModel, calib: CalibrationSet, rollouts: int,
-                      progress: bool = True) -> list[float]:
+def chunk_sensitivity(
+    fp: WorldModel, quant: WorldModel, calib: CalibrationSet, rollouts: int, progress: bool = True
+) -> list[float]:
     """e_k: MSE between the final videos of the FP rollout and of one with only chunk k quantized.
 
     Same scenarios, noise and actions; chunk k's denoising and its cache commit run on the
     quantized model, every other chunk on the FP model (sharing one KV cache).
     """
-    cases = CalibrationSet(rollouts=rollouts, chunks=calib.chunks, seed=calib.seed).scenarios(
-        fp.args.frames_per_chunk
-    )
+    cases = CalibrationSet(rollouts=rollouts, chunks=calib.chunks, seed=calib.seed).scenarios(fp.args.frames_per_chunk)
     prompts, actions, seeds = [c.biome for c in cases], [list(c.actions) for c in cases], [c.noise_seed for c in cases]
     ref = rollout(fp, prompts, actions, seeds)
     errors = []
@@ -122,8 +121,16 @@ def _row_weights(data: LayerInputs, weights: list[float] | None) -> Tensor | Non
     return w[chunk.clamp(max=len(w) - 1)]
 
 
-def reconstruct(layer: nn.Module, w_fp: Tensor, b_fp: Tensor | None, x: Tensor, row_w: Tensor | None,
-                cfg: QArvdConfig, tokens_per_call: int, generator: torch.Generator) -> float:
+def reconstruct(
+    layer: nn.Module,
+    w_fp: Tensor,
+    b_fp: Tensor | None,
+    x: Tensor,
+    row_w: Tensor | None,
+    cfg: QArvdConfig,
+    tokens_per_call: int,
+    generator: torch.Generator,
+) -> float:
     """Layer-wise AdaRound with a learned activation step size; returns the final loss.
 
     Loss per step: mean over channels of sum over rows of w_row * (Q-layer(x) - FP-layer(x))^2,
@@ -181,8 +188,10 @@ def _centre(part: QuantLinear) -> int:
 def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress: bool) -> dict:
     fp = copy.deepcopy(model)
     linears = target_linears(model, config.keep_fp)
-    fp_params = {n: (m.weight.detach().float().clone(), None if m.bias is None else m.bias.detach().float().clone())
-                 for n, m in linears.items()}
+    fp_params = {
+        n: (m.weight.detach().float().clone(), None if m.bias is None else m.bias.detach().float().clone())
+        for n, m in linears.items()
+    }
     inputs_fp = collect_inputs(model, linears, calib, progress)  # reconstruction data: FP inputs
 
     summary = {}
@@ -196,8 +205,12 @@ def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress:
         else:
             q = QuantLinear.from_float(w, b, config.w_spec, config.a_spec)
         swap_module(model, name, q)
-        summary[name] = {"kind": "dual" if len(outliers) else "linear", "in": w.shape[1], "out": w.shape[0],
-                         "outliers": len(outliers)}
+        summary[name] = {
+            "kind": "dual" if len(outliers) else "linear",
+            "in": w.shape[1],
+            "out": w.shape[0],
+            "outliers": len(outliers),
+        }
     layers = _quantized_layers(model)
     layers = {n: layers[n] for n in linears}
 
@@ -226,7 +239,8 @@ def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress:
             continue
         x, _, _ = inputs_fp[name].stacked()
         w, b = fp_params[name]
-        summary[name]["recon_loss"] = reconstruct(layer, w, b, x, _row_weights(inputs_fp[name], weighted), config,
-                                                  model.args.chunk_tokens, gen)
+        summary[name]["recon_loss"] = reconstruct(
+            layer, w, b, x, _row_weights(inputs_fp[name], weighted), config, model.args.chunk_tokens, gen
+        )
         bar.set_postfix(layer=name)
     return {"layers": summary, "frame_weights": weights, "chunk_sensitivity": errors}

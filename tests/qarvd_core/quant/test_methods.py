@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from qarvd_core.quant import CalibrationSet, QArvdConfig, RTNConfig, config_from_dict, quantize, set_mode
+from qarvd_core.quant.calibration import collect_inputs
+from qarvd_core.quant.linear import DualScaleQuantLinear, QuantLinear
+from qarvd_core.quant.methods.qarvd import find_outlier_columns, frame_weights_from
+from qarvd_core.sampling import rollout
+
+CAL = CalibrationSet(rollouts=2, chunks=3, tokens_per_pass=32)
+ARGS = (["islands", "snow"], [["right"] * 9, ["up"] * 9], [4, 5])
+
+
+def sqnr(a, ref):
+    return float(10 * torch.log10(ref.pow(2).mean() / (a - ref).pow(2).mean()))
+
+
+def test_outlier_detection_finds_planted_columns_rounded_and_capped():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g)
+    planted = torch.tensor([3, 50, 77, 200, 201])
+    w[:, planted] *= 10
+    idx = find_outlier_columns(w)
+    assert len(idx) == 32 and set(planted.tolist()) <= set(idx.tolist())  # 5 rounded up to 32
+    w2 = torch.randn(64, 64, generator=g)
+    w2[:, :40] *= 10 ** torch.linspace(0.5, 2, 40)[None]  # many outliers: capped at half the columns
+    assert len(find_outlier_columns(w2)) == 32
+    assert len(find_outlier_columns(torch.randn(64, 256, generator=g))) == 0  # Gaussian: none
+
+
+def test_frame_weights_match_a_hand_computed_example():
+    # The official 7-chunk example: e = 0.546 ... 0.010 -> w_k = 7 e_k / sum(e)
+    e = [0.546, 0.167, 0.119, 0.079, 0.053, 0.026, 0.010]
+    w = frame_weights_from(e)
+    assert sum(w) == pytest.approx(7)
+    assert w[0] == pytest.approx(7 * 0.546 / 1.0) and w[-1] == pytest.approx(0.07)
+    assert frame_weights_from([0, 0]) == [1.0, 1.0]
+
+
+def test_calibration_rows_are_tagged_by_chunk_and_time(mini):
+    store = collect_inputs(mini, {"blocks.0.ffn.0": mini.blocks[0].ffn[0]}, CAL, progress=False)
+    x, chunk, t = store["blocks.0.ffn.0"].stacked()
+    assert x.shape[1] == mini.args.dim and len(x) == len(chunk) == len(t)
+    assert set(chunk.tolist()) == {0, 1, 2}
+    assert 0.0 in set(t.tolist()) and 1.0 in set(t.tolist())  # commit passes and first steps
+    assert len(x) == 2 * 3 * 5 * 32  # streams x chunks x passes x kept tokens
+
+
+@pytest.mark.parametrize(
+    "config, floor_db",
+    [
+        (RTNConfig(w_bits=8, a_bits=8), 30),
+        (RTNConfig(w_bits=4, a_bits=8, percentile=99.99), 10),
+        (QArvdConfig(w_bits=8, a_bits=8, recon_iters=20, sensitivity_rollouts=2), 30),
+        (QArvdConfig(w_bits=4, a_bits=8, recon_iters=20, frame_weighting=False), 10),
+    ],
+)
+def test_each_method_runs_end_to_end(mini, config, floor_db):
+    ref = rollout(mini, *ARGS)
+    q = quantize(mini, config, CAL, progress=False)
+    assert sqnr(rollout(q, *ARGS), ref) > floor_db
+    assert not any(isinstance(m, QuantLinear) for m in mini.modules())  # the original is untouched
+    kinds = {type(m) for m in q.modules()}
+    assert QuantLinear in kinds
+    assert isinstance(q.head.head, torch.nn.Linear) and isinstance(q.time_projection[1], torch.nn.Linear)
+    info = q.quant_info
+    assert info["config"]["method"] == config.name and info["calibration"]["split"] == "calibration"
+    set_mode(q, "deploy")
+    assert sqnr(rollout(q, *ARGS), ref) > floor_db
+
+
+def test_qarvd_uses_sensitivity_weights_and_dual_scale(make_mini):
+    model = make_mini(seed=2)
+    with torch.no_grad():
+        model.blocks[1].ffn[2].weight[:, :3] *= 30  # plant outlier input columns
+    q = quantize(model, QArvdConfig(w_bits=4, recon_iters=10, sensitivity_rollouts=2), CAL, progress=False)
+    info = q.quant_info
+    assert len(info["chunk_sensitivity"]) == 3 and sum(info["frame_weights"]) == pytest.approx(3)
+    assert isinstance(q.blocks[1].ffn[2], DualScaleQuantLinear)
+    assert info["layers"]["blocks.1.ffn.2"]["outliers"] == 32
+    off = quantize(
+        model, QArvdConfig(w_bits=4, recon_iters=0, dual_scale=False, frame_weighting=False), CAL, progress=False
+    )
+    assert not any(isinstance(m, DualScaleQuantLinear) for m in off.modules())
+    assert off.quant_info["frame_weights"] is None
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"method": "awq"}, "unknown method"),
+        ({"method": "qarvd", "w_bits": 1}, "w_bits must be an integer from 2 to 8"),
+        ({"method": "rtn", "a_bits": 9}, "a_bits"),
+        ({"method": "rtn", "alpha": 0.5}, "unknown option"),
+        ({"method": "rtn", "percentile": 20}, "percentile"),
+    ],
+)
+def test_bad_configs_raise_value_errors_naming_the_fix(bad, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict(bad)

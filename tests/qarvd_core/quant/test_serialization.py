@@ -1,0 +1,58 @@
+import json
+
+import pytest
+import torch
+
+from qarvd_core.config import load_model, save_weights
+from qarvd_core.quant import CalibrationSet, QArvdConfig, quantize
+from qarvd_core.quant.serialization import load_quantized, save_quantized
+from qarvd_core.sampling import rollout
+
+ARGS = (["forest"], [["left"] * 6], [3])
+
+
+@pytest.fixture
+def checkpoint(mini_weights, tmp_path):
+    base_path, base = mini_weights
+    with torch.no_grad():
+        base.blocks[0].ffn[0].weight[:, :2] *= 30
+    save_weights(base, base_path, preset=None)
+    q = quantize(
+        base,
+        QArvdConfig(w_bits=4, recon_iters=5, sensitivity_rollouts=1),
+        CalibrationSet(rollouts=1, chunks=2, tokens_per_pass=16),
+        progress=False,
+    )
+    path = save_quantized(q, tmp_path / "q.safetensors", str(base_path), {"psnr_db_mean": 40.0})
+    return path, q, base_path
+
+
+def test_save_load_gives_identical_outputs_and_a_full_manifest(checkpoint):
+    path, q, _ = checkpoint
+    loaded = load_quantized(path)
+    torch.testing.assert_close(rollout(loaded, *ARGS), rollout(q, *ARGS), atol=0, rtol=0)
+    m = json.loads(path.with_suffix(".json").read_text())
+    assert m["format_version"] == 1 and len(m["base_model"]["sha256"]) == 64
+    qi = m["quantization"]
+    assert qi["config"]["method"] == "qarvd" and qi["frame_weights"] and qi["calibration"]["rollouts"] == 1
+    assert qi["layers"]["blocks.0.ffn.0"]["outliers"] == 16 and m["evaluation"]["psnr_db_mean"] == 40.0
+    # Through the model-name path too, in deploy mode.
+    assert load_model(str(path)).blocks[0].ffn[2].mode == "deploy"
+
+
+def test_refuses_unknown_version_other_base_and_truncated_file(checkpoint, make_mini):
+    path, _, base_path = checkpoint
+    manifest_path = path.with_suffix(".json")
+    original = manifest_path.read_text()
+    manifest_path.write_text(original.replace('"format_version": 1', '"format_version": 7'))
+    with pytest.raises(ValueError, match="format_version 7.*upgrade"):
+        load_quantized(path)
+    manifest_path.write_text(original)
+    save_weights(make_mini(seed=9), base_path, preset=None)  # the base changed underneath
+    with pytest.raises(ValueError, match="different .*re-run `qarvd quantize`"):
+        load_quantized(path)
+    manifest_path.write_text(original.replace(str(base_path), "not-installed-base"))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        load_quantized(path)
