@@ -70,6 +70,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_buffer("a_scale", torch.tensor(1.0))
         self.register_buffer("a_zero", torch.tensor(0.0))
+        # SmoothQuant-style migration: inputs are divided per channel by `smooth` (None: off).
+        self.register_buffer("smooth", None)
         self._deploy_cache: dict | None = None
 
     @classmethod
@@ -94,6 +96,8 @@ class QuantLinear(nn.Module):
     def init_activation(self, x: Tensor, sample_weights: Tensor | None = None, pcts=None) -> None:
         """Static per-tensor range from calibration rows x [S, in] by (weighted) MSE search."""
         if self.act_mode == "static":
+            if self.smooth is not None:
+                x = x / self.smooth
             kw = {} if pcts is None else {"pcts": pcts}
             self.set_activation(*weighted_mse_search_activation(x, self.a_spec, sample_weights, **kw))
 
@@ -126,8 +130,13 @@ class QuantLinear(nn.Module):
 
     # Forward ---------------------------------------------------------------------
 
+    def set_smoothing(self, smooth: Tensor) -> None:
+        self.smooth = smooth.detach().float().clone()
+
     def quantize_input(self, x: Tensor) -> Tensor:
         """Fake-quantized input (simulate mode)."""
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
         if self.act_mode == "static":
             return fake_quant(x, self.a_scale, self.a_zero, self.a_spec)
         if self.act_mode == "dynamic":
@@ -159,6 +168,8 @@ class QuantLinear(nn.Module):
         d = self._deploy_tensors()
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
+        if self.smooth is not None:
+            x2 = x2 / self.smooth
         if self.act_mode == "static":
             off = _offset(self.a_spec)
             a = torch.clamp(torch.round(x2 / self.a_scale) + self.a_zero, self.a_spec.qmin, self.a_spec.qmax) - off

@@ -126,6 +126,8 @@ def load_quantized(path: Path | str) -> WorldModel:
                 layer.get("act_mode", "static"),
                 bias=lin.bias is not None,
             )
+        if f"{name}.smooth" in state:
+            q.set_smoothing(state[f"{name}.smooth"])
         swap_module(model, name, q)
     model.load_state_dict({k: v.float() if v.dtype == torch.float16 else v for k, v in state.items()})
     model.quant_info = info

@@ -4,7 +4,10 @@ import torch
 from qarvd_core.quant import CalibrationSet, QArvdConfig, RTNConfig, config_from_dict, quantize, set_mode
 from qarvd_core.quant.calibration import collect_inputs
 from qarvd_core.quant.linear import DualScaleQuantLinear, QuantLinear
+from qarvd_core.quant.methods import GPTQConfig, SmoothQuantConfig, ViDiTQConfig
+from qarvd_core.quant.methods.gptq import gptq_codes
 from qarvd_core.quant.methods.qarvd import find_outlier_columns, frame_weights_from
+from qarvd_core.quant.primitives import QuantSpec, fake_quant, minmax_weight
 from qarvd_core.sampling import rollout
 
 CAL = CalibrationSet(rollouts=2, chunks=3, tokens_per_pass=32)
@@ -53,6 +56,9 @@ def test_calibration_rows_are_tagged_by_chunk_and_time(mini):
         (RTNConfig(w_bits=4, a_bits=8, percentile=99.99), 10),
         (QArvdConfig(w_bits=8, a_bits=8, recon_iters=20, sensitivity_rollouts=2), 30),
         (QArvdConfig(w_bits=4, a_bits=8, recon_iters=20, frame_weighting=False), 10),
+        (SmoothQuantConfig(w_bits=8, a_bits=8, alpha=0.5), 20),
+        (GPTQConfig(w_bits=4, a_bits=8), 10),
+        (ViDiTQConfig(w_bits=8, a_bits=8), 30),
     ],
 )
 def test_each_method_runs_end_to_end(mini, config, floor_db):
@@ -67,6 +73,19 @@ def test_each_method_runs_end_to_end(mini, config, floor_db):
     assert info["config"]["method"] == config.name and info["calibration"]["split"] == "calibration"
     set_mode(q, "deploy")
     assert sqnr(rollout(q, *ARGS), ref) > floor_db
+
+
+def test_gptq_beats_round_to_nearest_on_the_calibration_outputs():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated inputs
+    w = torch.randn(32, 64, generator=g)
+    spec = QuantSpec(4, False)
+    codes, scale, zero = gptq_codes(w, x, spec, 0.01, 16)
+    w_gptq = (codes - zero[:, None]) * scale[:, None]
+    s, z = minmax_weight(w, spec)
+    w_rtn = fake_quant(w, s[:, None], z[:, None], spec)
+    err = {k: (x @ (v - w).T).pow(2).mean() for k, v in (("gptq", w_gptq), ("rtn", w_rtn))}
+    assert err["gptq"] < 0.7 * err["rtn"]
 
 
 def test_qarvd_uses_sensitivity_weights_and_dual_scale(make_mini):

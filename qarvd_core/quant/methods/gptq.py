@@ -1,0 +1,73 @@
+"""GPTQ (Frantar et al., ICLR 2023): quantize weight columns in order and compensate each column's
+error on the remaining columns with the inverse Hessian H = 2 X^T X; activations as RTN."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qarvd_core.quant.api import QuantConfig, register, swap_module, target_linears
+from qarvd_core.quant.calibration import CalibrationSet, collect_inputs
+from qarvd_core.quant.linear import QuantLinear
+from qarvd_core.quant.primitives import QuantSpec, minmax_weight, quantize
+
+
+@dataclass(frozen=True)
+class GPTQConfig(QuantConfig):
+    """GPTQ: Hessian-based weight rounding (damping `percdamp`, block size `block`), RTN activations."""
+
+    name = "gptq"
+    percdamp: float = 0.01
+    block: int = 128
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.percdamp < 1 or self.block < 1:
+            raise ValueError("percdamp must be in (0, 1) and block >= 1")
+
+
+def gptq_codes(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, percdamp: float, block: int):
+    """(codes, scale, zero) for w [out, in] given calibration rows x [S, in]."""
+    w = w.float().clone()
+    scale, zero = minmax_weight(w, spec)
+    H = 2 * x.T.double() @ x.double() / len(x)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    w[:, dead] = 0
+    H += percdamp * torch.diag(H).mean() * torch.eye(len(H), dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    codes = torch.zeros_like(w)
+    n = w.shape[1]
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        W1, Hinv1 = w[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col, d = W1[:, i], Hinv1[i, i]
+            q = quantize(col, scale, zero, spec)
+            codes[:, i1 + i] = q
+            err = (col - (q - zero) * scale) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None]
+            Err1[:, i] = err
+        w[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes, scale, zero
+
+
+@register(GPTQConfig)
+def run(model, config: GPTQConfig, calib: CalibrationSet, progress: bool) -> dict:
+    layers = target_linears(model, config.keep_fp)
+    inputs = collect_inputs(model, layers, calib, progress)
+    summary = {}
+    for name, lin in layers.items():
+        x = inputs[name].stacked()[0]
+        q = QuantLinear(
+            lin.in_features, lin.out_features, config.w_spec, config.a_spec, "static", bias=lin.bias is not None
+        )
+        q.set_weight(*gptq_codes(lin.weight.detach(), x, config.w_spec, config.percdamp, config.block))
+        if lin.bias is not None:
+            q.bias = lin.bias.detach().float().clone()
+        q.init_activation(x, pcts=(100.0,))
+        swap_module(model, name, q)
+        summary[name] = {"kind": "linear", "in": q.in_features, "out": q.out_features}
+    return {"layers": summary}
