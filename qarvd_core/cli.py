@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import typer
@@ -335,3 +336,36 @@ def analyze_outliers(
             typer.echo(f"{r['layer']:32s} {r['outliers']:4d} / {r['in']}")
     typer.echo(f"{result['dual_scale_layers']} of {result['total_layers']} block layers get dual scales")
     typer.echo("wrote " + ", ".join(map(str, paths)))
+
+
+@app.command()
+def serve(
+    host: str = typer.Option(None, help="bind address (default QARVD_HOST or 127.0.0.1)"),
+    port: int = typer.Option(None, help="port (default QARVD_PORT or 8000)"),
+    model: str = typer.Option(None, help="default model (default QARVD_DEFAULT_MODEL or tiny-world)"),
+):
+    """Run the API server: WebSocket streams, videos, models, metrics, and the demo at /."""
+    import uvicorn
+
+    from service.main import create_app
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in {"host": host, "port": port, "default_model": model}.items() if v is not None}
+    settings = Settings(**overrides)
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if settings.send_buffer_bytes:
+        # Accepted sockets inherit it: a client that stops reading is felt after this many bytes.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.send_buffer_bytes)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as e:
+        fail(f"cannot listen on {settings.host}:{settings.port}: {e.strerror}")
+    typer.echo(f"qarvd: demo at http://{settings.host}:{settings.port}/  (model {settings.default_model})", err=True)
+    config = uvicorn.Config(
+        create_app(settings),
+        log_level="info",
+        timeout_graceful_shutdown=5,
+        ws_max_size=max(settings.max_message_bytes * 4, 16384),
+    )
+    uvicorn.Server(config).run(sockets=[sock])

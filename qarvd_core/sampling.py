@@ -190,3 +190,39 @@ def rollout(
         if on_chunk is not None:
             on_chunk(k + 1, n_chunks)
     return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def step_streams(streams: list[Stream], actions: list[str | list[str]]) -> list[np.ndarray]:
+    """One chunk for several streams of the same model in one batched forward pass.
+
+    Streams must share a model and hold the same number of cached chunks (the server groups
+    them so); each keeps its own cache, noise generator, prompt and held context. The result
+    equals calling `stream.step(action)` on each (up to float rounding).
+    """
+    if not streams:
+        return []
+    if len(streams) == 1:
+        return [streams[0].step(actions[0])]
+    first = streams[0]
+    if any(s.model is not first.model or s.cache.n_chunks != first.cache.n_chunks for s in streams):
+        raise ValueError("batched streams must share a model and a cache length")
+    Fr = first.args.frames_per_chunk
+    ids = torch.stack([action_ids([a] * Fr if isinstance(a, str) else list(a)) for a in actions]).to(first.device)
+    cache = KVCache(first.args, len(streams), first.device, first.dtype)
+    for i, s in enumerate(streams):
+        cache.k[:, i : i + 1] = s.cache.k
+        cache.v[:, i : i + 1] = s.cache.v
+    cache.n_chunks, cache.committed = first.cache.n_chunks, first.cache.committed
+    context = torch.cat([s.context for s in streams])
+    noise = torch.cat([s._noise() for s in streams])
+    x0 = denoise_chunk(first.model, cache, context, ids, noise, first.schedule)
+    out = []
+    for i, s in enumerate(streams):
+        s.cache.k.copy_(cache.k[:, i : i + 1])
+        s.cache.v.copy_(cache.v[:, i : i + 1])
+        s.cache.n_chunks, s.cache.committed = cache.n_chunks, s.cache.committed + 1
+        s._hold(_HeldChunk(x0[i : i + 1], ids[i : i + 1]))
+        s.frame_index += Fr
+        out.append(to_uint8(x0[i]))
+    return out

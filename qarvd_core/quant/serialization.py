@@ -27,14 +27,20 @@ def is_quantized_manifest(manifest: dict) -> bool:
     return manifest.get("format") == FORMAT
 
 
-def save_quantized(qmodel: WorldModel, path: Path, base: str, evaluation: dict | None = None) -> Path:
-    """Write the checkpoint pair atomically (temp files, fsync, rename); returns the weights path."""
+def save_quantized(
+    qmodel: WorldModel, path: Path, base: str, evaluation: dict | None = None, base_path: Path | None = None
+) -> Path:
+    """Write the checkpoint pair atomically (temp files, fsync, rename); returns the weights path.
+
+    `base` is the base model's id as the registry knows it; `base_path` its weights file
+    when the id is not a shipped name or a path (e.g. a model in the artifact directory).
+    """
     if not hasattr(qmodel, "quant_info"):
         raise ValueError("the model has no quant_info: pass the result of quantize(...)")
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
-    base_path = resolve_weights(base)
+    base_path = Path(base_path) if base_path is not None else resolve_weights(base)
     quant_prefixes = tuple(qmodel.quant_info["layers"])
     state = {}
     for key, value in qmodel.state_dict().items():

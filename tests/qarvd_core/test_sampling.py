@@ -59,3 +59,19 @@ def test_stream_rejects_bad_input(mini):
         s.step("jump")
     with pytest.raises(ValueError, match="exactly 3"):
         s.step(["left", "right"])
+
+
+def test_batched_step_equals_separate_streams(mini):
+    from qarvd_core.sampling import step_streams
+
+    a = [Stream(mini, p, seed) for p, seed in (("islands", 1), ("snow", 2), ("forest", 3))]
+    b = [Stream(mini, p, seed) for p, seed in (("islands", 1), ("snow", 2), ("forest", 3))]
+    for step in range(5):  # past the window, so the caches roll
+        acts = [["right", "up", "none"][(step + i) % 3] for i in range(3)]
+        batched = step_streams(a, acts)
+        single = [s.step(act) for s, act in zip(b, acts)]
+        for x, y in zip(batched, single):
+            assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
+    assert [s.cache.committed for s in a] == [5, 5, 5] and a[0].cache.n_chunks == b[0].cache.n_chunks
+    with pytest.raises(ValueError, match="cache length"):
+        step_streams([a[0], Stream(mini, "islands", 0)], ["none", "none"])

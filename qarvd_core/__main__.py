@@ -1,0 +1,3 @@
+from qarvd_core.cli import app
+
+app(prog_name="qarvd")

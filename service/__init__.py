@@ -1,0 +1,1 @@
+"""The qarvd service: FastAPI app for streaming sessions, videos, models and metrics."""

@@ -1,0 +1,1 @@
+"""Thin routers over the engine and registry."""

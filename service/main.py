@@ -1,0 +1,80 @@
+"""The FastAPI app: `create_app(settings)`; `qarvd serve` runs it under uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from service.api import models, stream, videos
+from service.engine import Engine, ModelRegistry
+from service.metrics import Metrics
+from service.settings import Settings, get_settings
+
+STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("qarvd")
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("engine start failed; /readyz stays 503", exc_info=task.exception())
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Load and warm up in the background: /healthz answers at once, /readyz when done.
+        starting = asyncio.create_task(app.state.engine.start())
+        starting.add_done_callback(_log_failure)
+        yield
+        if not starting.done():
+            starting.cancel()
+        await app.state.engine.stop()
+
+    app = FastAPI(
+        title="qarvd", version="0.1.0", lifespan=lifespan, description="A streaming world model, quantized with Q-ARVD."
+    )
+    metrics = Metrics()
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.engine = Engine(settings, metrics, ModelRegistry(settings.artifact_dir))
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            return JSONResponse({"detail": f"request body over {settings.max_body_bytes} bytes"}, status_code=413)
+        return await call_next(request)
+
+    app.include_router(stream.router)
+    app.include_router(models.router)
+    app.include_router(videos.router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> JSONResponse:
+        engine: Engine = app.state.engine
+        ready = engine.ready
+        return JSONResponse(
+            {"ready": ready, "model": settings.default_model, "sessions": len(engine.sessions)},
+            status_code=200 if ready else 503,
+        )
+
+    @app.get("/metrics", tags=["health"])
+    def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", include_in_schema=False)
+    def demo() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    return app

@@ -1,0 +1,61 @@
+"""Prometheus metrics (prefix qarvd_, base units, no per-session or per-job labels)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0)
+PSNR_BUCKETS = (20, 25, 30, 33, 35, 38, 40, 45, 50, 60, 100)
+
+
+class Metrics:
+    """One registry per app, so tests can run several apps in one process."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.time_to_first_frame = Histogram(
+            "qarvd_time_to_first_frame_seconds",
+            "From the start message to the first frame sent",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.chunk_latency = Histogram(
+            "qarvd_chunk_generation_seconds",
+            "Generation time of one chunk (batched)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.frame_latency = Histogram(
+            "qarvd_frame_generation_seconds",
+            "Generation time per frame",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "qarvd_batch_sessions", "Sessions per batched forward pass", buckets=(1, 2, 3, 4, 6, 8, 12, 16), registry=r
+        )
+        self.frames_sent = Counter("qarvd_frames_sent", "Frames sent to clients", ["model"], registry=r)
+        self.frames_dropped = Counter("qarvd_frames_dropped", "Frames dropped for slow clients", ["model"], registry=r)
+        self.sessions_active = Gauge("qarvd_sessions_active", "Streaming sessions open now", registry=r)
+        self.sessions_rejected = Counter("qarvd_sessions_rejected", "Sessions refused", ["reason"], registry=r)
+        self.client_errors = Counter(
+            "qarvd_client_errors", "Malformed or refused client messages", ["kind"], registry=r
+        )
+        self.drift_psnr = Histogram(
+            "qarvd_drift_psnr_db",
+            "PSNR of quantized chunks vs FP recomputation",
+            ["model"],
+            buckets=PSNR_BUCKETS,
+            registry=r,
+        )
+        self.drift_fallbacks = Counter(
+            "qarvd_drift_fallbacks", "Sessions switched to FP by drift", ["model"], registry=r
+        )
+        self.model_load = Gauge("qarvd_model_load_seconds", "Time to load and warm up a model", ["model"], registry=r)
+        self.ready = Gauge("qarvd_ready", "1 when the default model is loaded and warmed up", registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,78 @@
+"""Wire formats: WebSocket messages and REST bodies. Unknown fields are refused everywhere."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from qarvd_core.world.simulator import ACTIONS, BIOME_NAMES
+
+ModelId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$", examples=["tiny-world"])]
+Biome = Literal[BIOME_NAMES]  # type: ignore[valid-type]
+Action = Literal[ACTIONS]  # type: ignore[valid-type]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# Client -> server ----------------------------------------------------------------------
+
+
+class StartMsg(Strict):
+    type: Literal["start"]
+    model: ModelId | None = None
+    prompt: Biome = "islands"
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    format: Literal["jpeg", "webp", "png"] = "jpeg"
+    quality: int = Field(80, ge=10, le=100)
+
+
+class ActionMsg(Strict):
+    type: Literal["action"]
+    action: Action
+
+
+class PromptMsg(Strict):
+    type: Literal["prompt"]
+    prompt: Biome
+
+
+class ControlMsg(Strict):
+    type: Literal["pause", "resume", "stop"]
+
+
+ClientMsg = Annotated[StartMsg | ActionMsg | PromptMsg | ControlMsg, Field(discriminator="type")]
+
+
+# REST --------------------------------------------------------------------------------
+
+
+class VideoRequest(Strict):
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=False,
+        json_schema_extra={
+            "examples": [{"model": "tiny-world", "prompt": "islands", "seed": 3, "actions": "right*24,down*24"}]
+        },
+    )
+    model: ModelId | None = Field(None, description="model id; the server's default model when omitted")
+    prompt: Biome = "islands"
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    actions: str = Field(..., min_length=1, max_length=2000, description="action script, e.g. 'right*24,up*8'")
+    fps: int = Field(16, ge=1, le=60)
+    scale: int = Field(4, ge=1, le=8)
+
+
+class ModelInfo(BaseModel):
+    id: str
+    kind: Literal["base", "quantized"]
+    base: str | None = None
+    method: str | None = None
+    w_bits: int | None = None
+    a_bits: int | None = None
+    sha256: str
+    size_bytes: int
+    metrics: dict | None = None
+    created: str | None = None

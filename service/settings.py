@@ -1,0 +1,39 @@
+"""All service settings, from QARVD_* environment variables (one typed object)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QARVD_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    default_model: str = "tiny-world"
+    artifact_dir: Path = Path("artifacts")  # quantized models: NAME.safetensors + NAME.json
+    max_sessions: int = Field(4, ge=1, description="admission control: sessions past this are refused (1013)")
+    batch_sessions: bool = True  # sessions due a chunk run in one forward pass
+    fps_target: float = Field(16.0, gt=0, description="frames per second each session is paced to")
+    idle_timeout_s: float = Field(120.0, gt=0, description="a session with no client message for this long ends")
+    outbound_frames: int = Field(6, ge=1, description="frames queued per session; older ones are dropped")
+    stats_interval_s: float = 1.0
+    max_message_bytes: int = Field(4096, ge=64, description="larger client messages close the socket (1009)")
+    actions_per_s: float = Field(60.0, gt=0, description="per-connection rate limit on client messages")
+    api_keys: list[str] = Field(default_factory=list, description="when set, required on HTTP and WebSocket")
+    allowed_origins: list[str] = Field(default_factory=list, description="WebSocket Origins allowed; empty: any")
+    drift_sample_rate: float = Field(0.1, ge=0, le=1, description="fraction of quantized chunks re-run in FP")
+    drift_fallback_db: float | None = Field(None, description="below this drift PSNR a session falls back to FP")
+    video_max_frames: int = Field(600, ge=1)
+    send_buffer_bytes: int | None = Field(None, ge=4096, description="kernel send buffer per connection")
+    max_body_bytes: int = Field(65536, ge=1024)
+    threads: int = Field(0, ge=0, description="torch threads for generation (0: torch's default)")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
