@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-
-import httpx
 import pytest
 
 from qarvd_core.config import save_weights
 from qarvd_core.quant import CalibrationSet, RTNConfig, quantize
 from qarvd_core.quant.serialization import save_quantized
+from service.process import ServerProcess
 
 
 @pytest.fixture(scope="session")
@@ -32,58 +25,16 @@ def artifact_dir(tmp_path_factory):
     return d
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, artifact_dir, **env):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ws_url = f"ws://127.0.0.1:{self.port}/v1/stream"
-        full_env = {
-            **os.environ,
-            "QARVD_ARTIFACT_DIR": str(artifact_dir),
-            "QARVD_DEFAULT_MODEL": "mini",
-            "QARVD_THREADS": "1",
-            "OMP_NUM_THREADS": "1",
-            **{f"QARVD_{k.upper()}": v for k, v in env.items()},
-        }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qarvd_core", "serve", "--port", str(self.port)],
-            env=full_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("server did not become ready:\n" + self.proc.stdout.read().decode(errors="replace"))
-
-    def stop(self, sig=signal.SIGTERM, timeout=15) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+def start_server(artifact_dir, **settings) -> ServerProcess:
+    """A server on the miniature models, one compute thread."""
+    return ServerProcess(artifact_dir=artifact_dir, default_model="mini", threads=1, **settings)
 
 
 @pytest.fixture(scope="session")
 def server(artifact_dir):
-    s = Server(artifact_dir, max_sessions="3", actions_per_s="20", drift_sample_rate="1.0", send_buffer_bytes="16384")
+    s = start_server(
+        artifact_dir, max_sessions="3", actions_per_s="20", drift_sample_rate="1.0", send_buffer_bytes="16384"
+    )
     yield s
     s.stop()
 
@@ -93,7 +44,7 @@ def make_server(artifact_dir):
     started = []
 
     def make(**env):
-        started.append(Server(artifact_dir, **env))
+        started.append(start_server(artifact_dir, **env))
         return started[-1]
 
     yield make

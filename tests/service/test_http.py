@@ -4,9 +4,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from qarvd_core.video import read_mp4
+from service.client import StreamClient
 from service.main import create_app
 from service.settings import Settings
-from tests.service.client import StreamClient
 
 
 def test_models_list_and_lookup(server):

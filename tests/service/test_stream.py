@@ -5,7 +5,7 @@ import time
 import httpx
 import pytest
 
-from tests.service.client import StreamClient
+from service.client import StreamClient
 
 
 def test_full_session_happy_path(server):

@@ -1,4 +1,4 @@
-"""A small synchronous WebSocket client for the stream protocol (tests and benchmarks)."""
+"""A small synchronous client for the WebSocket stream protocol (tests, benchmarks, scripts)."""
 
 from __future__ import annotations
 
