@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qarvd_core.quant import kernels
 from qarvd_core.quant.primitives import (
     QuantSpec,
     fake_quant,
@@ -164,32 +165,17 @@ class QuantLinear(nn.Module):
         return self._deploy_cache
 
     def _forward_int(self, x: Tensor) -> Tensor:
-        # (a - za)(w - zw)^T = a w^T - zw * rowsum(a) - za * colsum(w) + K * za * zw, all in int32.
         d = self._deploy_tensors()
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         if self.smooth is not None:
             x2 = x2 / self.smooth
+        common = (d["wt"], d["colsum"], d["w_zero"], self.w_scale, self.bias)
         if self.act_mode == "static":
-            off = _offset(self.a_spec)
-            a = torch.clamp(torch.round(x2 / self.a_scale) + self.a_zero, self.a_spec.qmin, self.a_spec.qmax) - off
-            a = a.to(torch.int8)
-            za = int(self.a_zero.item()) - off
-            scale = self.a_scale * self.w_scale
+            s = self.a_spec
+            y = kernels.static_kernel()(x2, *common, self.a_scale, self.a_zero, s.qmin, s.qmax, _offset(s), d["asym_w"])
         else:
-            s = (x2.abs().amax(-1, keepdim=True) / (2 ** (self.a_spec.bits - 1) - 1)).clamp_min(1e-8)
-            a = torch.clamp(torch.round(x2 / s), -(2 ** (self.a_spec.bits - 1)), 2 ** (self.a_spec.bits - 1) - 1)
-            a = a.to(torch.int8)
-            za = 0
-            scale = s * self.w_scale
-        acc = torch._int_mm(a, d["wt"])
-        if za:
-            acc = acc - za * d["colsum"]
-        if d["asym_w"]:
-            acc = acc - a.sum(1, keepdim=True, dtype=torch.int32) * d["w_zero"] + self.in_features * za * d["w_zero"]
-        y = acc.float() * scale
-        if self.bias is not None:
-            y = y + self.bias
+            y = kernels.dynamic_kernel()(x2, *common, self.a_spec.bits, d["asym_w"])
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,139 @@
+"""Speed, size and fidelity of deploy-mode quantization vs FP32, BF16 and torchao, in one run.
+
+For each model: FP32 and BF16 (eager), qarvd W8A8 in deploy mode (eager and with the
+compiled kernels), and torchao's Int8DynamicActivationInt8WeightConfig and
+Int8WeightOnlyConfig on the same layers. Reported as ratios to FP32 from the same process:
+streaming frames/s (`qarvd bench`), time in the linear layers alone, bytes of the
+quantized layers, and PSNR of a short rollout against the FP32 model on identical noise.
+
+    pip install -e ".[bench]"   # torchao, the peer
+    python benchmarks/quant_speed.py --models tiny-world small-world --out benchmarks/results/quant_speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from qarvd_core.config import load_model
+from qarvd_core.eval.bench import bench_stream
+from qarvd_core.eval.metrics import psnr
+from qarvd_core.model import ModelArgs, WorldModel
+from qarvd_core.quant import CalibrationSet, RTNConfig, kernels, quantize, set_mode
+from qarvd_core.quant.api import DEFAULT_KEEP_FP, target_linears
+from qarvd_core.sampling import rollout, to_uint8
+
+ROLLOUT = (["islands", "desert"], [["right"] * 12, ["down"] * 6 + ["left"] * 6], [1, 2])
+
+
+def model_named(name: str) -> WorldModel:
+    try:
+        return load_model(name)
+    except ValueError:  # a preset without shipped weights: speed does not depend on the values
+        torch.manual_seed(0)
+        m = WorldModel(ModelArgs.from_name(name))
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        return m.eval()
+
+
+def block_linears(model: WorldModel, names: list[str]) -> dict:
+    """The same layers in any variant: nn.Linear, QuantLinear/DualScale, or torchao-swapped."""
+    return {n: model.get_submodule(n) for n in names}
+
+
+def linear_ms(model: WorldModel, names: list[str], tokens: int, repeats: int = 20) -> float:
+    """Time of the transformer blocks' linear layers for one forward pass on `tokens` rows."""
+    layers = block_linears(model, names)
+    dtype = next(model.parameters()).dtype
+    inputs = {n: torch.randn(tokens, m.in_features, dtype=dtype) for n, m in layers.items()}
+    with torch.no_grad():
+        for n, m in layers.items():
+            m(inputs[n])
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            for n, m in layers.items():
+                m(inputs[n])
+    return (time.perf_counter() - t0) / repeats * 1000
+
+
+def layer_bytes(model: WorldModel, names: list[str]) -> int:
+    """Serialized bytes of those layers (counts packed integers and torchao tensors alike)."""
+    buf = io.BytesIO()
+    torch.save({n: m.state_dict() for n, m in block_linears(model, names).items()}, buf)
+    return buf.tell()
+
+
+def fidelity(model: WorldModel, ref_frames) -> float:
+    return float(psnr(to_uint8(rollout(model, *ROLLOUT)), ref_frames).mean())
+
+
+def variants(fp32: WorldModel, calib: CalibrationSet):
+    yield "fp32", fp32, None
+    yield "bf16", copy.deepcopy(fp32).to(torch.bfloat16), None
+    q = quantize(fp32, RTNConfig(w_bits=8, a_bits=8), calib, progress=False)
+    set_mode(q, "deploy")
+    yield "qarvd W8A8 deploy (eager)", q, None
+    yield "qarvd W8A8 deploy (compiled)", q, "compiled"
+    q4 = quantize(fp32, RTNConfig(w_bits=4, a_bits=8), calib, progress=False)
+    set_mode(q4, "deploy")
+    yield "qarvd W4A8 deploy (compiled)", q4, "compiled"
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        return
+    for label, cfg in (("torchao int8 dynamic", Int8DynamicActivationInt8WeightConfig()),
+                       ("torchao int8 weight-only", Int8WeightOnlyConfig())):
+        m = copy.deepcopy(fp32)
+        quantize_(m, cfg, filter_fn=lambda mod, name: isinstance(mod, torch.nn.Linear) and name.startswith("blocks."))
+        yield label, m, None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["tiny-world", "small-world"])
+    ap.add_argument("--chunks", type=int, default=30)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/quant_speed"))
+    a = ap.parse_args()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    calib = CalibrationSet(rollouts=2, chunks=4)
+    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "models": {}}
+    md = [f"# Deploy-mode speed and size ({results['threads']} threads, torch {torch.__version__})", ""]
+    for name in a.models:
+        fp32 = model_named(name)
+        names = [n for n in target_linears(fp32, DEFAULT_KEEP_FP) if n.startswith("blocks.")]
+        ref = to_uint8(rollout(fp32, *ROLLOUT))
+        rows = {}
+        for label, m, mode in variants(fp32, calib):
+            kernels.use_compiled(mode == "compiled")
+            try:
+                b = bench_stream(m, chunks=a.chunks, warmup=5)
+                rows[label] = {"fps": b["fps"], "chunk_ms_p50": b["chunk_ms"]["p50"],
+                               "linear_ms": linear_ms(m, names, fp32.args.chunk_tokens),
+                               "layer_bytes": layer_bytes(m, names), "psnr_db_vs_fp32": fidelity(m, ref)}
+            finally:
+                kernels.use_compiled(False)
+            print(name, label, rows[label], flush=True)
+        base = rows["fp32"]
+        results["models"][name] = rows
+        md += [f"## {name}", "", "| variant | frames/s | x FP32 fps | x BF16 fps | linear layers x FP32 | "
+               "layer size / FP32 | PSNR dB vs FP32 |", "|---|---|---|---|---|---|---|"]
+        for label, r in rows.items():
+            md.append(f"| {label} | {r['fps']:.1f} | {r['fps'] / base['fps']:.2f} | "
+                      f"{r['fps'] / rows['bf16']['fps']:.2f} | {base['linear_ms'] / r['linear_ms']:.2f} | "
+                      f"{r['layer_bytes'] / base['layer_bytes']:.3f} | {r['psnr_db_vs_fp32']:.1f} |")
+        md.append("")
+    a.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    a.out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
