@@ -6,6 +6,7 @@ Configs are frozen dataclasses, one per method, registered by name for the CLI a
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
@@ -49,11 +50,23 @@ class QuantConfig:
         return {"method": self.name, **d}
 
 
+@dataclass
+class Progress:
+    """Where a method reports its stage and progress (0..1); `callback` may raise to cancel."""
+
+    bars: bool = True  # tqdm bars on stderr
+    callback: Callable[[str, float], None] | None = None
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if self.callback is not None:
+            self.callback(stage, fraction)
+
+
 METHODS: dict[str, tuple[type[QuantConfig], object]] = {}
 
 
 def register(config_cls: type[QuantConfig]):
-    """Decorator for a method's `run(model, config, calibration, progress)` function."""
+    """Decorator for a method's `run(model, config, calibration, progress: Progress)` function."""
 
     def wrap(fn):
         METHODS[config_cls.name] = (config_cls, fn)
@@ -93,7 +106,10 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize(
-    model: WorldModel, config: QuantConfig, calibration: CalibrationSet | None = None, progress: bool = True
+    model: WorldModel,
+    config: QuantConfig,
+    calibration: CalibrationSet | None = None,
+    progress: bool | Progress = True,
 ) -> WorldModel:
     """A quantized copy of `model` (simulate mode); the original is left untouched.
 
@@ -107,6 +123,8 @@ def quantize(
     for p in qmodel.parameters():
         p.requires_grad_(False)
     _, run = METHODS[config.name]
+    if not isinstance(progress, Progress):
+        progress = Progress(bars=progress)
     info = run(qmodel, config, calibration, progress)
     qmodel.quant_info = {"config": config.to_dict(), "calibration": calibration.describe(), **info}
     return qmodel

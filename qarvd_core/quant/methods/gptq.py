@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qarvd_core.quant.api import QuantConfig, register, swap_module, target_linears
+from qarvd_core.quant.api import Progress, QuantConfig, register, swap_module, target_linears
 from qarvd_core.quant.calibration import CalibrationSet, collect_inputs
 from qarvd_core.quant.linear import QuantLinear
 from qarvd_core.quant.primitives import QuantSpec, minmax_weight, quantize
@@ -55,11 +55,13 @@ def gptq_codes(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, percdamp: floa
 
 
 @register(GPTQConfig)
-def run(model, config: GPTQConfig, calib: CalibrationSet, progress: bool) -> dict:
+def run(model, config: GPTQConfig, calib: CalibrationSet, progress: Progress) -> dict:
     layers = target_linears(model, config.keep_fp)
-    inputs = collect_inputs(model, layers, calib, progress)
+    progress("collecting", 0.0)
+    inputs = collect_inputs(model, layers, calib, progress.bars)
     summary = {}
-    for name, lin in layers.items():
+    for i, (name, lin) in enumerate(layers.items()):
+        progress("calibrating", i / len(layers))
         x = inputs[name].stacked()[0]
         q = QuantLinear(
             lin.in_features, lin.out_features, config.w_spec, config.a_spec, "static", bias=lin.bias is not None

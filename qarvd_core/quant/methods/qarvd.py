@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from qarvd_core.model import WorldModel
-from qarvd_core.quant.api import QuantConfig, register, swap_module, target_linears
+from qarvd_core.quant.api import Progress, QuantConfig, register, swap_module, target_linears
 from qarvd_core.quant.calibration import CalibrationSet, LayerInputs, collect_inputs
 from qarvd_core.quant.linear import DualScaleQuantLinear, QuantLinear
 from qarvd_core.quant.primitives import AdaRound, fake_quant
@@ -185,14 +185,15 @@ def _centre(part: QuantLinear) -> int:
 
 
 @register(QArvdConfig)
-def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress: bool) -> dict:
+def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress: Progress) -> dict:
     fp = copy.deepcopy(model)
     linears = target_linears(model, config.keep_fp)
     fp_params = {
         n: (m.weight.detach().float().clone(), None if m.bias is None else m.bias.detach().float().clone())
         for n, m in linears.items()
     }
-    inputs_fp = collect_inputs(model, linears, calib, progress)  # reconstruction data: FP inputs
+    progress("collecting", 0.0)
+    inputs_fp = collect_inputs(model, linears, calib, progress.bars)  # reconstruction data: FP inputs
 
     summary = {}
     for name in linears:
@@ -216,7 +217,8 @@ def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress:
 
     # Activation ranges come from the weight-quantized model with float activations.
     _set_act_mode(layers, "none")
-    inputs_wq = collect_inputs(model, layers, calib, progress)
+    progress("collecting", 0.5)
+    inputs_wq = collect_inputs(model, layers, calib, progress.bars)
     _set_act_mode(layers, "static")
     for name, layer in layers.items():
         layer.init_activation(inputs_wq[name].stacked()[0])
@@ -224,14 +226,16 @@ def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress:
     errors = None
     weights = list(config.frame_weights) if config.frame_weights else None
     if config.frame_weighting and weights is None:
-        errors = chunk_sensitivity(fp, model, calib, config.sensitivity_rollouts, progress)
+        progress("sensitivity", 0.0)
+        errors = chunk_sensitivity(fp, model, calib, config.sensitivity_rollouts, progress.bars)
         weights = frame_weights_from(errors)
     if not config.frame_weighting:
         weights = None
 
     gen = torch.Generator().manual_seed(calib.seed)
-    bar = tqdm(layers.items(), desc="reconstruction", disable=not progress)
-    for name, layer in bar:
+    bar = tqdm(layers.items(), desc="reconstruction", disable=not progress.bars)
+    for i, (name, layer) in enumerate(bar):
+        progress("calibrating", i / len(layers))
         weighted = weights if (summary[name]["kind"] == "linear" or config.weighting_on_dual_scale) else None
         if weighted is not None:
             layer.init_activation(inputs_wq[name].stacked()[0], _row_weights(inputs_wq[name], weighted))

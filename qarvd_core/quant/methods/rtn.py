@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qarvd_core.quant.api import QuantConfig, register, swap_module, target_linears
+from qarvd_core.quant.api import Progress, QuantConfig, register, swap_module, target_linears
 from qarvd_core.quant.calibration import CalibrationSet, collect_inputs
 from qarvd_core.quant.linear import QuantLinear
 
@@ -23,11 +23,13 @@ class RTNConfig(QuantConfig):
 
 
 @register(RTNConfig)
-def run(model, config: RTNConfig, calib: CalibrationSet, progress: bool) -> dict:
+def run(model, config: RTNConfig, calib: CalibrationSet, progress: Progress) -> dict:
     layers = target_linears(model, config.keep_fp)
-    inputs = collect_inputs(model, layers, calib, progress)
+    progress("collecting", 0.0)
+    inputs = collect_inputs(model, layers, calib, progress.bars)
     summary = {}
-    for name, lin in layers.items():
+    for i, (name, lin) in enumerate(layers.items()):
+        progress("calibrating", i / len(layers))
         q = QuantLinear.from_float(lin.weight, lin.bias, config.w_spec, config.a_spec, "static", "minmax")
         q.init_activation(inputs[name].stacked()[0], pcts=(config.percentile,))
         swap_module(model, name, q)
