@@ -89,8 +89,10 @@ def variants(fp32: WorldModel, calib: CalibrationSet):
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
     except ImportError:
         return
-    for label, cfg in (("torchao int8 dynamic", Int8DynamicActivationInt8WeightConfig()),
-                       ("torchao int8 weight-only", Int8WeightOnlyConfig())):
+    for label, cfg in (
+        ("torchao int8 dynamic", Int8DynamicActivationInt8WeightConfig()),
+        ("torchao int8 weight-only", Int8WeightOnlyConfig()),
+    ):
         m = copy.deepcopy(fp32)
         quantize_(m, cfg, filter_fn=lambda mod, name: isinstance(mod, torch.nn.Linear) and name.startswith("blocks."))
         yield label, m, None
@@ -115,20 +117,31 @@ def main() -> None:
             kernels.use_compiled(mode == "compiled")
             try:
                 b = bench_stream(m, chunks=a.chunks, warmup=5)
-                rows[label] = {"fps": b["fps"], "chunk_ms_p50": b["chunk_ms"]["p50"],
-                               "linear_ms": linear_ms(m, names, fp32.args.chunk_tokens),
-                               "layer_bytes": layer_bytes(m, names), "psnr_db_vs_fp32": fidelity(m, ref)}
+                rows[label] = {
+                    "fps": b["fps"],
+                    "chunk_ms_p50": b["chunk_ms"]["p50"],
+                    "linear_ms": linear_ms(m, names, fp32.args.chunk_tokens),
+                    "layer_bytes": layer_bytes(m, names),
+                    "psnr_db_vs_fp32": fidelity(m, ref),
+                }
             finally:
                 kernels.use_compiled(False)
             print(name, label, rows[label], flush=True)
         base = rows["fp32"]
         results["models"][name] = rows
-        md += [f"## {name}", "", "| variant | frames/s | x FP32 fps | x BF16 fps | linear layers x FP32 | "
-               "layer size / FP32 | PSNR dB vs FP32 |", "|---|---|---|---|---|---|---|"]
+        md += [
+            f"## {name}",
+            "",
+            "| variant | frames/s | x FP32 fps | x BF16 fps | linear layers x FP32 | "
+            "layer size / FP32 | PSNR dB vs FP32 |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for label, r in rows.items():
-            md.append(f"| {label} | {r['fps']:.1f} | {r['fps'] / base['fps']:.2f} | "
-                      f"{r['fps'] / rows['bf16']['fps']:.2f} | {base['linear_ms'] / r['linear_ms']:.2f} | "
-                      f"{r['layer_bytes'] / base['layer_bytes']:.3f} | {r['psnr_db_vs_fp32']:.1f} |")
+            md.append(
+                f"| {label} | {r['fps']:.1f} | {r['fps'] / base['fps']:.2f} | "
+                f"{r['fps'] / rows['bf16']['fps']:.2f} | {base['linear_ms'] / r['linear_ms']:.2f} | "
+                f"{r['layer_bytes'] / base['layer_bytes']:.3f} | {r['psnr_db_vs_fp32']:.1f} |"
+            )
         md.append("")
     a.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     a.out.with_suffix(".md").write_text("\n".join(md) + "\n")

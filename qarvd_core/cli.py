@@ -361,6 +361,12 @@ def serve(
         sock.bind((settings.host, settings.port))
     except OSError as e:
         fail(f"cannot listen on {settings.host}:{settings.port}: {e.strerror}")
+    embedded = None
+    if not settings.redis_url:
+        from service.jobs.embedded import EmbeddedQueue
+
+        embedded = EmbeddedQueue(settings)
+        settings = settings.model_copy(update={"redis_url": embedded.url})
     typer.echo(f"qarvd: demo at http://{settings.host}:{settings.port}/  (model {settings.default_model})", err=True)
     config = uvicorn.Config(
         create_app(settings),
@@ -368,4 +374,24 @@ def serve(
         timeout_graceful_shutdown=5,
         ws_max_size=max(settings.max_message_bytes * 4, 16384),
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+@app.command()
+def worker():
+    """Run quantization jobs from the Redis queue (QARVD_REDIS_URL); any number, any host."""
+    import asyncio
+    import logging
+
+    from service.jobs.worker import run_worker
+    from service.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        asyncio.run(run_worker(Settings()))
+    except ValueError as e:
+        fail(str(e))

@@ -10,8 +10,9 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from service.api import models, stream, videos
+from service.api import jobs, models, stream, videos
 from service.engine import Engine, ModelRegistry
+from service.jobs.client import JobClient
 from service.metrics import Metrics
 from service.settings import Settings, get_settings
 
@@ -30,12 +31,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # Load and warm up in the background: /healthz answers at once, /readyz when done.
+        if settings.redis_url:
+            app.state.jobs = JobClient(
+                settings.redis_url, settings.job_attempts, settings.job_retry_delay_s, settings.job_heartbeat_s
+            )
+            await app.state.jobs.connect()
         starting = asyncio.create_task(app.state.engine.start())
         starting.add_done_callback(_log_failure)
         yield
         if not starting.done():
             starting.cancel()
         await app.state.engine.stop()
+        if app.state.jobs is not None:
+            await app.state.jobs.close()
 
     app = FastAPI(
         title="qarvd", version="0.1.0", lifespan=lifespan, description="A streaming world model, quantized with Q-ARVD."
@@ -43,7 +51,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.engine = Engine(settings, metrics, ModelRegistry(settings.artifact_dir))
+    registry = ModelRegistry(settings.artifact_dir, settings.max_loaded_models)
+    app.state.engine = Engine(settings, metrics, registry)
+    registry.in_use = app.state.engine.models_in_use
+    app.state.jobs = None
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -55,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(stream.router)
     app.include_router(models.router)
     app.include_router(videos.router)
+    app.include_router(jobs.router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:
@@ -70,7 +82,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     @app.get("/metrics", tags=["health"])
-    def prometheus() -> Response:
+    async def prometheus() -> Response:
+        if app.state.jobs is not None:
+            try:
+                metrics.jobs.snapshot = await app.state.jobs.snapshot()
+            except Exception:  # Redis unreachable: export the streaming metrics anyway
+                log.exception("job metrics unavailable")
+                metrics.jobs.snapshot = None
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", include_in_schema=False)

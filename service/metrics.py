@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0)
 PSNR_BUCKETS = (20, 25, 30, 33, 35, 38, 40, 45, 50, 60, 100)
@@ -57,5 +58,41 @@ class Metrics:
         self.model_load = Gauge("qarvd_model_load_seconds", "Time to load and warm up a model", ["model"], registry=r)
         self.ready = Gauge("qarvd_ready", "1 when the default model is loaded and warmed up", registry=r)
 
+        self.jobs = JobStats()
+        r.register(self.jobs)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class JobStats:
+    """Job metrics read from Redis at scrape time (workers write them there): one view for
+    every worker process and API replica, whatever their number."""
+
+    def __init__(self):
+        self.snapshot: dict | None = None
+
+    def collect(self):
+        s = self.snapshot
+        if s is None:
+            return
+        yield GaugeMetricFamily("qarvd_jobs_queue_depth", "Jobs waiting for a worker", value=s["queue_depth"])
+        by_state = GaugeMetricFamily("qarvd_jobs", "Jobs by state (newest 1000)", labels=["state"])
+        for state, n in s["by_state"].items():
+            by_state.add_metric([state], n)
+        yield by_state
+        runs = CounterMetricFamily(
+            "qarvd_job_runs", "Job runs by method and outcome (retried: a failed attempt)", labels=["method", "outcome"]
+        )
+        secs = CounterMetricFamily("qarvd_job_run_seconds", "Time spent in job runs", labels=["method", "outcome"])
+        for (method, outcome), v in s["outcomes"].items():
+            runs.add_metric([method, outcome], v.get("count", 0))
+            secs.add_metric([method, outcome], v.get("seconds", 0))
+        yield runs
+        yield secs
+        age = GaugeMetricFamily(
+            "qarvd_worker_heartbeat_age_seconds", "Seconds since each worker's last beat", labels=["worker"]
+        )
+        for name, a in s["worker_heartbeat_age"].items():
+            age.add_metric([name], a)
+        yield age

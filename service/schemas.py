@@ -76,3 +76,51 @@ class ModelInfo(BaseModel):
     size_bytes: int
     metrics: dict | None = None
     created: str | None = None
+
+
+class JobRequest(Strict):
+    """A calibration/quantization job."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=False,
+        json_schema_extra={
+            "examples": [
+                {
+                    "base_model": "tiny-world",
+                    "method": "qarvd",
+                    "w_bits": 4,
+                    "a_bits": 8,
+                    "options": {"recon_iters": 500},
+                    "calibration_rollouts": 4,
+                    "calibration_chunks": 7,
+                    "seed": 0,
+                }
+            ]
+        },
+    )
+    base_model: ModelId
+    method: Literal["qarvd", "rtn", "smoothquant", "gptq", "vidit-q"]
+    w_bits: int = Field(8, ge=2, le=8)
+    a_bits: int = Field(8, ge=2, le=8)
+    options: dict[str, float | int | bool | str | list[float]] = Field(
+        default_factory=dict, description="method options, e.g. {'frame_weighting': false, 'recon_iters': 500}"
+    )
+    calibration_rollouts: int = Field(4, ge=1, le=256)
+    calibration_chunks: int = Field(7, ge=2, le=32)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    evaluate: bool = True
+
+
+class JobView(BaseModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    stage: str
+    progress: float
+    attempts: int
+    error: str | None
+    request: dict
+    result_model: str | None
+    metrics: dict | None
+    expected_model: str | None
+    created: float | None

@@ -16,6 +16,8 @@ class Settings(BaseSettings):
     port: int = 8000
     default_model: str = "tiny-world"
     artifact_dir: Path = Path("artifacts")  # quantized models: NAME.safetensors + NAME.json
+    data_dir: Path = Path(".qarvd")  # the embedded Redis's files
+    max_loaded_models: int = Field(4, ge=1, description="models kept in memory; least recently used unload")
     max_sessions: int = Field(4, ge=1, description="admission control: sessions past this are refused (1013)")
     batch_sessions: bool = True  # sessions due a chunk run in one forward pass
     fps_target: float = Field(16.0, gt=0, description="frames per second each session is paced to")
@@ -32,6 +34,10 @@ class Settings(BaseSettings):
     send_buffer_bytes: int | None = Field(None, ge=4096, description="kernel send buffer per connection")
     max_body_bytes: int = Field(65536, ge=1024)
     threads: int = Field(0, ge=0, description="torch threads for generation (0: torch's default)")
+    redis_url: str | None = Field(None, description="jobs queue; `qarvd serve` starts an embedded Redis when unset")
+    job_attempts: int = Field(3, ge=1, description="runs of a failing job before it is failed")
+    job_heartbeat_s: int = Field(10, ge=2, description="a running job silent this long is retried elsewhere")
+    job_retry_delay_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry")
 
 
 @lru_cache

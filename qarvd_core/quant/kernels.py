@@ -31,8 +31,20 @@ def _asym_fix(acc: Tensor, a: Tensor, w_zero: Tensor, colsum: Tensor, za: Tensor
     return acc
 
 
-def int8_linear_static(x: Tensor, wt: Tensor, colsum: Tensor, w_zero: Tensor, w_scale: Tensor, bias: Tensor | None,
-                       a_scale: Tensor, a_zero: Tensor, qmin: int, qmax: int, offset: int, asym_w: bool) -> Tensor:
+def int8_linear_static(
+    x: Tensor,
+    wt: Tensor,
+    colsum: Tensor,
+    w_zero: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    a_scale: Tensor,
+    a_zero: Tensor,
+    qmin: int,
+    qmax: int,
+    offset: int,
+    asym_w: bool,
+) -> Tensor:
     """x [M, K] float, wt [K, N] int8 (centred codes), per-tensor static activation scale/zero."""
     a = (torch.clamp(torch.round(x / a_scale) + a_zero, qmin, qmax) - offset).to(torch.int8)
     za = (a_zero - offset).to(torch.int32)
@@ -41,8 +53,9 @@ def int8_linear_static(x: Tensor, wt: Tensor, colsum: Tensor, w_zero: Tensor, w_
     return y if bias is None else y + bias
 
 
-def int8_linear_dynamic(x: Tensor, wt: Tensor, colsum: Tensor, w_zero: Tensor, w_scale: Tensor, bias: Tensor | None,
-                        bits: int, asym_w: bool) -> Tensor:
+def int8_linear_dynamic(
+    x: Tensor, wt: Tensor, colsum: Tensor, w_zero: Tensor, w_scale: Tensor, bias: Tensor | None, bits: int, asym_w: bool
+) -> Tensor:
     """Per-token symmetric dynamic activations (ViDiT-Q style)."""
     qmax = 2 ** (bits - 1) - 1
     s = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, HTTPException, Path
 
 from service.api.deps import get_engine, require_api_key
-from service.engine import Engine, UnknownModel
+from service.engine import Engine, ModelInUse, UnknownModel
 from service.schemas import ModelInfo
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
@@ -22,3 +22,14 @@ def get_model(model_id: str = Path(..., max_length=128), engine: Engine = Depend
         return engine.registry.info(model_id)
     except UnknownModel as e:
         raise HTTPException(404, str(e)) from e
+
+
+@router.delete("/{model_id}", status_code=204)
+def delete_model(model_id: str = Path(..., max_length=128), engine: Engine = Depends(get_engine)) -> None:
+    """Remove a quantized model that no session is using."""
+    try:
+        engine.registry.delete(model_id)
+    except UnknownModel as e:
+        raise HTTPException(404, str(e)) from e
+    except ModelInUse as e:
+        raise HTTPException(409, str(e)) from e

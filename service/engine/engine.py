@@ -128,6 +128,10 @@ class Engine:
         self._wake.set()
         return s
 
+    def models_in_use(self) -> set[str]:
+        ids = {s.model_id for s in list(self.sessions.values())} | {self.settings.default_model}
+        return ids | {b for m in ids if (b := self.registry.base_of(m)) is not None}  # drift shadows
+
     def close_session(self, s: Session) -> None:
         s.closed = True
         if self.sessions.pop(s.id, None) is not None:

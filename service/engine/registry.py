@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from qarvd_core.config import WEIGHTS_DIR, load_model, read_manifest, shipped_models
@@ -18,12 +20,22 @@ class UnknownModel(LookupError):
     pass
 
 
-class ModelRegistry:
-    """Resolves model ids to weights files and keeps loaded models (thread-safe)."""
+class ModelInUse(RuntimeError):
+    pass
 
-    def __init__(self, artifact_dir: Path):
+
+class ModelRegistry:
+    """Resolves model ids to weights files and keeps up to `max_loaded` models in memory.
+
+    Loading is on demand; past the budget the least recently used model that no session
+    is using is unloaded (`in_use` says which are). Thread-safe.
+    """
+
+    def __init__(self, artifact_dir: Path, max_loaded: int = 4, in_use: Callable[[], set[str]] = set):
         self.artifact_dir = Path(artifact_dir)
-        self._loaded: dict[str, WorldModel] = {}
+        self.max_loaded = max_loaded
+        self.in_use = in_use
+        self._loaded: OrderedDict[str, WorldModel] = OrderedDict()
         self._lock = threading.Lock()
         self.load_seconds: dict[str, float] = {}
 
@@ -73,4 +85,28 @@ class ModelRegistry:
                 t0 = time.perf_counter()
                 self._loaded[model_id] = load_model(str(self.path_of(model_id)))
                 self.load_seconds[model_id] = time.perf_counter() - t0
+                self._evict(keep=model_id)
+            self._loaded.move_to_end(model_id)
             return self._loaded[model_id]
+
+    def loaded(self) -> list[str]:
+        return list(self._loaded)
+
+    def _evict(self, keep: str) -> None:
+        busy = self.in_use() | {keep}
+        for victim in [m for m in self._loaded if m not in busy]:
+            if len(self._loaded) <= self.max_loaded:
+                break
+            del self._loaded[victim]
+
+    def delete(self, model_id: str) -> None:
+        """Remove a quantized model's files; base models and models in use are refused."""
+        path = self.path_of(model_id)
+        if self.base_of(model_id) is None:
+            raise ModelInUse(f"{model_id!r} is a base model; only quantized models can be deleted")
+        if model_id in self.in_use():
+            raise ModelInUse(f"{model_id!r} is in use by a live session")
+        with self._lock:
+            self._loaded.pop(model_id, None)
+            path.with_suffix(".json").unlink(missing_ok=True)  # manifest first: unlisted at once
+            path.unlink(missing_ok=True)

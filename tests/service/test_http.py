@@ -1,4 +1,5 @@
 import asyncio
+import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -88,3 +89,26 @@ def test_readiness_waits_for_the_warmed_up_model(artifact_dir):
 def test_demo_page_is_served(server):
     r = httpx.get(server.url + "/")
     assert r.status_code == 200 and "<canvas" in r.text and "/v1/stream" in r.text
+
+
+def test_delete_model_endpoint(artifact_dir, tmp_path):
+    import shutil
+
+    from service.process import ServerProcess
+
+    arts = tmp_path / "a"
+    shutil.copytree(artifact_dir, arts)
+    s = ServerProcess(artifact_dir=arts, default_model="mini", threads=1)
+    try:
+        assert httpx.delete(s.url + "/v1/models/mini").status_code == 409
+        c = StreamClient(s.ws_url)
+        c.start(model="mini-rtn-w8a8")
+        assert httpx.delete(s.url + "/v1/models/mini-rtn-w8a8").status_code == 409
+        c.send({"type": "stop"})
+        c.close_code()
+        time.sleep(0.5)
+        assert httpx.delete(s.url + "/v1/models/mini-rtn-w8a8").status_code == 204
+        assert [m["id"] for m in httpx.get(s.url + "/v1/models").json()] == ["mini"]
+        assert httpx.delete(s.url + "/v1/models/nope").status_code == 404
+    finally:
+        s.stop()

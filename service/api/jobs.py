@@ -1,0 +1,102 @@
+"""/v1/quantization-jobs: submit, list, read, cancel, and follow (Server-Sent Events)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from qarvd_core.quant import config_from_dict
+from service.api.deps import get_engine, require_api_key
+from service.engine import Engine, UnknownModel
+from service.jobs.client import IdempotencyConflict, JobClient, is_terminal
+from service.schemas import JobRequest, JobView
+
+router = APIRouter(prefix="/v1/quantization-jobs", tags=["quantization jobs"], dependencies=[Depends(require_api_key)])
+JobId = Path(..., pattern=r"^[0-9a-f]{32}$")
+
+
+def get_jobs(request: Request) -> JobClient:
+    jobs = request.app.state.jobs
+    if jobs is None:
+        raise HTTPException(503, "no job queue configured: set QARVD_REDIS_URL or run `qarvd serve` without it")
+    return jobs
+
+
+@router.post("", status_code=202, response_model=JobView)
+async def submit(
+    body: JobRequest,
+    response: Response,
+    jobs: JobClient = Depends(get_jobs),
+    engine: Engine = Depends(get_engine),
+    idempotency_key: str | None = Header(None, max_length=200),
+) -> dict:
+    """Enqueue a calibration/quantization job; the same `Idempotency-Key` and body give the same job."""
+    try:
+        config_from_dict({"method": body.method, "w_bits": body.w_bits, "a_bits": body.a_bits, **body.options})
+    except (ValueError, TypeError) as e:
+        raise HTTPException(422, [{"loc": ["body", "options"], "msg": str(e), "type": "value_error"}]) from e
+    try:
+        if engine.registry.base_of(body.base_model) is not None:
+            raise HTTPException(
+                422, [{"loc": ["body", "base_model"], "msg": "already quantized; use its base", "type": "value_error"}]
+            )
+    except UnknownModel as e:
+        raise HTTPException(422, [{"loc": ["body", "base_model"], "msg": str(e), "type": "value_error"}]) from e
+    try:
+        view, _created = await jobs.submit(body.model_dump(), idempotency_key)
+    except IdempotencyConflict as e:
+        raise HTTPException(409, str(e)) from e
+    response.headers["Location"] = f"/v1/quantization-jobs/{view['id']}"
+    return view
+
+
+@router.get("", response_model=list[JobView])
+async def list_jobs(
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0),
+    jobs: JobClient = Depends(get_jobs),
+) -> list[dict]:
+    return await jobs.list(status, limit, offset)
+
+
+@router.get("/{job_id}", response_model=JobView)
+async def get_job(job_id: str = JobId, jobs: JobClient = Depends(get_jobs)) -> dict:
+    view = await jobs.get(job_id)
+    if view is None:
+        raise HTTPException(404, f"no job {job_id}")
+    return view
+
+
+@router.delete("/{job_id}", response_model=JobView)
+async def cancel_job(job_id: str = JobId, jobs: JobClient = Depends(get_jobs)) -> dict:
+    """Cancel: a queued job never runs; a running one stops at its next progress step."""
+    view = await jobs.cancel(job_id)
+    if view is None:
+        raise HTTPException(404, f"no job {job_id}")
+    return view
+
+
+@router.get("/{job_id}/events")
+async def job_events(job_id: str = JobId, jobs: JobClient = Depends(get_jobs)) -> StreamingResponse:
+    """Server-Sent Events: one `data:` line with the job whenever it changes, until it ends."""
+    if await jobs.get(job_id) is None:
+        raise HTTPException(404, f"no job {job_id}")
+
+    async def events():
+        last = None
+        while True:
+            view = await jobs.get(job_id)
+            text = json.dumps(view)
+            if text != last:
+                yield f"data: {text}\n\n"
+                last = text
+            if is_terminal(view):
+                return
+            await asyncio.sleep(0.5)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,1 @@
+"""Quantization jobs: REST submits, Redis (SAQ) queues, `qarvd worker` processes run them."""

