@@ -28,7 +28,8 @@ def fail(message: str) -> None:
 @app.command()
 def train(
     preset: str = typer.Option("tiny-world", help="model preset to train"),
-    steps: int = typer.Option(3000, help="optimizer steps"),
+    steps: int = typer.Option(3000, help="optimizer steps (the learning-rate schedule's length)"),
+    stop_after: int | None = typer.Option(None, help="stop after this many steps (schedule unchanged)"),
     batch: int = typer.Option(16, help="clips per step"),
     seed: int = typer.Option(0, help="seed for data, noise and init"),
     out: Path = typer.Option(Path("runs/tiny-world"), help="run directory: checkpoints, log, exported weights"),
@@ -46,7 +47,7 @@ def train(
         fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if threads:
         torch.set_num_threads(threads)
-    cfg = TrainConfig(preset=preset, steps=steps, batch=batch, seed=seed, compile=compile)
+    cfg = TrainConfig(preset=preset, steps=steps, batch=batch, seed=seed, compile=compile, stop_after=stop_after)
     path = run_training(cfg, out)
     typer.echo(f"weights: {path}")
 

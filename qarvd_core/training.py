@@ -45,6 +45,7 @@ class TrainConfig:
     sink_gap_prob: float = 0.3
     seed: int = 0
     checkpoint_every: int = 250
+    stop_after: int | None = None  # end early (the schedule still spans `steps`)
     bf16: bool = True
     compile: bool = True
 
@@ -124,7 +125,8 @@ def train(cfg: TrainConfig, out_dir: Path, args: ModelArgs | None = None, log=pr
     bar = tqdm(total=cfg.steps, initial=step, desc="train", mininterval=5)
     log_file = (out_dir / "train_log.jsonl").open("a")
     t_start = time.time()
-    while step < cfg.steps:
+    last = min(cfg.steps, cfg.stop_after or cfg.steps)
+    while step < last:
         x0, acts, prompts, t = make_batch(rng, args, cfg)
         noise = torch.randn_like(x0)
         tb = t[:, :, None, None, None]
@@ -172,7 +174,7 @@ def train(cfg: TrainConfig, out_dir: Path, args: ModelArgs | None = None, log=pr
             + "\n"
         )
         log_file.flush()
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint_every == 0 or step == last:
             tmp = out_dir / "train_state.pt.tmp"
             torch.save(
                 {
@@ -201,5 +203,6 @@ def export_weights(model: WorldModel, path: Path, cfg: TrainConfig, step: int) -
         train_steps=step,
         train_config=asdict(cfg),
         command=f"qarvd train --preset {cfg.preset} --steps {cfg.steps} --batch {cfg.batch} --seed {cfg.seed}"
-        f" --out runs/{cfg.preset}",
+        + (f" --stop-after {cfg.stop_after}" if cfg.stop_after else "")
+        + f" --out runs/{cfg.preset}",
     )

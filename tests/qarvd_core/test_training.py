@@ -31,3 +31,13 @@ def test_train_checkpoints_resumes_and_exports_loadable_weights(tmp_path):
     assert manifest["train_steps"] == 4 and manifest["command"].startswith("qarvd train")
     model = load_model(str(tmp_path / "model.safetensors"))
     assert model.args == ARGS and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_stop_after_ends_early_and_the_manifest_says_so(tmp_path):
+    cfg = TrainConfig(steps=10, stop_after=2, batch=2, compile=False, bf16=False, warmup=1)
+    train(cfg, tmp_path, args=ARGS, log=lambda *_: None)
+    assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 2
+    manifest = json.loads((tmp_path / "model.json").read_text())
+    assert (
+        manifest["train_steps"] == 2 and "--steps 10" in manifest["command"] and "--stop-after 2" in manifest["command"]
+    )

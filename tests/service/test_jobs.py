@@ -173,6 +173,7 @@ def test_failing_job_ends_failed_with_its_error_after_the_attempts(stack):
     assert view["status"] == "failed" and view["attempts"] == 2 and view["error"]
 
 
+@pytest.mark.timeout(600)
 def test_worker_killed_mid_job_another_finishes_it_exactly_once(stack):
     first = stack.worker()
     job = submit(stack.url, SLOW).json()["id"]
@@ -181,7 +182,7 @@ def test_worker_killed_mid_job_another_finishes_it_exactly_once(stack):
     first.send_signal(signal.SIGKILL)
     first.wait()
     stack.worker()
-    view = wait_for(stack.url, job, {"succeeded", "failed"}, timeout=180)
+    view = wait_for(stack.url, job, {"succeeded", "failed"}, timeout=400)
     assert view["status"] == "succeeded" and view["attempts"] == 2
     assert quantized_models(stack) == [view["result_model"]]
 
