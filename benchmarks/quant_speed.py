@@ -80,11 +80,11 @@ def variants(fp32: WorldModel, calib: CalibrationSet):
     yield "bf16", copy.deepcopy(fp32).to(torch.bfloat16), None
     q = quantize(fp32, RTNConfig(w_bits=8, a_bits=8), calib, progress=False)
     set_mode(q, "deploy")
-    yield "qarvd W8A8 deploy (eager)", q, None
-    yield "qarvd W8A8 deploy (compiled)", q, "compiled"
+    yield "qarvd int8 kernels, RTN W8A8 (eager)", q, None
+    yield "qarvd int8 kernels, RTN W8A8 (compiled)", q, "compiled"
     q4 = quantize(fp32, RTNConfig(w_bits=4, a_bits=8), calib, progress=False)
     set_mode(q4, "deploy")
-    yield "qarvd W4A8 deploy (compiled)", q4, "compiled"
+    yield "qarvd int8 kernels, RTN W4A8 (compiled)", q4, "compiled"
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
     except ImportError:
