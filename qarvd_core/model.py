@@ -218,7 +218,9 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-class SelfAttention(nn.Module):
+class Attention(nn.Module):
+    """Wan's attention projections: q, k, v, o with RMSNorm on q and k over the whole width."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.head_dim = args.n_heads, args.head_dim
@@ -229,6 +231,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(args.dim, args.eps)
         self.norm_k = RMSNorm(args.dim, args.eps)
 
+
+class SelfAttention(Attention):
     def forward(self, x: Tensor, freqs: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int, commit: bool):
         B, L, D = x.shape
         q = apply_rope(self.norm_q(self.q(x)).view(B, L, self.n_heads, self.head_dim), freqs).transpose(1, 2)
@@ -244,17 +248,7 @@ class SelfAttention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(B, L, D))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.n_heads, self.head_dim = args.n_heads, args.head_dim
-        self.q = nn.Linear(args.dim, args.dim)
-        self.k = nn.Linear(args.dim, args.dim)
-        self.v = nn.Linear(args.dim, args.dim)
-        self.o = nn.Linear(args.dim, args.dim)
-        self.norm_q = RMSNorm(args.dim, args.eps)
-        self.norm_k = RMSNorm(args.dim, args.eps)
-
+class CrossAttention(Attention):
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         B, L, D = x.shape
         q = self.norm_q(self.q(x)).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)

@@ -13,7 +13,7 @@ from typing import ClassVar
 from torch import nn
 
 from qarvd_core.model import WorldModel
-from qarvd_core.quant.calibration import CalibrationSet
+from qarvd_core.quant.calibration import CalibrationSet, collect_inputs
 from qarvd_core.quant.primitives import QuantSpec
 
 # Kept in full precision by default, as in the paper: patch embedding, time embedding and
@@ -103,6 +103,22 @@ def target_linears(model: nn.Module, keep_fp: tuple[str, ...]) -> dict[str, nn.L
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantize_each_layer(
+    model: WorldModel, config: QuantConfig, calib: CalibrationSet, progress: Progress, build: Callable
+) -> dict:
+    """The one-pass methods: collect inputs, then swap each layer for `build(linear, rows)`."""
+    layers = target_linears(model, config.keep_fp)
+    progress("collecting", 0.0)
+    inputs = collect_inputs(model, layers, calib, progress.bars)
+    summary = {}
+    for i, (name, lin) in enumerate(layers.items()):
+        progress("calibrating", i / len(layers))
+        q = build(lin, inputs[name].stacked()[0])
+        swap_module(model, name, q)
+        summary[name] = {"kind": "linear", "in": q.in_features, "out": q.out_features, "act_mode": q.act_mode}
+    return {"layers": summary}
 
 
 def quantize(

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qarvd_core.quant.api import Progress, QuantConfig, register, swap_module, target_linears
-from qarvd_core.quant.calibration import CalibrationSet, collect_inputs
+from qarvd_core.quant.api import Progress, QuantConfig, quantize_each_layer, register
+from qarvd_core.quant.calibration import CalibrationSet
 from qarvd_core.quant.linear import QuantLinear
 from qarvd_core.quant.primitives import QuantSpec, minmax_weight, quantize
 
@@ -56,13 +56,7 @@ def gptq_codes(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, percdamp: floa
 
 @register(GPTQConfig)
 def run(model, config: GPTQConfig, calib: CalibrationSet, progress: Progress) -> dict:
-    layers = target_linears(model, config.keep_fp)
-    progress("collecting", 0.0)
-    inputs = collect_inputs(model, layers, calib, progress.bars)
-    summary = {}
-    for i, (name, lin) in enumerate(layers.items()):
-        progress("calibrating", i / len(layers))
-        x = inputs[name].stacked()[0]
+    def build(lin, x):
         q = QuantLinear(
             lin.in_features, lin.out_features, config.w_spec, config.a_spec, "static", bias=lin.bias is not None
         )
@@ -70,6 +64,6 @@ def run(model, config: GPTQConfig, calib: CalibrationSet, progress: Progress) ->
         if lin.bias is not None:
             q.bias = lin.bias.detach().float().clone()
         q.init_activation(x, pcts=(100.0,))
-        swap_module(model, name, q)
-        summary[name] = {"kind": "linear", "in": q.in_features, "out": q.out_features}
-    return {"layers": summary}
+        return q
+
+    return quantize_each_layer(model, config, calib, progress, build)

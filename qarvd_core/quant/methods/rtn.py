@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qarvd_core.quant.api import Progress, QuantConfig, register, swap_module, target_linears
-from qarvd_core.quant.calibration import CalibrationSet, collect_inputs
+from qarvd_core.quant.api import Progress, QuantConfig, quantize_each_layer, register
+from qarvd_core.quant.calibration import CalibrationSet
 from qarvd_core.quant.linear import QuantLinear
 
 
@@ -24,14 +24,9 @@ class RTNConfig(QuantConfig):
 
 @register(RTNConfig)
 def run(model, config: RTNConfig, calib: CalibrationSet, progress: Progress) -> dict:
-    layers = target_linears(model, config.keep_fp)
-    progress("collecting", 0.0)
-    inputs = collect_inputs(model, layers, calib, progress.bars)
-    summary = {}
-    for i, (name, lin) in enumerate(layers.items()):
-        progress("calibrating", i / len(layers))
+    def build(lin, x):
         q = QuantLinear.from_float(lin.weight, lin.bias, config.w_spec, config.a_spec, "static", "minmax")
-        q.init_activation(inputs[name].stacked()[0], pcts=(config.percentile,))
-        swap_module(model, name, q)
-        summary[name] = {"kind": "linear", "in": q.in_features, "out": q.out_features}
-    return {"layers": summary}
+        q.init_activation(x, pcts=(config.percentile,))
+        return q
+
+    return quantize_each_layer(model, config, calib, progress, build)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qarvd_core.quant.api import Progress, QuantConfig, register, swap_module, target_linears
-from qarvd_core.quant.calibration import CalibrationSet, collect_inputs
+from qarvd_core.quant.api import Progress, QuantConfig, quantize_each_layer, register
+from qarvd_core.quant.calibration import CalibrationSet
 from qarvd_core.quant.linear import QuantLinear
 
 
@@ -45,13 +45,6 @@ def smoothed_layer(lin, x: torch.Tensor, config: QuantConfig, alpha: float, act_
 
 @register(SmoothQuantConfig)
 def run(model, config: SmoothQuantConfig, calib: CalibrationSet, progress: Progress) -> dict:
-    layers = target_linears(model, config.keep_fp)
-    progress("collecting", 0.0)
-    inputs = collect_inputs(model, layers, calib, progress.bars)
-    summary = {}
-    for i, (name, lin) in enumerate(layers.items()):
-        progress("calibrating", i / len(layers))
-        q = smoothed_layer(lin, inputs[name].stacked()[0], config, config.alpha, "static")
-        swap_module(model, name, q)
-        summary[name] = {"kind": "linear", "in": q.in_features, "out": q.out_features}
-    return {"layers": summary}
+    return quantize_each_layer(
+        model, config, calib, progress, lambda lin, x: smoothed_layer(lin, x, config, config.alpha, "static")
+    )

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qarvd_core.quant.api import Progress, QuantConfig, register, swap_module, target_linears
-from qarvd_core.quant.calibration import CalibrationSet, collect_inputs
+from qarvd_core.quant.api import Progress, QuantConfig, quantize_each_layer, register
+from qarvd_core.quant.calibration import CalibrationSet
 from qarvd_core.quant.methods.smoothquant import smoothed_layer
 
 
@@ -25,13 +25,6 @@ class ViDiTQConfig(QuantConfig):
 
 @register(ViDiTQConfig)
 def run(model, config: ViDiTQConfig, calib: CalibrationSet, progress: Progress) -> dict:
-    layers = target_linears(model, config.keep_fp)
-    progress("collecting", 0.0)
-    inputs = collect_inputs(model, layers, calib, progress.bars)
-    summary = {}
-    for i, (name, lin) in enumerate(layers.items()):
-        progress("calibrating", i / len(layers))
-        q = smoothed_layer(lin, inputs[name].stacked()[0], config, config.balance, "dynamic")
-        swap_module(model, name, q)
-        summary[name] = {"kind": "linear", "in": q.in_features, "out": q.out_features, "act_mode": "dynamic"}
-    return {"layers": summary}
+    return quantize_each_layer(
+        model, config, calib, progress, lambda lin, x: smoothed_layer(lin, x, config, config.balance, "dynamic")
+    )
