@@ -370,7 +370,7 @@ def serve(
         settings = settings.model_copy(update={"redis_url": embedded.url})
     typer.echo(f"qarvd: demo at http://{settings.host}:{settings.port}/  (model {settings.default_model})", err=True)
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, on_shutdown=embedded.stop if embedded else None),
         log_level="info",
         timeout_graceful_shutdown=5,
         ws_max_size=max(settings.max_message_bytes * 4, 16384),

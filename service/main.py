@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -25,7 +26,9 @@ def _log_failure(task: asyncio.Task) -> None:
         log.error("engine start failed; /readyz stays 503", exc_info=task.exception())
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+    """The app; `on_shutdown` runs (on a thread) after the engine stops, inside uvicorn's
+    graceful shutdown, i.e. before uvicorn re-raises SIGTERM and the process ends."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -44,6 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.engine.stop()
         if app.state.jobs is not None:
             await app.state.jobs.close()
+        if on_shutdown is not None:
+            await asyncio.to_thread(on_shutdown)
 
     app = FastAPI(
         title="qarvd", version="0.1.0", lifespan=lifespan, description="A streaming world model, quantized with Q-ARVD."

@@ -23,8 +23,13 @@ class EmbeddedQueue:
         self.url = f"unix://{self.redis.socket_file}"
         env = {**os.environ, "QARVD_REDIS_URL": self.url, "QARVD_ARTIFACT_DIR": str(settings.artifact_dir)}
         self.worker = subprocess.Popen([sys.executable, "-m", "qarvd_core", "worker"], env=env)
+        self.stopped = False
 
     def stop(self) -> None:
+        """Idempotent: the app's shutdown calls it, and `qarvd serve` again on its way out."""
+        if self.stopped:
+            return
+        self.stopped = True
         if self.worker.poll() is None:
             self.worker.send_signal(signal.SIGTERM)
             try:
