@@ -16,7 +16,7 @@ from saq.queue.redis import RedisQueue
 
 QUEUE_NAME = "qarvd-quantization"
 HEARTBEAT_EVERY_S = 1  # how often a running job heartbeats (its allowed silence is a setting)
-SWEEP_EVERY_S = 5
+SWEEP_EVERY_S = 5  # SAQ also holds its sweep lock this long: a dead worker's job moves within seconds
 
 IDEMPOTENCY_KEY = "qarvd:idempotency:{key}"  # -> {"job": id, "body": sha256}
 CANCEL_KEY = "qarvd:cancel:{job}"  # set by DELETE; the worker stops at its next step

@@ -30,19 +30,6 @@ async def _beat(queue, name: str) -> None:
         await asyncio.sleep(5)
 
 
-async def _sweep(queue, every: float) -> None:
-    # SAQ's own sweep timer locks sweeping for 60 s after each sweep; a dead worker's job
-    # should be picked up within seconds, so sweep here with a lock as short as the period.
-    while True:
-        try:
-            swept = await queue.sweep(lock=max(1, int(every)))
-            if swept:
-                log.info("retrying jobs of a worker that stopped: %s", swept)
-        except Exception:  # Redis away for a moment: try again next period
-            log.exception("sweep failed")
-        await asyncio.sleep(every)
-
-
 async def run_worker(settings: Settings) -> None:
     if not settings.redis_url:
         raise ValueError("set QARVD_REDIS_URL (e.g. redis://localhost:6379/0) for a worker")
@@ -82,11 +69,9 @@ async def run_worker(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     beat = asyncio.create_task(_beat(queue, name))
-    sweeper = asyncio.create_task(_sweep(queue, SWEEP_EVERY_S))
     run = asyncio.create_task(worker.start())
     log.info("worker %s on %s", name, QUEUE_NAME)
     await asyncio.wait([run, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)
     beat.cancel()
-    sweeper.cancel()
     await worker.stop()
     await queue.disconnect()
