@@ -62,7 +62,7 @@ async def run_worker(settings: Settings) -> None:
         concurrency=1,
         startup=startup,
         after_process=after_process,
-        timers={"sweep": 10**6, "schedule": 1, "abort": 1},
+        timers={"sweep": SWEEP_EVERY_S, "schedule": 1, "abort": 1},
     )
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
