@@ -9,6 +9,7 @@ timeout has the same problem on Redis.
 
 from __future__ import annotations
 
+import time
 from enum import StrEnum
 
 from redis.asyncio import Redis
@@ -36,6 +37,24 @@ class JobState(StrEnum):
 STAGES = ("queued", "collecting", "sensitivity", "calibrating", "evaluating", "saving", "done")
 
 
+class _Queue(RedisQueue):
+    """SAQ's queue with a grace period before a new process's first sweep.
+
+    A job enters the active list a moment before its worker marks it active, and SAQ's
+    sweep takes such a job for a dead one. A worker sweeps as it starts, just when it
+    dequeues the jobs that waited for it; the grace keeps those from being run twice.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._born = time.monotonic()
+
+    async def sweep(self, lock: int = 60, abort: float = 5.0) -> list[str]:
+        if time.monotonic() - self._born < 2 * SWEEP_EVERY_S:
+            return []
+        return await super().sweep(lock, abort)
+
+
 def make_queue(redis_url: str) -> RedisQueue:
     """The jobs queue on `redis_url` (redis://, rediss:// or unix:// for the embedded server)."""
-    return RedisQueue(Redis.from_url(redis_url), name=QUEUE_NAME)
+    return _Queue(Redis.from_url(redis_url), name=QUEUE_NAME)
