@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 
 from qarvd_core.config import save_weights
@@ -26,11 +28,12 @@ def artifact_dir(tmp_path_factory):
 
 
 def start_server(artifact_dir, **settings) -> ServerProcess:
-    """A server on the miniature models, one compute thread."""
-    return ServerProcess(artifact_dir=artifact_dir, default_model="mini", threads=1, **settings)
+    """A server on the miniature models, one compute thread, its own embedded Redis directory."""
+    data_dir = tempfile.mkdtemp(prefix="qarvd-data-")
+    return ServerProcess(artifact_dir=artifact_dir, default_model="mini", threads=1, data_dir=data_dir, **settings)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(artifact_dir):
     s = start_server(
         artifact_dir, max_sessions="3", actions_per_s="20", drift_sample_rate="1.0", send_buffer_bytes="16384"
