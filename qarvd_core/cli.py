@@ -393,6 +393,7 @@ def worker():
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        asyncio.run(run_worker(Settings()))
+        status = asyncio.run(run_worker(Settings()))
     except ValueError as e:
         fail(str(e))
+    raise typer.Exit(status)

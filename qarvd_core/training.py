@@ -113,13 +113,18 @@ def train(cfg: TrainConfig, out_dir: Path, args: ModelArgs | None = None, log=pr
         opt.load_state_dict(state["opt"])
         step = state["step"]
         rng = state["rng"]
+        if "torch_rng" in state:  # noise and dropout continue as if never interrupted
+            torch.set_rng_state(state["torch_rng"])
         log(f"resumed at step {step}")
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))),
     )
     if step:
-        sched.load_state_dict(state["sched"])  # keeps the cosine decay where it was
+        # The schedule is a pure function of the step, so resuming just moves it there.
+        sched.last_epoch = step
+        for group, base in zip(opt.param_groups, sched.base_lrs):
+            group["lr"] = base * sched.lr_lambdas[0](step)
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
     forward = torch.compile(model) if cfg.compile else model
     bar = tqdm(total=cfg.steps, initial=step, desc="train", mininterval=5)
@@ -181,9 +186,9 @@ def train(cfg: TrainConfig, out_dir: Path, args: ModelArgs | None = None, log=pr
                     "model": model.state_dict(),
                     "ema": ema.state_dict(),
                     "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
                     "step": step,
                     "rng": rng,
+                    "torch_rng": torch.get_rng_state(),
                     "config": asdict(cfg),
                 },
                 tmp,

@@ -123,4 +123,6 @@ class JobView(BaseModel):
     result_model: str | None
     metrics: dict | None
     expected_model: str | None
-    created: float | None
+    created: float | None = Field(description="submitted (seconds since the epoch)")
+    started: float | None = Field(None, description="the current or last attempt started")
+    finished: float | None = Field(None, description="reached a final state")

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     job_attempts: int = Field(3, ge=1, description="runs of a failing job before it is failed")
     job_heartbeat_s: int = Field(10, ge=2, description="a running job silent this long is retried elsewhere")
     job_retry_delay_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry")
+    worker_redis_grace_s: float = Field(
+        60.0, gt=0, description="a worker exits (status 1) after Redis is gone this long"
+    )
 
 
 @lru_cache

@@ -102,6 +102,8 @@ class JobClient:
             "metrics": result.get("metrics") if state == JobState.succeeded else None,
             "expected_model": result_model_id(request, job_id) if request else None,
             "created": job.queued / 1000 if job is not None and job.queued else None,
+            "started": job.started / 1000 if job is not None and job.started else None,
+            "finished": job.completed / 1000 if job is not None and job.completed else None,
         }
 
     async def list(self, status: str | None, limit: int, offset: int) -> list[dict]:

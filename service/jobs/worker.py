@@ -8,12 +8,14 @@ running job is handed back the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import time
 
+from redis.exceptions import RedisError
 from saq import Worker
 from saq.job import Status
 
@@ -24,13 +26,30 @@ from service.settings import Settings
 log = logging.getLogger("qarvd.worker")
 
 
-async def _beat(queue, name: str) -> None:
+async def _beat(queue, name: str, grace_s: float) -> None:
+    """Heartbeat every 5 s; return once Redis has been unreachable for `grace_s`.
+
+    A Redis restart (a deploy, a failover) is ridden out; a Redis that is gone for good
+    ends the worker instead of leaving it spinning on connection errors forever.
+    """
+    lost_since = None
     while True:
-        await queue.redis.set(WORKER_HEARTBEAT.format(name=name), time.time(), ex=60)
-        await asyncio.sleep(5)
+        try:
+            await queue.redis.set(WORKER_HEARTBEAT.format(name=name), time.time(), ex=60)
+            if lost_since is not None:
+                log.info("Redis is back after %.0f s", time.monotonic() - lost_since)
+            lost_since = None
+        except (RedisError, OSError) as e:
+            if lost_since is None:
+                lost_since = time.monotonic()
+                log.warning("Redis unreachable (%s); giving up after %.0f s", e, grace_s)
+            elif time.monotonic() - lost_since > grace_s:
+                return
+        await asyncio.sleep(5 if lost_since is None else 1)
 
 
-async def run_worker(settings: Settings) -> None:
+async def run_worker(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT (exit status 0) or until Redis is lost (1)."""
     if not settings.redis_url:
         raise ValueError("set QARVD_REDIS_URL (e.g. redis://localhost:6379/0) for a worker")
     settings.artifact_dir.mkdir(parents=True, exist_ok=True)
@@ -68,10 +87,15 @@ async def run_worker(settings: Settings) -> None:
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    beat = asyncio.create_task(_beat(queue, name))
+    beat = asyncio.create_task(_beat(queue, name, settings.worker_redis_grace_s))
     run = asyncio.create_task(worker.start())
     log.info("worker %s on %s", name, QUEUE_NAME)
-    await asyncio.wait([run, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait([run, beat, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)
+    lost = beat.done()
+    if lost:
+        log.error("Redis unreachable for %.0f s; worker exits", settings.worker_redis_grace_s)
     beat.cancel()
-    await worker.stop()
-    await queue.disconnect()
+    with contextlib.suppress(RedisError, OSError):
+        await worker.stop()
+        await queue.disconnect()
+    return 1 if lost else 0

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from qarvd_core.config import load_model
@@ -41,3 +42,17 @@ def test_stop_after_ends_early_and_the_manifest_says_so(tmp_path):
     assert (
         manifest["train_steps"] == 2 and "--steps 10" in manifest["command"] and "--stop-after 2" in manifest["command"]
     )
+
+
+def test_a_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    cfg = TrainConfig(steps=4, batch=2, checkpoint_every=1, compile=False, bf16=False, warmup=1)
+    train(cfg, tmp_path / "whole", args=ARGS, log=lambda *_: None)
+    train(TrainConfig(**{**cfg.__dict__, "stop_after": 2}), tmp_path / "split", args=ARGS, log=lambda *_: None)
+    train(cfg, tmp_path / "split", args=ARGS, log=lambda *_: None)
+
+    def log(run):
+        return [json.loads(x) for x in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+
+    whole, split = log("whole"), log("split")
+    assert [x["lr"] for x in split] == [x["lr"] for x in whole]
+    assert [x["loss"] for x in split] == pytest.approx([x["loss"] for x in whole], rel=1e-4)

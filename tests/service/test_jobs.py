@@ -47,8 +47,9 @@ def stack(artifact_dir, tmp_path):
     )
     workers: list[subprocess.Popen] = []
 
-    def worker() -> subprocess.Popen:
+    def worker(**settings) -> subprocess.Popen:
         env = {**os.environ, "QARVD_REDIS_URL": url, "QARVD_ARTIFACT_DIR": str(arts), "OMP_NUM_THREADS": "1"}
+        env.update({f"QARVD_{k.upper()}": str(v) for k, v in settings.items()})
         workers.append(
             subprocess.Popen(
                 [sys.executable, "-m", "qarvd_core", "worker"],
@@ -106,6 +107,7 @@ def test_job_runs_registers_a_model_that_streams(stack):
     assert r.status_code == 202 and r.headers["location"] == f"/v1/quantization-jobs/{r.json()['id']}"
     view = wait_for(stack.url, r.json()["id"], {"succeeded", "failed"})
     assert view["status"] == "succeeded" and view["progress"] == 1.0 and view["attempts"] == 1
+    assert view["created"] <= view["started"] <= view["finished"]
     model = view["result_model"]
     assert model in [m["id"] for m in httpx.get(stack.url + "/v1/models").json()]
     events = httpx.get(f"{stack.url}/v1/quantization-jobs/{view['id']}/events", timeout=10).text
@@ -203,3 +205,13 @@ def test_accepted_job_survives_a_redis_restart(stack):
     finally:
         w.kill()
         w.wait()
+
+
+def test_worker_exits_with_status_1_once_redis_is_gone_past_its_grace(stack):
+    w = stack.worker(worker_redis_grace_s=2)
+    deadline = time.time() + 60
+    while not stack.redis.keys("qarvd:worker:*") and time.time() < deadline:
+        time.sleep(0.2)
+    assert stack.redis.keys("qarvd:worker:*"), "worker never heartbeat"
+    stack.redis.shutdown()
+    assert w.wait(timeout=30) == 1

@@ -1,0 +1,132 @@
+"""Quality of every method at one bit-width, and the Q-ARVD ablation, on identical data.
+
+For one base model and bit-width (default tiny-world W4A8): rtn, smoothquant, gptq,
+vidit-q and qarvd with each combination of S1 (frame weighting) and S2 (dual scale), all
+on the same calibration rollouts, evaluated with `qarvd eval` against the FP model on the
+held-out scenarios (identical seeds, noise and actions). The full qarvd runs first and
+measures the chunk sensitivity; the other S1 variant reuses its frame weights, so the
+ablation differs only in the switches. Results are written after every method, and a
+rerun skips what is done (a long sweep survives interruption).
+
+    python benchmarks/quant_quality.py --w-bits 4 --a-bits 8 --out benchmarks/results/quant_quality_w4a8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from qarvd_core.config import load_model
+from qarvd_core.eval.evaluate import EvalConfig, evaluate
+from qarvd_core.quant import CalibrationSet, config_from_dict, quantize
+
+QARVD = "qarvd (S1 + S2)"
+VARIANTS = {
+    "rtn": {"method": "rtn"},
+    "smoothquant": {"method": "smoothquant"},
+    "gptq": {"method": "gptq"},
+    "vidit-q": {"method": "vidit-q"},
+    QARVD: {"method": "qarvd"},
+    "qarvd + S1 only": {"method": "qarvd", "dual_scale": False},
+    "qarvd + S2 only": {"method": "qarvd", "frame_weighting": False},
+    "qarvd, neither": {"method": "qarvd", "frame_weighting": False, "dual_scale": False},
+}
+
+
+def run_variant(base, options: dict, calib: CalibrationSet, eval_cfg: EvalConfig) -> dict:
+    config = config_from_dict(options)
+    t0 = time.perf_counter()
+    qmodel = quantize(base, config, calib, progress=False)
+    seconds = time.perf_counter() - t0
+    r = evaluate(qmodel, base, eval_cfg)
+    info = qmodel.quant_info
+    return {
+        "options": options,
+        "quantize_s": round(seconds, 1),
+        "psnr_db_mean": r["psnr_db_mean"],
+        "ssim_mean": r["ssim_mean"],
+        "psnr_db_per_chunk": r["psnr_db_per_chunk"],
+        "action_accuracy": r["action_accuracy"],
+        "reference_action_accuracy": r["reference_action_accuracy"],
+        "frame_weights": info.get("frame_weights"),
+        "dual_scale_layers": sum(v.get("kind") == "dual" for v in info["layers"].values()),
+    }
+
+
+def write_report(results: dict, meta: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    ref = next(iter(results.values()))["reference_action_accuracy"] if results else None
+    md = [
+        f"# W{meta['w_bits']}A{meta['a_bits']} on {meta['model']}: every method vs the FP model",
+        "",
+        f"{meta['eval']}; calibration {json.dumps(meta['calibration'])}. FP action accuracy {ref}.",
+        "",
+        "| method | PSNR dB vs FP | SSIM | action accuracy | first / last chunk PSNR | quantize s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        c = r["psnr_db_per_chunk"]
+        md.append(
+            f"| {name} | {r['psnr_db_mean']:.2f} | {r['ssim_mean']:.3f} | {r['action_accuracy']:.3f} "
+            f"| {c[0]:.1f} / {c[-1]:.1f} | {r['quantize_s']:.0f} |"
+        )
+    if QARVD in results:
+        md += ["", "Frame weights (S1): " + " ".join(f"{w:.2f}" for w in results[QARVD]["frame_weights"] or [])]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in results.items():
+        ax.plot(r["psnr_db_per_chunk"], marker="o", ms=3, label=name, lw=2.5 if name == QARVD else 1.2)
+    ax.set(xlabel="chunk", ylabel="PSNR dB vs FP", title=md[0][2:])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny-world")
+    ap.add_argument("--w-bits", type=int, default=4)
+    ap.add_argument("--a-bits", type=int, default=8)
+    ap.add_argument("--only", nargs="*", help="a subset of the variants, by name")
+    ap.add_argument("--scenarios", type=int, default=8)
+    ap.add_argument("--frames", type=int, default=48)
+    ap.add_argument("--out", default="benchmarks/results/quant_quality_w4a8")
+    a = ap.parse_args()
+    out = Path(a.out)
+    base = load_model(a.model)
+    calib = CalibrationSet()
+    eval_cfg = EvalConfig(scenarios=a.scenarios, frames=a.frames, drift_frames=0)
+    meta = {
+        "model": a.model,
+        "w_bits": a.w_bits,
+        "a_bits": a.a_bits,
+        "calibration": calib.describe(),
+        "eval": f"qarvd eval, {a.scenarios} held-out scenarios x {a.frames} frames, simulate mode",
+    }
+    done = json.loads(out.with_suffix(".json").read_text())["results"] if out.with_suffix(".json").exists() else {}
+    for name, options in VARIANTS.items():
+        if name in done or (a.only and name not in a.only):
+            continue
+        options = {**options, "w_bits": a.w_bits, "a_bits": a.a_bits}
+        if options["method"] == "qarvd" and options.get("frame_weighting", True) and QARVD in done:
+            options["frame_weights"] = done[QARVD]["frame_weights"]
+        print(f"{name}: quantizing", flush=True)
+        done[name] = run_variant(base, options, calib, eval_cfg)
+        r = done[name]
+        print(
+            f"{name}: {r['psnr_db_mean']:.2f} dB, action {r['action_accuracy']:.3f}, {r['quantize_s']:.0f} s",
+            flush=True,
+        )
+        write_report(done, meta, out)
+
+
+if __name__ == "__main__":
+    main()
