@@ -109,6 +109,20 @@ def compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed (.ci/run installs it)")
+def test_docker_compose_accepts_the_file():
+    # Compose's own schema and interpolation, no engine needed.
+    r = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    assert set(yaml.safe_load(r.stdout)["services"]) == SERVICES
+
+
 def test_compose_services(compose):
     assert set(compose["services"]) == SERVICES
     assert set(compose["volumes"]) >= {"artifacts", "redis-data", "prometheus-data", "grafana-data"}
@@ -269,6 +283,15 @@ def test_k8s_kinds(k8s):
         "PersistentVolumeClaim",
     } <= kinds
     assert ("Deployment", "qarvd-api") in k8s and ("Deployment", "qarvd-worker") in k8s
+
+
+def test_k8s_builtin_kinds_match_the_kubernetes_schemas(k8s):
+    import kubernetes_validate  # Kubernetes' own OpenAPI schemas; strict: unknown fields fail
+
+    custom = {"Kustomization", "ScaledObject", "ServiceMonitor"}  # CRDs: checked field by field below
+    for (kind, name), doc in k8s.items():
+        if kind not in custom:
+            kubernetes_validate.validate(doc, "1.32.0", strict=True)
 
 
 def test_k8s_kustomization_lists_every_file(k8s):
