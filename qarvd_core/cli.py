@@ -32,6 +32,12 @@ def train(
     stop_after: int | None = typer.Option(None, help="stop after this many steps (schedule unchanged)"),
     batch: int = typer.Option(16, help="clips per step"),
     seed: int = typer.Option(0, help="seed for data, noise and init"),
+    lr: float = typer.Option(6e-4, help="peak learning rate (cosine decay to 10%)"),
+    warmup: int = typer.Option(200, help="linear warm-up steps"),
+    policies: str = typer.Option(
+        "random_walk,patrol,go_and_return", help="action scripts of the training clips, comma-separated"
+    ),
+    init_from: str | None = typer.Option(None, help="start from these weights (name or path): a fine-tune"),
     out: Path = typer.Option(Path("runs/tiny-world"), help="run directory: checkpoints, log, exported weights"),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)"),
     compile: bool = typer.Option(True, help="torch.compile the training forward"),
@@ -47,8 +53,22 @@ def train(
         fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if threads:
         torch.set_num_threads(threads)
-    cfg = TrainConfig(preset=preset, steps=steps, batch=batch, seed=seed, compile=compile, stop_after=stop_after)
-    path = run_training(cfg, out)
+    try:
+        cfg = TrainConfig(
+            preset=preset,
+            steps=steps,
+            batch=batch,
+            seed=seed,
+            lr=lr,
+            warmup=warmup,
+            policies=tuple(p.strip() for p in policies.split(",") if p.strip()),
+            init_from=init_from,
+            compile=compile,
+            stop_after=stop_after,
+        )
+        path = run_training(cfg, out)
+    except ValueError as e:
+        fail(str(e))
     typer.echo(f"weights: {path}")
 
 

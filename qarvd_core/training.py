@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from qarvd_core.config import save_weights
+from qarvd_core.config import load_model, read_manifest, resolve_weights, save_weights
 from qarvd_core.model import ModelArgs, WorldModel
 from qarvd_core.sampling import flow_schedule
-from qarvd_core.world.scripts import SPLITS, random_walk
+from qarvd_core.world.scripts import POLICIES, SPLITS
 from qarvd_core.world.simulator import ACTIONS, BIOME_NAMES, MAP_TILES, World
 
 
@@ -44,13 +44,24 @@ class TrainConfig:
     own_context_prob: float = 0.25
     sink_gap_prob: float = 0.3
     seed: int = 0
+    # Action scripts of the training clips; back-and-forth ones teach revisiting what the
+    # window still holds (a model trained on random walks alone copies it instead of moving).
+    policies: tuple[str, ...] = tuple(POLICIES)
+    init_from: str | None = None  # start from these weights (a fine-tune) instead of a random init
     checkpoint_every: int = 250
     stop_after: int | None = None  # end early (the schedule still spans `steps`)
     bf16: bool = True
     compile: bool = True
 
+    def __post_init__(self):
+        unknown = set(self.policies) - set(POLICIES)
+        if not self.policies or unknown:
+            raise ValueError(f"policies must be some of {', '.join(POLICIES)}; got {', '.join(self.policies)}")
 
-def make_clip(rng: np.random.Generator, args: ModelArgs, sink_gap_prob: float) -> tuple[np.ndarray, list[str], int]:
+
+def make_clip(
+    rng: np.random.Generator, args: ModelArgs, sink_gap_prob: float, policies: tuple[str, ...] = tuple(POLICIES)
+) -> tuple[np.ndarray, list[str], int]:
     """Frames [T, H, W, 3], actions [T], biome id for one training clip (train split only)."""
     Fr = args.frames_per_chunk
     T = args.context_chunks * Fr
@@ -58,7 +69,8 @@ def make_clip(rng: np.random.Generator, args: ModelArgs, sink_gap_prob: float) -
     biome = int(rng.integers(len(BIOME_NAMES)))
     world = World(BIOME_NAMES[biome], int(rng.integers(SPLITS["train"].start, SPLITS["train"].stop)))
     world.camera = rng.integers(0, MAP_TILES, size=2)
-    actions = random_walk(rng, T + gap, hold=(1, 8))
+    policy = policies[int(rng.integers(len(policies)))]
+    actions = POLICIES[policy](rng, T + gap)
     frames = np.stack([world.step(a) for a in actions])
     keep = np.r_[0:Fr, Fr + gap : T + gap]
     return frames[keep], [actions[i] for i in keep], biome
@@ -80,7 +92,7 @@ def sample_times(rng: np.random.Generator, n_chunks: int, clean_prob: float) -> 
 
 
 def make_batch(rng, args: ModelArgs, cfg: TrainConfig):
-    clips = [make_clip(rng, args, cfg.sink_gap_prob) for _ in range(cfg.batch)]
+    clips = [make_clip(rng, args, cfg.sink_gap_prob, cfg.policies) for _ in range(cfg.batch)]
     x0 = torch.from_numpy(np.stack([c[0] for c in clips])).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
     acts = torch.tensor([[ACTIONS.index(a) for a in c[1]] for c in clips])
     prompts = torch.tensor([c[2] for c in clips])
@@ -116,6 +128,12 @@ def train(cfg: TrainConfig, out_dir: Path, args: ModelArgs | None = None, log=pr
         if "torch_rng" in state:  # noise and dropout continue as if never interrupted
             torch.set_rng_state(state["torch_rng"])
         log(f"resumed at step {step}")
+    elif cfg.init_from:
+        start = load_model(cfg.init_from)
+        if start.args != args:
+            raise ValueError(f"{cfg.init_from!r} is a {start.args} model, not {args}")
+        model.load_state_dict(start.state_dict())
+        ema.load_state_dict(start.state_dict())
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))),
@@ -194,20 +212,22 @@ def train(cfg: TrainConfig, out_dir: Path, args: ModelArgs | None = None, log=pr
                 tmp,
             )
             os.replace(tmp, _ckpt_path(out_dir))
-            export_weights(ema, out_dir / "model.safetensors", cfg, step)
+            export_weights(ema, out_dir / "model.safetensors", cfg, step, out_dir)
     bar.close()
     return out_dir / "model.safetensors"
 
 
-def export_weights(model: WorldModel, path: Path, cfg: TrainConfig, step: int) -> None:
-    """Shippable weights with the exact command that made them."""
-    save_weights(
-        model,
-        path,
-        preset=cfg.preset,
-        train_steps=step,
-        train_config=asdict(cfg),
-        command=f"qarvd train --preset {cfg.preset} --steps {cfg.steps} --batch {cfg.batch} --seed {cfg.seed}"
+def export_weights(model: WorldModel, path: Path, cfg: TrainConfig, step: int, out_dir: Path) -> None:
+    """Shippable weights with the exact command that made them (and, for a fine-tune, its start's)."""
+    command = (
+        f"qarvd train --preset {cfg.preset} --steps {cfg.steps} --batch {cfg.batch} --seed {cfg.seed}"
+        f" --lr {cfg.lr:g} --warmup {cfg.warmup} --policies {','.join(cfg.policies)}"
+        + (f" --init-from {cfg.init_from}" if cfg.init_from else "")
         + (f" --stop-after {cfg.stop_after}" if cfg.stop_after else "")
-        + f" --out runs/{cfg.preset}",
+        + f" --out {out_dir}"
     )
+    info = {}
+    if cfg.init_from:
+        start = read_manifest(resolve_weights(cfg.init_from))
+        info["init_from"] = {k: start.get(k) for k in ("sha256", "train_steps", "command", "init_from")}
+    save_weights(model, path, preset=cfg.preset, train_steps=step, train_config=asdict(cfg), command=command, **info)

@@ -56,3 +56,23 @@ def test_a_resumed_run_matches_an_uninterrupted_one(tmp_path):
     whole, split = log("whole"), log("split")
     assert [x["lr"] for x in split] == [x["lr"] for x in whole]
     assert [x["loss"] for x in split] == pytest.approx([x["loss"] for x in whole], rel=1e-4)
+
+
+def test_init_from_starts_at_given_weights_and_records_them(tmp_path):
+    base = TrainConfig(steps=2, batch=2, compile=False, bf16=False, warmup=1)
+    start = train(base, tmp_path / "base", args=ARGS, log=lambda *_: None)
+    tune = TrainConfig(steps=1, batch=2, compile=False, bf16=False, warmup=1, lr=0.0, init_from=str(start))
+    out = train(tune, tmp_path / "tune", args=ARGS, log=lambda *_: None)
+    a, b = load_model(str(start)), load_model(str(out))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert manifest["init_from"]["sha256"] == json.loads(start.with_suffix(".json").read_text())["sha256"]
+    assert f"--init-from {start}" in manifest["command"]
+
+
+def test_clips_follow_the_configured_policies():
+    with pytest.raises(ValueError, match="policies"):
+        TrainConfig(policies=("zigzag",))
+    rng = np.random.default_rng(0)
+    _, actions, _ = make_clip(rng, ARGS, sink_gap_prob=0.0, policies=("patrol",))
+    assert set(actions) <= {"left", "right"} or set(actions) <= {"up", "down"}
