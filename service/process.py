@@ -21,14 +21,16 @@ def free_port() -> int:
 class ServerProcess:
     """Starts the server with QARVD_* settings from keyword arguments; `stop()` sends SIGTERM."""
 
-    def __init__(self, ready_timeout: float = 120, **settings):
+    def __init__(self, ready_timeout: float = 120, command: list[str] | None = None, cwd=None, **settings):
+        """`command` runs the CLI (default: this interpreter's `-m qarvd_core`), in `cwd`."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/v1/stream"
         env = {**os.environ, **{f"QARVD_{k.upper()}": str(v) for k, v in settings.items()}}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qarvd_core", "serve", "--port", str(self.port)],
+            [*(command or [sys.executable, "-m", "qarvd_core"]), "serve", "--port", str(self.port)],
             env=env,
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
