@@ -34,9 +34,7 @@ def train(
     seed: int = typer.Option(0, help="seed for data, noise and init"),
     lr: float = typer.Option(6e-4, help="peak learning rate (cosine decay to 10%)"),
     warmup: int = typer.Option(200, help="linear warm-up steps"),
-    policies: str = typer.Option(
-        "random_walk,patrol,go_and_return", help="action scripts of the training clips, comma-separated"
-    ),
+    policies: str = typer.Option("random_walk", help="action scripts of training clips, comma-separated (see world/)"),
     init_from: str | None = typer.Option(None, help="start from these weights (name or path): a fine-tune"),
     out: Path = typer.Option(Path("runs/tiny-world"), help="run directory: checkpoints, log, exported weights"),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)"),

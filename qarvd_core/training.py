@@ -27,7 +27,7 @@ from tqdm import tqdm
 from qarvd_core.config import load_model, read_manifest, resolve_weights, save_weights
 from qarvd_core.model import ModelArgs, WorldModel
 from qarvd_core.sampling import flow_schedule
-from qarvd_core.world.scripts import POLICIES, SPLITS
+from qarvd_core.world.scripts import POLICIES, SPLITS, random_walk
 from qarvd_core.world.simulator import ACTIONS, BIOME_NAMES, MAP_TILES, World
 
 
@@ -44,9 +44,9 @@ class TrainConfig:
     own_context_prob: float = 0.25
     sink_gap_prob: float = 0.3
     seed: int = 0
-    # Action scripts of the training clips; back-and-forth ones teach revisiting what the
-    # window still holds (a model trained on random walks alone copies it instead of moving).
-    policies: tuple[str, ...] = tuple(POLICIES)
+    # Action scripts of the training clips. The shipped weights saw random walks only; an
+    # 800-step fine-tune on all three scripts did not improve held-out patrol accuracy.
+    policies: tuple[str, ...] = ("random_walk",)
     init_from: str | None = None  # start from these weights (a fine-tune) instead of a random init
     checkpoint_every: int = 250
     stop_after: int | None = None  # end early (the schedule still spans `steps`)
@@ -60,7 +60,7 @@ class TrainConfig:
 
 
 def make_clip(
-    rng: np.random.Generator, args: ModelArgs, sink_gap_prob: float, policies: tuple[str, ...] = tuple(POLICIES)
+    rng: np.random.Generator, args: ModelArgs, sink_gap_prob: float, policies: tuple[str, ...] = ("random_walk",)
 ) -> tuple[np.ndarray, list[str], int]:
     """Frames [T, H, W, 3], actions [T], biome id for one training clip (train split only)."""
     Fr = args.frames_per_chunk
@@ -69,8 +69,9 @@ def make_clip(
     biome = int(rng.integers(len(BIOME_NAMES)))
     world = World(BIOME_NAMES[biome], int(rng.integers(SPLITS["train"].start, SPLITS["train"].stop)))
     world.camera = rng.integers(0, MAP_TILES, size=2)
-    policy = policies[int(rng.integers(len(policies)))]
-    actions = POLICIES[policy](rng, T + gap)
+    policy = policies[0] if len(policies) == 1 else policies[int(rng.integers(len(policies)))]
+    # Random walks switch every 1-8 frames here, as when the shipped weights were trained.
+    actions = random_walk(rng, T + gap, hold=(1, 8)) if policy == "random_walk" else POLICIES[policy](rng, T + gap)
     frames = np.stack([world.step(a) for a in actions])
     keep = np.r_[0:Fr, Fr + gap : T + gap]
     return frames[keep], [actions[i] for i in keep], biome
