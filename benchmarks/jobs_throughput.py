@@ -74,10 +74,13 @@ def run(jobs: int, workers: int, timeout_s: float) -> dict:
                 )
             submit_s = time.time() - t0
             views: dict[str, dict] = {}
+            get_s: list[float] = []
             while len(views) < jobs and time.time() - t0 < timeout_s:
                 for i in ids:
                     if i not in views:
-                        v = httpx.get(f"{api.url}/v1/quantization-jobs/{i}", timeout=10).json()
+                        t_get = time.time()
+                        v = httpx.get(f"{api.url}/v1/quantization-jobs/{i}", timeout=120).json()
+                        get_s.append(time.time() - t_get)
                         if v["status"] in ("succeeded", "failed", "cancelled"):
                             views[i] = v
                 time.sleep(0.5)
@@ -107,6 +110,7 @@ def run(jobs: int, workers: int, timeout_s: float) -> dict:
         "queue_latency_s": percentiles([v["started"] - v["created"] for v in done]),
         "run_s": percentiles([v["finished"] - v["started"] for v in done]),
         "cpu_threads_per_worker": 1,
+        "status_get_s": percentiles(get_s),
     }
 
 

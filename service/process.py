@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -27,11 +28,14 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/v1/stream"
         env = {**os.environ, **{f"QARVD_{k.upper()}": str(v) for k, v in settings.items()}}
+        # Output goes to a file: a pipe nobody drains fills up (64 KiB of access log) and
+        # then blocks the server's event loop on its next log line.
+        self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [*(command or [sys.executable, "-m", "qarvd_core"]), "serve", "--port", str(self.port)],
             env=env,
             cwd=cwd,
-            stdout=subprocess.PIPE,
+            stdout=self._log,
             stderr=subprocess.STDOUT,
         )
         deadline = time.time() + ready_timeout
@@ -43,7 +47,12 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError("server did not become ready:\n" + self.proc.stdout.read().decode(errors="replace"))
+        raise RuntimeError("server did not become ready:\n" + self.output())
+
+    def output(self) -> str:
+        """Everything the server printed so far."""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
 
     def stop(self, timeout: float = 15) -> int:
         if self.proc.poll() is None:

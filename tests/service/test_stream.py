@@ -148,6 +148,6 @@ def test_sigterm_tells_sessions_1012_and_exits_cleanly(make_server):
     s.proc.send_signal(signal.SIGTERM)
     assert c.close_code(timeout=15) == 1012
     code = s.proc.wait(20)
-    log = s.proc.stdout.read().decode()
+    log = s.output()
     # uvicorn re-raises the signal after a graceful shutdown, so -SIGTERM is a clean exit here.
     assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in log
