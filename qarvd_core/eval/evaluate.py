@@ -75,6 +75,9 @@ def evaluate(
         "revisit_pairs": len(rev),
         "revisit_psnr_db": float(np.mean(rev)) if rev else None,
         "revisit_psnr_db_simulator": float(np.mean(rev_sim)) if rev_sim else None,
+        "action_accuracy_per_policy": {
+            p: float(hits[[c.policy == p for c in cases]].mean()) for p in dict.fromkeys(c.policy for c in cases)
+        },
         "action_accuracy_per_chunk": _per_chunk(
             np.pad(hits, ((0, 0), (1, 0)), constant_values=np.nan), a.frames_per_chunk
         ),
@@ -146,6 +149,10 @@ def write_report(result: dict, json_path: Path, title: str) -> list[Path]:
     d = result["drift"]
     rows = [
         ("action accuracy (held-out)", result["action_accuracy"]),
+        (
+            "action accuracy by script",
+            ", ".join(f"{p} {v:.3f}" for p, v in result["action_accuracy_per_policy"].items()),
+        ),
         ("action accuracy of the simulator's own frames (metric ceiling)", result["action_accuracy_simulator"]),
         (
             "revisit PSNR dB (simulator's own)",

@@ -13,6 +13,9 @@ def test_model_against_itself_is_perfect_and_against_another_is_not(mini, make_m
     assert same["psnr_db_mean"] == 100 and abs(same["ssim_mean"] - 1) < 1e-9
     assert len(same["psnr_db_per_chunk"]) == 4 and same["frames"] == 36
     assert same["action_accuracy_simulator"] > 0.9
+    per_policy = same["action_accuracy_per_policy"]  # 3 scenarios: one of each script
+    assert set(per_policy) == {"random_walk", "patrol", "go_and_return"}
+    assert abs(sum(per_policy.values()) / 3 - same["action_accuracy"]) < 1e-9
     other = evaluate(mini, make_mini(seed=1), SMALL)
     assert other["psnr_db_mean"] < 40
     d = other["drift"]
