@@ -196,6 +196,7 @@ def bench(
     threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)"),
     dtype: str = typer.Option("fp32", help="fp32 or bf16"),
     profile: bool = typer.Option(False, help="also report the share of time per op group"),
+    sessions: int = typer.Option(1, min=1, help="streams stepped together in one batched pass, as the server does"),
 ):
     """Streaming speed: time per chunk (p50/p95) and frames per second."""
     import json
@@ -208,7 +209,7 @@ def bench(
         _check_writable(json_path, "result")
     if threads:
         torch.set_num_threads(threads)
-    result = bench_stream(_load(model, dtype), chunks=chunks, warmup=warmup, profile=profile)
+    result = bench_stream(_load(model, dtype), chunks=chunks, warmup=warmup, profile=profile, sessions=sessions)
     result["model"] = model
     text = json.dumps(result, indent=2)
     if json_path is not None:

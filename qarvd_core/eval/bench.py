@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from qarvd_core.model import WorldModel
-from qarvd_core.sampling import Stream
+from qarvd_core.sampling import Stream, step_streams
 from qarvd_core.world.simulator import ACTIONS
 
 # Profiler op names grouped into what a reader cares about.
@@ -21,17 +21,31 @@ _OP_GROUPS = {
 
 
 def bench_stream(
-    model: WorldModel, chunks: int = 40, warmup: int = 5, prompt: str = "islands", seed: int = 0, profile: bool = False
+    model: WorldModel,
+    chunks: int = 40,
+    warmup: int = 5,
+    prompt: str = "islands",
+    seed: int = 0,
+    profile: bool = False,
+    sessions: int = 1,
 ) -> dict:
-    """Time `chunks` chunks of one live stream (cycling actions) after `warmup` chunks."""
-    stream = Stream(model, prompt, seed)
+    """Time `chunks` chunks of live streams (cycling actions) after `warmup` chunks.
+
+    With `sessions` > 1 the streams step together in one batched pass (`step_streams`, as
+    the server batches sessions); frames/s then counts every session's frames.
+    """
+    streams = [Stream(model, prompt, seed + i) for i in range(sessions)]
     rng = np.random.default_rng(seed)
+
+    def step():
+        step_streams(streams, [ACTIONS[rng.integers(len(ACTIONS))] for _ in streams])
+
     for _ in range(warmup):
-        stream.step(ACTIONS[rng.integers(len(ACTIONS))])
+        step()
     times = []
     for _ in range(chunks):
         t0 = time.perf_counter()
-        stream.step(ACTIONS[rng.integers(len(ACTIONS))])
+        step()
         times.append(time.perf_counter() - t0)
     ms = np.array(times) * 1000
     fr = model.args.frames_per_chunk
@@ -44,14 +58,15 @@ def bench_stream(
             "p95": float(np.percentile(ms, 95)),
             "mean": float(ms.mean()),
         },
-        "fps": float(fr * chunks / ms.sum() * 1000),
+        "sessions": sessions,
+        "fps": float(fr * chunks * sessions / ms.sum() * 1000),
         "threads": torch.get_num_threads(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
     }
     if profile:
-        result["time_share"] = _profile(stream, min(10, chunks))
+        result["time_share"] = _profile(streams[0], min(10, chunks))
     return result
 
 

@@ -123,3 +123,13 @@ def test_every_command_has_help():
     for cmd in ("train", "generate", "eval", "bench"):
         r = runner.invoke(app, [cmd, "--help"])
         assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_bench_batched_sessions_count_every_sessions_frames(mini_weights, tmp_path):
+    path, _ = mini_weights
+    out = tmp_path / "b.json"
+    r = runner.invoke(app, ["bench", "--model", str(path), "--chunks", "3", "--sessions", "3", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["sessions"] == 3
+    assert res["fps"] * res["chunk_ms"]["mean"] / 1000 == pytest.approx(3 * res["frames_per_chunk"], rel=1e-6)
