@@ -26,21 +26,18 @@ SERVICES = {"api", "worker", "redis", "prometheus", "grafana"}
 
 
 @pytest.fixture(scope="module")
-def exported_series() -> set[str]:
-    """Every series name the app's /metrics can carry, from its `# TYPE` lines."""
-    from service.main import create_app
-    from service.settings import Settings
-
-    app = create_app(Settings())
-    metrics = app.state.metrics
-    metrics.jobs.snapshot = {
-        "queue_depth": 0,
-        "by_state": {"queued": 0},
-        "outcomes": {("rtn", "succeeded"): {"count": 1, "seconds": 2.0}},
-        "worker_heartbeat_age": {"w1": 1.0},
-    }
+def exported_series(tmp_path_factory) -> set[str]:
+    """Every series name a live server's /metrics carries, from its `# TYPE` lines (a real
+    `qarvd serve` with its embedded Redis and worker, so the job families are there too)."""
+    tmp = tmp_path_factory.mktemp("live")
+    server = ServerProcess(data_dir=tmp / "data", artifact_dir=tmp / "artifacts", threads=1)
+    try:
+        text = httpx.get(server.url + "/metrics", timeout=30).text
+    finally:
+        server.stop()
+    assert "qarvd_jobs_queue_depth" in text  # the jobs collector answered from Redis
     series = set()
-    for line in metrics.exposition().decode().splitlines():
+    for line in text.splitlines():
         if not line.startswith("# TYPE "):
             continue
         _, _, name, kind = line.split()
