@@ -172,6 +172,7 @@ def evaluate_cmd(
     scenarios: int = typer.Option(8, min=1, help="held-out scenarios"),
     frames: int = typer.Option(48, min=6, help="frames per scenario"),
     drift_frames: int = typer.Option(600, min=30, help="frames of each long drift stream"),
+    split: str = typer.Option("heldout", help="worlds to use: heldout, or calibration to choose between checkpoints"),
 ):
     """Quality on held-out worlds: vs a reference model and vs the simulator."""
     from qarvd_core.eval.evaluate import EvalConfig, evaluate, write_report
@@ -179,7 +180,9 @@ def evaluate_cmd(
     _check_writable(json_path, "report")
     net = _load(model)
     ref = _load(reference) if reference else None
-    cfg = EvalConfig(scenarios=scenarios, frames=frames, drift_frames=drift_frames)
+    if split not in ("heldout", "calibration"):
+        fail(f"--split must be heldout or calibration, got {split!r}")
+    cfg = EvalConfig(scenarios=scenarios, frames=frames, drift_frames=drift_frames, split=split)
     result = evaluate(net, ref, cfg, progress=lambda stage: typer.echo(f"eval: {stage}", err=True))
     result["model"], result["reference"] = model, reference
     paths = write_report(result, json_path, f"qarvd eval: {model}" + (f" vs {reference}" if reference else ""))

@@ -29,6 +29,7 @@ class EvalConfig:
     frames: int = 48  # per scenario (16 chunks of 3)
     drift_frames: int = 600  # one long stream per biome; 0 skips the drift streams
     revisit_max_gap: int = 0  # 0: the model's rolling window in frames
+    split: str = "heldout"  # "calibration" to compare checkpoints without touching the held-out worlds
 
 
 def _generate(model: WorldModel, cases, frames: int) -> np.ndarray:
@@ -52,7 +53,7 @@ def evaluate(
     model: WorldModel, reference: WorldModel | None = None, cfg: EvalConfig = EvalConfig(), progress=lambda stage: None
 ) -> dict:
     a = model.args
-    cases = scenarios("heldout", cfg.scenarios, cfg.frames)
+    cases = scenarios(cfg.split, cfg.scenarios, cfg.frames)
     progress("held-out scenarios")
     gen = _generate(model, cases, cfg.frames)
     T = gen.shape[1]
@@ -148,7 +149,7 @@ def write_report(result: dict, json_path: Path, title: str) -> list[Path]:
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     d = result["drift"]
     rows = [
-        ("action accuracy (held-out)", result["action_accuracy"]),
+        (f"action accuracy ({result['config']['split']})", result["action_accuracy"]),
         (
             "action accuracy by script",
             ", ".join(f"{p} {v:.3f}" for p, v in result["action_accuracy_per_policy"].items()),

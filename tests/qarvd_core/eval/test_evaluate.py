@@ -57,3 +57,15 @@ def test_eval_cli_writes_json_markdown_and_plot(mini_weights, tmp_path):
     assert res["psnr_db_mean"] == 100 and "action_accuracy" in res and "drift" in res
     assert out.with_suffix(".md").read_text().startswith("# qarvd eval")
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_eval_split_is_checked_and_reported(mini_weights, tmp_path):
+    path, _ = mini_weights
+    base = ["eval", "--model", str(path), "--scenarios", "1", "--frames", "6", "--drift-frames", "30"]
+    r = CliRunner().invoke(app, [*base, "--json", str(tmp_path / "a.json"), "--split", "train"])
+    assert r.exit_code == 2 and "--split must be heldout or calibration" in r.output
+    assert not (tmp_path / "a.json").exists()
+    r = CliRunner().invoke(app, [*base, "--json", str(tmp_path / "c.json"), "--split", "calibration"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "c.json").read_text())["config"]["split"] == "calibration"
+    assert "action accuracy (calibration)" in (tmp_path / "c.md").read_text()
