@@ -77,8 +77,11 @@ def stack(artifact_dir, tmp_path):
         if w.poll() is None:
             w.kill()
             w.wait()
-    api.stop()
-    redis.shutdown()
+    # A test may have replaced the server or the Redis (the restart test): stop the current ones.
+    for server in {id(api): api, id(s.api): s.api}.values():
+        server.stop()
+    for r in {id(redis): redis, id(s.redis): s.redis}.values():
+        r.shutdown()
 
 
 def submit(url, body, key=None):
