@@ -19,6 +19,16 @@ def main() -> None:
     """qarvd: train, generate, evaluate and benchmark streaming world models."""
 
 
+def guidance_option():
+    return typer.Option(
+        None, min=0.0, help="action guidance on the first denoising step (0 turns it off; default: the sampler's)"
+    )
+
+
+def sampler_kwargs(action_guidance: float | None) -> dict:
+    return {} if action_guidance is None else {"action_guidance": action_guidance}
+
+
 def fail(message: str) -> None:
     """One clear message on stderr and exit code 2."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
@@ -105,6 +115,7 @@ def generate(
     frames_dir: Path | None = typer.Option(None, help="also write every frame losslessly as DIR/000000.png, ..."),
     fps: int = typer.Option(16, min=1, max=120, help="frame rate of the MP4"),
     json_out: bool = typer.Option(False, "--json", help="print frames, fps and chunk latency as JSON"),
+    action_guidance: float | None = guidance_option(),
 ):
     """Stream a video from a model under an action script; frame i is generated under action i."""
     import json
@@ -132,7 +143,7 @@ def generate(
         _check_writable(frames_dir, "frames directory")
     net = _load(model)
 
-    stream = Stream(net, prompt, seed)
+    stream = Stream(net, prompt, seed, **sampler_kwargs(action_guidance))
     Fr = net.args.frames_per_chunk
     padded = script + [script[-1]] * (-len(script) % Fr)
     frames, chunk_ms = [], []
@@ -173,6 +184,7 @@ def evaluate_cmd(
     frames: int = typer.Option(48, min=6, help="frames per scenario"),
     drift_frames: int = typer.Option(600, min=30, help="frames of each long drift stream"),
     split: str = typer.Option("heldout", help="worlds to use: heldout, or calibration to choose between checkpoints"),
+    action_guidance: float | None = guidance_option(),
 ):
     """Quality on held-out worlds: vs a reference model and vs the simulator."""
     from qarvd_core.eval.evaluate import EvalConfig, evaluate, write_report
@@ -182,7 +194,9 @@ def evaluate_cmd(
     ref = _load(reference) if reference else None
     if split not in ("heldout", "calibration"):
         fail(f"--split must be heldout or calibration, got {split!r}")
-    cfg = EvalConfig(scenarios=scenarios, frames=frames, drift_frames=drift_frames, split=split)
+    cfg = EvalConfig(
+        scenarios=scenarios, frames=frames, drift_frames=drift_frames, split=split, **sampler_kwargs(action_guidance)
+    )
     result = evaluate(net, ref, cfg, progress=lambda stage: typer.echo(f"eval: {stage}", err=True))
     result["model"], result["reference"] = model, reference
     paths = write_report(result, json_path, f"qarvd eval: {model}" + (f" vs {reference}" if reference else ""))
@@ -200,6 +214,7 @@ def bench(
     dtype: str = typer.Option("fp32", help="fp32 or bf16"),
     profile: bool = typer.Option(False, help="also report the share of time per op group"),
     sessions: int = typer.Option(1, min=1, help="streams stepped together in one batched pass, as the server does"),
+    action_guidance: float | None = guidance_option(),
 ):
     """Streaming speed: time per chunk (p50/p95) and frames per second."""
     import json
@@ -212,7 +227,14 @@ def bench(
         _check_writable(json_path, "result")
     if threads:
         torch.set_num_threads(threads)
-    result = bench_stream(_load(model, dtype), chunks=chunks, warmup=warmup, profile=profile, sessions=sessions)
+    result = bench_stream(
+        _load(model, dtype),
+        chunks=chunks,
+        warmup=warmup,
+        profile=profile,
+        sessions=sessions,
+        **sampler_kwargs(action_guidance),
+    )
     result["model"] = model
     text = json.dumps(result, indent=2)
     if json_path is not None:

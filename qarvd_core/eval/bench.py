@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from qarvd_core.model import WorldModel
-from qarvd_core.sampling import Stream, step_streams
+from qarvd_core.sampling import DEFAULT_ACTION_GUIDANCE, Stream, step_streams
 from qarvd_core.world.simulator import ACTIONS
 
 # Profiler op names grouped into what a reader cares about.
@@ -28,13 +28,14 @@ def bench_stream(
     seed: int = 0,
     profile: bool = False,
     sessions: int = 1,
+    action_guidance: float = DEFAULT_ACTION_GUIDANCE,
 ) -> dict:
     """Time `chunks` chunks of live streams (cycling actions) after `warmup` chunks.
 
     With `sessions` > 1 the streams step together in one batched pass (`step_streams`, as
     the server batches sessions); frames/s then counts every session's frames.
     """
-    streams = [Stream(model, prompt, seed + i) for i in range(sessions)]
+    streams = [Stream(model, prompt, seed + i, action_guidance=action_guidance) for i in range(sessions)]
     rng = np.random.default_rng(seed)
 
     def step():
@@ -59,6 +60,7 @@ def bench_stream(
             "mean": float(ms.mean()),
         },
         "sessions": sessions,
+        "action_guidance": action_guidance,
         "fps": float(fr * chunks * sessions / ms.sum() * 1000),
         "threads": torch.get_num_threads(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),

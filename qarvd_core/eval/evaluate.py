@@ -17,7 +17,7 @@ import numpy as np
 
 from qarvd_core.eval import metrics
 from qarvd_core.model import WorldModel
-from qarvd_core.sampling import rollout, to_uint8
+from qarvd_core.sampling import DEFAULT_ACTION_GUIDANCE, rollout, to_uint8
 from qarvd_core.world.scripts import random_walk, scenarios
 from qarvd_core.world.simulator import BIOME_NAMES
 from qarvd_core.world.simulator import rollout as sim_rollout
@@ -30,11 +30,16 @@ class EvalConfig:
     drift_frames: int = 600  # one long stream per biome; 0 skips the drift streams
     revisit_max_gap: int = 0  # 0: the model's rolling window in frames
     split: str = "heldout"  # "calibration" to compare checkpoints without touching the held-out worlds
+    action_guidance: float = DEFAULT_ACTION_GUIDANCE  # the sampler's setting, for every rollout here
 
 
-def _generate(model: WorldModel, cases, frames: int) -> np.ndarray:
+def _generate(model: WorldModel, cases, frames: int, action_guidance: float) -> np.ndarray:
     x = rollout(
-        model, [c.biome for c in cases], [list(c.actions)[:frames] for c in cases], [c.noise_seed for c in cases]
+        model,
+        [c.biome for c in cases],
+        [list(c.actions)[:frames] for c in cases],
+        [c.noise_seed for c in cases],
+        action_guidance=action_guidance,
     )
     return to_uint8(x)  # [B, T, H, W, 3]
 
@@ -55,18 +60,23 @@ def evaluate(
     a = model.args
     cases = scenarios(cfg.split, cfg.scenarios, cfg.frames)
     progress("held-out scenarios")
-    gen = _generate(model, cases, cfg.frames)
+    gen = _generate(model, cases, cfg.frames, cfg.action_guidance)
     T = gen.shape[1]
     truth = [sim_rollout(c.biome, c.world_seed, list(c.actions)[:T]) for c in cases]
     hits = np.stack([metrics.action_hits(g, list(c.actions)) for g, c in zip(gen, cases)])
     sim_hits = np.stack([metrics.action_hits(t["frames"], list(c.actions)) for t, c in zip(truth, cases)])
 
     max_gap = cfg.revisit_max_gap or a.window_chunks * a.frames_per_chunk
-    rev, rev_sim = [], []
+    rev, rev_sim, other, other_sim = [], [], [], []
     for g, t in zip(gen, truth):
         for i, j in _revisit_pairs(t["camera"], max_gap):
             rev.append(metrics.psnr(g[i], g[j]))
             rev_sim.append(metrics.psnr(t["frames"][i], t["frames"][j]))
+            # What "consistent" is measured against: frame j vs the frames of its window
+            # that show other camera positions of the same world.
+            ks = [k for k in range(max(0, j - max_gap), j) if (t["camera"][k] != t["camera"][j]).any()]
+            other.append(np.mean([metrics.psnr(g[k], g[j]) for k in ks]))
+            other_sim.append(np.mean([metrics.psnr(t["frames"][k], t["frames"][j]) for k in ks]))
 
     result: dict = {
         "frames": int(gen.shape[0] * T),
@@ -76,6 +86,8 @@ def evaluate(
         "revisit_pairs": len(rev),
         "revisit_psnr_db": float(np.mean(rev)) if rev else None,
         "revisit_psnr_db_simulator": float(np.mean(rev_sim)) if rev_sim else None,
+        "revisit_other_places_psnr_db": float(np.mean(other)) if other else None,
+        "revisit_other_places_psnr_db_simulator": float(np.mean(other_sim)) if other_sim else None,
         "action_accuracy_per_policy": {
             p: float(hits[[c.policy == p for c in cases]].mean()) for p in dict.fromkeys(c.policy for c in cases)
         },
@@ -85,7 +97,7 @@ def evaluate(
     }
     if reference is not None:
         progress("reference rollouts")
-        ref = _generate(reference, cases, cfg.frames)
+        ref = _generate(reference, cases, cfg.frames, cfg.action_guidance)
         p, s = metrics.psnr(gen, ref), metrics.ssim(gen, ref)
         ref_hits = np.stack([metrics.action_hits(r, list(c.actions)) for r, c in zip(ref, cases)])
         result |= {
@@ -96,7 +108,7 @@ def evaluate(
         }
     if cfg.drift_frames:
         progress("drift streams")
-        result["drift"] = _drift(model, cfg.drift_frames)
+        result["drift"] = _drift(model, cfg.drift_frames, cfg.action_guidance)
     result["config"] = asdict(cfg)
     return result
 
@@ -106,12 +118,13 @@ def _per_chunk(per_frame: np.ndarray, frames_per_chunk: int) -> list[float]:
     return [float(v) for v in np.nanmean(per_frame.reshape(B, T // frames_per_chunk, -1), axis=(0, 2))]
 
 
-def _drift(model: WorldModel, frames: int) -> dict:
+def _drift(model: WorldModel, frames: int, action_guidance: float) -> dict:
     """One long random-walk stream per biome on held-out worlds: sharpness and palette over time."""
     cases = scenarios("heldout", len(BIOME_NAMES), frames, offset=1000)
     rng = np.random.default_rng(0)
     walks = [random_walk(rng, frames) for _ in cases]
-    gen = to_uint8(rollout(model, [c.biome for c in cases], walks, [c.noise_seed for c in cases]))
+    seeds = [c.noise_seed for c in cases]
+    gen = to_uint8(rollout(model, [c.biome for c in cases], walks, seeds, action_guidance=action_guidance))
     T = gen.shape[1]
     sharp_ref = np.array(
         [metrics.sharpness(sim_rollout(c.biome, c.world_seed, w[:T])["frames"]).mean() for c, w in zip(cases, walks)]
@@ -155,9 +168,15 @@ def write_report(result: dict, json_path: Path, title: str) -> list[Path]:
             ", ".join(f"{p} {v:.3f}" for p, v in result["action_accuracy_per_policy"].items()),
         ),
         ("action accuracy of the simulator's own frames (metric ceiling)", result["action_accuracy_simulator"]),
+        ("action guidance (sampler setting)", result["config"]["action_guidance"]),
         (
             "revisit PSNR dB (simulator's own)",
             f"{_fmt(result['revisit_psnr_db'])} ({_fmt(result['revisit_psnr_db_simulator'])})",
+        ),
+        (
+            "same frames vs other places in their window, PSNR dB (simulator's own)",
+            f"{_fmt(result.get('revisit_other_places_psnr_db'))}"
+            f" ({_fmt(result.get('revisit_other_places_psnr_db_simulator'))})",
         ),
         (
             f"drift: sharpness vs simulator, first/last {min(100, d['frames'] // 3)} of {d['frames']} frames",

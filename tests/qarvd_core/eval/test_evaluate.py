@@ -16,6 +16,9 @@ def test_model_against_itself_is_perfect_and_against_another_is_not(mini, make_m
     per_policy = same["action_accuracy_per_policy"]  # 3 scenarios: one of each script
     assert set(per_policy) == {"random_walk", "patrol", "go_and_return"}
     assert abs(sum(per_policy.values()) / 3 - same["action_accuracy"]) < 1e-9
+    # The simulator redraws a revisited place (entities aside); other places look different.
+    assert same["revisit_pairs"] > 0
+    assert same["revisit_psnr_db_simulator"] > same["revisit_other_places_psnr_db_simulator"] + 20
     other = evaluate(mini, make_mini(seed=1), SMALL)
     assert other["psnr_db_mean"] < 40
     d = other["drift"]
