@@ -1,10 +1,12 @@
 """Speed, size and fidelity of deploy-mode quantization vs FP32, BF16 and torchao, in one run.
 
-For each model: FP32 and BF16 (eager), qarvd W8A8 in deploy mode (eager and with the
-compiled kernels), and torchao's Int8DynamicActivationInt8WeightConfig and
-Int8WeightOnlyConfig on the same layers. Reported as ratios to FP32 from the same process:
-streaming frames/s (`qarvd bench`), time in the linear layers alone, bytes of the
-quantized layers, and PSNR of a short rollout against the FP32 model on identical noise.
+For each model: FP32 and BF16, eager and with the transformer blocks compiled
+(`WorldModel.compile_blocks`); qarvd W8A8 and W4A8 in deploy mode (integer GEMMs, bf16
+around them), eager and compiled; torchao's Int8DynamicActivationInt8WeightConfig and
+Int8WeightOnlyConfig on the same layers of the bf16 model, compiled the same way. Reported
+as ratios from the same process: streaming frames/s (`qarvd bench`), time in the linear
+layers alone (all block linears in one compiled or eager function), bytes of the quantized
+layers, and PSNR of a short rollout against the FP32 model on identical noise.
 
     pip install -e ".[bench]"   # torchao, the peer
     python benchmarks/quant_speed.py --models tiny-world small-world --out benchmarks/results/quant_speed
@@ -25,7 +27,7 @@ from qarvd_core.config import load_model
 from qarvd_core.eval.bench import bench_stream
 from qarvd_core.eval.metrics import psnr
 from qarvd_core.model import ModelArgs, WorldModel
-from qarvd_core.quant import CalibrationSet, RTNConfig, kernels, quantize, set_mode
+from qarvd_core.quant import CalibrationSet, RTNConfig, quantize, set_compute_dtype, set_mode
 from qarvd_core.quant.api import DEFAULT_KEEP_FP, target_linears
 from qarvd_core.sampling import rollout, to_uint8
 
@@ -49,18 +51,22 @@ def block_linears(model: WorldModel, names: list[str]) -> dict:
     return {n: model.get_submodule(n) for n in names}
 
 
-def linear_ms(model: WorldModel, names: list[str], tokens: int, repeats: int = 20) -> float:
+def linear_ms(model: WorldModel, names: list[str], tokens: int, compiled: bool, repeats: int = 20) -> float:
     """Time of the transformer blocks' linear layers for one forward pass on `tokens` rows."""
     layers = block_linears(model, names)
     dtype = next(model.parameters()).dtype
-    inputs = {n: torch.randn(tokens, m.in_features, dtype=dtype) for n, m in layers.items()}
+    inputs = [torch.randn(tokens, m.in_features, dtype=dtype) for m in layers.values()]
+
+    def run(xs):
+        return [m(x) for m, x in zip(layers.values(), xs)]
+
+    fn = torch.compile(run, dynamic=False) if compiled else run
     with torch.no_grad():
-        for n, m in layers.items():
-            m(inputs[n])
+        for _ in range(3):
+            fn(inputs)
         t0 = time.perf_counter()
         for _ in range(repeats):
-            for n, m in layers.items():
-                m(inputs[n])
+            fn(inputs)
     return (time.perf_counter() - t0) / repeats * 1000
 
 
@@ -76,26 +82,29 @@ def fidelity(model: WorldModel, ref_frames) -> float:
 
 
 def variants(fp32: WorldModel, calib: CalibrationSet):
-    yield "fp32", fp32, None
-    yield "bf16", copy.deepcopy(fp32).to(torch.bfloat16), None
-    q = quantize(fp32, RTNConfig(w_bits=8, a_bits=8), calib, progress=False)
-    set_mode(q, "deploy")
-    yield "qarvd int8 kernels, RTN W8A8 (eager)", q, None
-    yield "qarvd int8 kernels, RTN W8A8 (compiled)", q, "compiled"
-    q4 = quantize(fp32, RTNConfig(w_bits=4, a_bits=8), calib, progress=False)
-    set_mode(q4, "deploy")
-    yield "qarvd int8 kernels, RTN W4A8 (compiled)", q4, "compiled"
+    """(label, model, compiled) for every variant; the compiled ones get `compile_blocks()`."""
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    yield "fp32", fp32, False
+    yield "bf16", bf16, False
+    yield "fp32 compiled", copy.deepcopy(fp32), True
+    yield "bf16 compiled", copy.deepcopy(bf16), True
+    for bits in (8, 4):
+        q = quantize(fp32, RTNConfig(w_bits=bits, a_bits=8), calib, progress=False)
+        set_mode(set_compute_dtype(q, torch.bfloat16), "deploy")
+        if bits == 8:
+            yield "qarvd W8A8 deploy (eager)", q, False
+        yield f"qarvd W{bits}A8 deploy (compiled)", copy.deepcopy(q), True
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
     except ImportError:
         return
     for label, cfg in (
-        ("torchao int8 dynamic", Int8DynamicActivationInt8WeightConfig()),
-        ("torchao int8 weight-only", Int8WeightOnlyConfig()),
+        ("torchao int8 dynamic (compiled)", Int8DynamicActivationInt8WeightConfig()),
+        ("torchao int8 weight-only (compiled)", Int8WeightOnlyConfig()),
     ):
-        m = copy.deepcopy(fp32)
+        m = copy.deepcopy(bf16)
         quantize_(m, cfg, filter_fn=lambda mod, name: isinstance(mod, torch.nn.Linear) and name.startswith("blocks."))
-        yield label, m, None
+        yield label, m, True
 
 
 def main() -> None:
@@ -113,33 +122,31 @@ def main() -> None:
         names = [n for n in target_linears(fp32, DEFAULT_KEEP_FP) if n.startswith("blocks.")]
         ref = to_uint8(rollout(fp32, *ROLLOUT))
         rows = {}
-        for label, m, mode in variants(fp32, calib):
-            kernels.use_compiled(mode == "compiled")
-            try:
-                b = bench_stream(m, chunks=a.chunks, warmup=5)
-                rows[label] = {
-                    "fps": b["fps"],
-                    "chunk_ms_p50": b["chunk_ms"]["p50"],
-                    "linear_ms": linear_ms(m, names, fp32.args.chunk_tokens),
-                    "layer_bytes": layer_bytes(m, names),
-                    "psnr_db_vs_fp32": fidelity(m, ref),
-                }
-            finally:
-                kernels.use_compiled(False)
+        for label, m, compiled in variants(fp32, calib):
+            if compiled:
+                m.compile_blocks()
+            b = bench_stream(m, chunks=a.chunks, warmup=5)
+            rows[label] = {
+                "fps": b["fps"],
+                "chunk_ms_p50": b["chunk_ms"]["p50"],
+                "linear_ms": linear_ms(m, names, fp32.args.chunk_tokens, compiled),
+                "layer_bytes": layer_bytes(m, names),
+                "psnr_db_vs_fp32": fidelity(m, ref),
+            }
             print(name, label, rows[label], flush=True)
         base = rows["fp32"]
         results["models"][name] = rows
         md += [
             f"## {name}",
             "",
-            "| variant | frames/s | x FP32 fps | x BF16 fps | linear layers x FP32 | "
+            "| variant | frames/s | x FP32 | x BF16 | x BF16 compiled | linear layers x FP32 | "
             "layer size / FP32 | PSNR dB vs FP32 |",
-            "|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for label, r in rows.items():
             md.append(
-                f"| {label} | {r['fps']:.1f} | {r['fps'] / base['fps']:.2f} | "
-                f"{r['fps'] / rows['bf16']['fps']:.2f} | {base['linear_ms'] / r['linear_ms']:.2f} | "
+                f"| {label} | {r['fps']:.1f} | {r['fps'] / base['fps']:.2f} | {r['fps'] / rows['bf16']['fps']:.2f} | "
+                f"{r['fps'] / rows['bf16 compiled']['fps']:.2f} | {base['linear_ms'] / r['linear_ms']:.2f} | "
                 f"{r['layer_bytes'] / base['layer_bytes']:.3f} | {r['psnr_db_vs_fp32']:.1f} |"
             )
         md.append("")

@@ -81,15 +81,12 @@ def train(
 
 
 def _load(model: str, dtype: str = "fp32"):
-    import torch
+    from qarvd_core.config import DTYPES, load_model
 
-    from qarvd_core.config import load_model
-
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    if dtype not in dtypes:
-        fail(f"unknown dtype {dtype!r}; choose fp32 or bf16")
+    if dtype not in DTYPES:
+        fail(f"unknown dtype {dtype!r}; choose {' or '.join(DTYPES)}")
     try:
-        return load_model(model, dtype=dtypes[dtype])
+        return load_model(model, dtype=DTYPES[dtype])
     except ValueError as e:
         fail(str(e))
 
@@ -215,6 +212,7 @@ def bench(
     profile: bool = typer.Option(False, help="also report the share of time per op group"),
     sessions: int = typer.Option(1, min=1, help="streams stepped together in one batched pass, as the server does"),
     action_guidance: float | None = guidance_option(),
+    compile_blocks: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks first"),
 ):
     """Streaming speed: time per chunk (p50/p95) and frames per second."""
     import json
@@ -227,15 +225,18 @@ def bench(
         _check_writable(json_path, "result")
     if threads:
         torch.set_num_threads(threads)
+    net = _load(model, dtype)
+    if compile_blocks:
+        net.compile_blocks()
     result = bench_stream(
-        _load(model, dtype),
+        net,
         chunks=chunks,
         warmup=warmup,
         profile=profile,
         sessions=sessions,
         **sampler_kwargs(action_guidance),
     )
-    result["model"] = model
+    result["model"], result["compiled"] = model, compile_blocks
     text = json.dumps(result, indent=2)
     if json_path is not None:
         json_path.write_text(text + "\n")

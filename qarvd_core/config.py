@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from qarvd_core.model import ModelArgs, WorldModel
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the generation dtypes, by their CLI/setting names
 
 
 def shipped_models() -> list[str]:
@@ -70,15 +71,17 @@ def load_model(
     """Build the model its manifest describes and load its weights (eval mode).
 
     Quantized checkpoints load in `quant_mode` ('deploy': integer GEMMs; 'simulate': fake
-    quant); their scales stay fp32 whatever `dtype` says.
+    quant); `dtype` is then the dtype of everything around the quantized layers (norms,
+    attention, kept layers), and their scales stay fp32.
     """
     weights = resolve_weights(name_or_path)
     manifest = read_manifest(weights)
     if manifest.get("format") == "qarvd-quantized":
-        from qarvd_core.quant import set_mode
+        from qarvd_core.quant import set_compute_dtype, set_mode
         from qarvd_core.quant.serialization import load_quantized
 
-        return set_mode(load_quantized(weights), quant_mode).to(device)
+        model = set_compute_dtype(load_quantized(weights).to(device), dtype)
+        return set_mode(model, quant_mode)
     args = ModelArgs(**manifest["args"])
     model = WorldModel(args)
     state = load_file(str(weights))

@@ -10,6 +10,7 @@ positions never grow, however long the stream runs.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -116,11 +117,15 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-def rope_freqs(args: ModelArgs, time_positions: Tensor) -> Tensor:
-    """(cos, sin) [T * tokens_per_frame, head_dim // 2, 2] for frames at `time_positions`."""
+@functools.lru_cache(maxsize=64)
+def rope_freqs(args: ModelArgs, first_frame: int, T: int) -> Tensor:
+    """(cos, sin) [T * tokens_per_frame, head_dim // 2, 2] for frames first_frame .. first_frame + T - 1.
+
+    Cached: a stream only ever asks for sink + window + 1 distinct offsets.
+    """
     dt, dh, dw = rope_split(args.head_dim)
     gh, gw = args.grid
-    T = len(time_positions)
+    time_positions = torch.arange(first_frame, first_frame + T)
     ang = torch.cat(
         [
             _axis_angles(time_positions, dt, args.rope_theta)[:, None, None].expand(T, gh, gw, -1),
@@ -178,11 +183,13 @@ class KVCache:
     def view(self, layer: int) -> tuple[Tensor, Tensor]:
         return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
 
-    def write(self, layer: int, k: Tensor, v: Tensor) -> None:
-        """Store the committing chunk's k, v [B, H, chunk_tokens, hd] in the slot after the held ones."""
-        s = self.length
-        self.k[layer, :, :, s : s + k.shape[2]] = k
-        self.v[layer, :, :, s : s + v.shape[2]] = v
+    def slot(self) -> tuple[Tensor, Tensor]:
+        """Where the next chunk goes and what it may see, as tensors (so one compiled graph fits every
+        cache length): token indices [chunk_tokens] of the slot after the held chunks, and the key
+        mask [1, capacity] over the whole buffer (held chunks and the slot)."""
+        ct, cap = self.args.chunk_tokens, self.k.shape[3]
+        idx = torch.arange(self.length, self.length + ct, device=self.k.device)
+        return idx, (torch.arange(cap, device=self.k.device) < self.length + ct)[None]
 
     def advance(self) -> None:
         """Count the chunk just written; roll the window if it is now over-full."""
@@ -205,6 +212,10 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------- layers
+
+# One layer's view of the cache for a cached pass: key and value buffers [B, H, capacity, hd]
+# and the token indices [chunk_tokens] of the slot the current chunk is written to.
+CachedKV = tuple[Tensor, Tensor, Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -233,17 +244,18 @@ class Attention(nn.Module):
 
 
 class SelfAttention(Attention):
-    def forward(self, x: Tensor, freqs: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int, commit: bool):
+    def forward(self, x: Tensor, freqs: Tensor, mask: Tensor | None, kv: CachedKV | None):
         B, L, D = x.shape
         q = apply_rope(self.norm_q(self.q(x)).view(B, L, self.n_heads, self.head_dim), freqs).transpose(1, 2)
         k = apply_rope(self.norm_k(self.k(x)).view(B, L, self.n_heads, self.head_dim), freqs).transpose(1, 2)
         v = self.v(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            ck, cv = cache.view(layer)
-            if commit:
-                cache.write(layer, k, v)
-            k = torch.cat([ck.to(k.dtype), k], dim=2)
-            v = torch.cat([cv.to(v.dtype), v], dim=2)
+        if kv is not None:
+            # The chunk's keys go into the slot after the held chunks (a commit keeps them there,
+            # a denoising pass leaves them to be overwritten); the query sees the buffer masked.
+            k_buf, v_buf, slot = kv
+            k_buf.index_copy_(2, slot, k.to(k_buf.dtype))
+            v_buf.index_copy_(2, slot, v.to(v_buf.dtype))
+            k, v = k_buf.to(q.dtype), v_buf.to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, L, hd]
         return self.o(y.transpose(1, 2).reshape(B, L, D))
 
@@ -271,7 +283,7 @@ class Block(nn.Module):
         )
         self.modulation = nn.Parameter(torch.zeros(1, 6, args.dim))
 
-    def forward(self, x, e0, context, freqs, mask, cache, layer, commit):
+    def forward(self, x, e0, context, freqs, mask, kv: CachedKV | None = None):
         # x [B, T*N, D]; e0 [B, T, 6, D]: one adaLN modulation per frame, shared by its N tokens.
         B, L, D = x.shape
         T = e0.shape[1]
@@ -283,7 +295,7 @@ class Block(nn.Module):
         def gated(h, gate):
             return (h.view(B, T, -1, D) * gate).view(B, L, D)
 
-        y = self.self_attn(modulate(self.norm1(x), shift1, scale1), freqs, mask, cache, layer, commit)
+        y = self.self_attn(modulate(self.norm1(x), shift1, scale1), freqs, mask, kv)
         x = x + gated(y, gate1)
         x = x + self.cross_attn(self.norm3(x), context)
         y = self.ffn(modulate(self.norm2(x), shift2, scale2))
@@ -366,6 +378,19 @@ class WorldModel(nn.Module):
             e = e + self.action_embedding(actions)
         return e  # [B, T, D]
 
+    def compile_blocks(self) -> WorldModel:
+        """torch.compile the transformer blocks for inference; returns self.
+
+        The blocks hold almost all the time, and at these sizes much of it is elementwise work
+        (norms, RoPE, adaLN modulation, activation quantization) that eager mode runs one op
+        at a time. Every block has the same code and a cached pass has static shapes (the cache
+        is attended as a masked buffer), so one graph per batch size serves all blocks and
+        cache lengths. Quantized layers should be in their final mode first.
+        """
+        for block in self.blocks:
+            block.compile(dynamic=False)
+        return self
+
     # Forward ------------------------------------------------------------------
 
     def forward(
@@ -394,16 +419,17 @@ class WorldModel(nn.Module):
         e0 = self.time_projection(e).view(B, T, 6, a.dim)
 
         if cache is None:
-            freqs = rope_freqs(a, torch.arange(T)).to(x.device)
+            freqs = rope_freqs(a, 0, T).to(x.device)
             chunk_of = torch.arange(T * N, device=x.device) // a.chunk_tokens
             mask = chunk_of[:, None] >= chunk_of[None, :]  # block-causal
+            slot = None
         else:
             if T != a.frames_per_chunk:
                 raise ValueError("cached generation takes exactly one chunk at a time")
-            freqs = rope_freqs(a, torch.arange(T) + cache.time_offset).to(x.device)
-            mask = None
+            freqs = rope_freqs(a, cache.time_offset, T).to(x.device)
+            slot, mask = cache.slot()
         for i, block in enumerate(self.blocks):
-            h = block(h, e0, context, freqs, mask, cache, i, commit)
+            h = block(h, e0, context, freqs, mask, None if cache is None else (cache.k[i], cache.v[i], slot))
         if cache is not None and commit:
             cache.advance()
         out = self.head(h, e)  # [B, T*N, C*p*p]

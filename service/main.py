@@ -11,6 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from qarvd_core.config import DTYPES
 from service.api import jobs, models, stream, videos
 from service.engine import Engine, ModelRegistry
 from service.jobs.client import JobClient
@@ -56,7 +57,12 @@ def create_app(settings: Settings | None = None, on_shutdown: Callable[[], None]
     metrics = Metrics()
     app.state.settings = settings
     app.state.metrics = metrics
-    registry = ModelRegistry(settings.artifact_dir, settings.max_loaded_models)
+    registry = ModelRegistry(
+        settings.artifact_dir,
+        settings.max_loaded_models,
+        dtype=DTYPES[settings.dtype],
+        compile_blocks=settings.compile,
+    )
     app.state.engine = Engine(settings, metrics, registry)
     registry.in_use = app.state.engine.models_in_use
     app.state.jobs = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +35,12 @@ class Settings(BaseSettings):
     send_buffer_bytes: int | None = Field(None, ge=4096, description="kernel send buffer per connection")
     max_body_bytes: int = Field(65536, ge=1024)
     threads: int = Field(0, ge=0, description="torch threads for generation (0: torch's default)")
+    dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="generation dtype; for quantized models, of everything around the integer GEMMs"
+    )
+    compile: bool = Field(
+        False, description="torch.compile each model's blocks; warm-up compiles every batch size up to max_sessions"
+    )
     redis_url: str | None = Field(None, description="jobs queue; `qarvd serve` starts an embedded Redis when unset")
     job_attempts: int = Field(3, ge=1, description="runs of a failing job before it is failed")
     job_heartbeat_s: int = Field(10, ge=2, description="a running job silent this long is retried elsewhere")

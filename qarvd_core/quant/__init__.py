@@ -2,7 +2,7 @@
 
 from qarvd_core.quant.api import METHODS, QuantConfig, config_from_dict, quantize
 from qarvd_core.quant.calibration import CalibrationSet
-from qarvd_core.quant.linear import DualScaleQuantLinear, QuantLinear, set_mode
+from qarvd_core.quant.linear import DualScaleQuantLinear, QuantLinear, set_compute_dtype, set_mode
 from qarvd_core.quant.methods import QArvdConfig, RTNConfig
 
 __all__ = [
@@ -15,5 +15,6 @@ __all__ = [
     "RTNConfig",
     "config_from_dict",
     "quantize",
+    "set_compute_dtype",
     "set_mode",
 ]

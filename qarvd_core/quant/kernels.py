@@ -2,25 +2,15 @@
 
 On these CPUs a bare `_int_mm` is several times an fp32 matmul, but the quantize and
 rescale around it are elementwise passes over the activations that eager mode runs one
-op at a time. `use_compiled(True)` runs the same functions through `torch.compile`, which
-fuses each side into one pass (static activation scales make that possible). Both paths
-compute the same integers; only the float rescale may differ by rounding.
+op at a time. Compiled with the rest of a block (`WorldModel.compile_blocks`), the quantize
+fuses into the op that produced the activations and the rescale into the one that consumes
+the result (static activation scales make that possible).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-_COMPILED = {"on": False}
-
-
-def use_compiled(on: bool = True) -> None:
-    """Route deploy-mode GEMMs through torch.compile'd kernels (first calls compile)."""
-    if on:
-        # Each distinct layer shape is one specialisation; a DiT has a handful.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    _COMPILED["on"] = on
 
 
 def _asym_fix(acc: Tensor, a: Tensor, w_zero: Tensor, colsum: Tensor, za: Tensor, k: int, asym_w: bool) -> Tensor:
@@ -64,15 +54,3 @@ def int8_linear_dynamic(
     acc = _asym_fix(torch._int_mm(a, wt), a, w_zero, colsum, zero, x.shape[1], asym_w)
     y = acc.float() * (s * w_scale)
     return y if bias is None else y + bias
-
-
-_compiled_static = torch.compile(int8_linear_static, dynamic=False)
-_compiled_dynamic = torch.compile(int8_linear_dynamic, dynamic=False)
-
-
-def static_kernel():
-    return _compiled_static if _COMPILED["on"] else int8_linear_static
-
-
-def dynamic_kernel():
-    return _compiled_dynamic if _COMPILED["on"] else int8_linear_dynamic

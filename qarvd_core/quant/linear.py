@@ -173,9 +173,11 @@ class QuantLinear(nn.Module):
         common = (d["wt"], d["colsum"], d["w_zero"], self.w_scale, self.bias)
         if self.act_mode == "static":
             s = self.a_spec
-            y = kernels.static_kernel()(x2, *common, self.a_scale, self.a_zero, s.qmin, s.qmax, _offset(s), d["asym_w"])
+            y = kernels.int8_linear_static(
+                x2, *common, self.a_scale, self.a_zero, s.qmin, s.qmax, _offset(s), d["asym_w"]
+            )
         else:
-            y = kernels.dynamic_kernel()(x2, *common, self.a_spec.bits, d["asym_w"])
+            y = kernels.int8_linear_dynamic(x2, *common, self.a_spec.bits, d["asym_w"])
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -261,4 +263,27 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.mode = mode
+            if mode == "deploy":
+                m._deploy_tensors()  # built now, not inside a compiled forward
+    return model
+
+
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast everything but the quantized layers' own tensors to `dtype` (e.g. bf16).
+
+    Norms, attention, embeddings and the kept full-precision layers then run in `dtype`,
+    while scales, zero points and biases stay fp32: they define the quantizer, and the integer
+    GEMM's rescale is done in fp32 before the result is handed back in `dtype`.
+    """
+    quantized = (QuantLinear, DualScaleQuantLinear)
+    inside = {id(sub) for m in model.modules() if isinstance(m, quantized) for sub in m.modules()}
+    for m in model.modules():
+        if id(m) in inside:
+            continue
+        for p in m.parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in m.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point():
+                setattr(m, name, b.to(dtype))
     return model

@@ -101,8 +101,12 @@ class Engine:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         model_id = self.settings.default_model
-        warm = Stream(await loop.run_in_executor(self.executor, self.registry.get, model_id), "islands", 0)
-        await loop.run_in_executor(self.executor, warm.step, "none")
+        model = await loop.run_in_executor(self.executor, self.registry.get, model_id)
+        # Compiled blocks specialise on the batch size: compile every size the loop can batch now.
+        sizes = self.settings.max_sessions if self.settings.compile and self.settings.batch_sessions else 1
+        for n in range(1, sizes + 1):
+            warm = [Stream(model, "islands", i) for i in range(n)]
+            await loop.run_in_executor(self.executor, step_streams, warm, ["none"] * n)
         self.metrics.model_load.labels(model_id).set(time.perf_counter() - t0)
         self._task = asyncio.create_task(self._loop(), name="qarvd-engine")
         self.ready = True

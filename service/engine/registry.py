@@ -9,6 +9,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from qarvd_core.config import WEIGHTS_DIR, load_model, read_manifest, shipped_models
 from qarvd_core.model import WorldModel
 from service.schemas import ModelInfo
@@ -31,10 +33,18 @@ class ModelRegistry:
     is using is unloaded (`in_use` says which are). Thread-safe.
     """
 
-    def __init__(self, artifact_dir: Path, max_loaded: int = 4, in_use: Callable[[], set[str]] = set):
+    def __init__(
+        self,
+        artifact_dir: Path,
+        max_loaded: int = 4,
+        in_use: Callable[[], set[str]] = set,
+        dtype: torch.dtype = torch.float32,
+        compile_blocks: bool = False,
+    ):
         self.artifact_dir = Path(artifact_dir)
         self.max_loaded = max_loaded
         self.in_use = in_use
+        self.dtype, self.compile_blocks = dtype, compile_blocks
         self._loaded: OrderedDict[str, WorldModel] = OrderedDict()
         self._lock = threading.Lock()
         self.load_seconds: dict[str, float] = {}
@@ -83,7 +93,8 @@ class ModelRegistry:
         with self._lock:
             if model_id not in self._loaded:
                 t0 = time.perf_counter()
-                self._loaded[model_id] = load_model(str(self.path_of(model_id)))
+                model = load_model(str(self.path_of(model_id)), dtype=self.dtype)
+                self._loaded[model_id] = model.compile_blocks() if self.compile_blocks else model
                 self.load_seconds[model_id] = time.perf_counter() - t0
                 self._evict(keep=model_id)
             self._loaded.move_to_end(model_id)

@@ -79,23 +79,3 @@ def test_dual_scale_protects_normal_columns():
     torch.testing.assert_close(dual.dequantized_weight()[:, 40:], w[:, 40:], atol=0.6, rtol=0)
     set_mode(dual, "deploy")
     torch.testing.assert_close(dual(x), dual.outlier(x[:, :32]) + dual.normal(x[:, 32:]))
-
-
-def test_compiled_kernels_match_eager_deploy():
-    from qarvd_core.quant import kernels
-
-    g = torch.Generator().manual_seed(4)
-    w, b = torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
-    x = torch.randn(2, 24, 64, generator=g)
-    static = _layer(w, b, 8, 8, x=x)
-    dynamic = _layer(w, b, 8, 8, act_mode="dynamic", x=x)
-    set_mode(static, "deploy")
-    set_mode(dynamic, "deploy")
-    eager = [static(x), dynamic(x)]
-    kernels.use_compiled(True)
-    try:
-        compiled = [static(x), dynamic(x)]
-    finally:
-        kernels.use_compiled(False)
-    for e, c in zip(eager, compiled):
-        torch.testing.assert_close(c, e, atol=1e-4 * e.abs().max().item(), rtol=1e-4)

@@ -56,3 +56,21 @@ def test_refuses_unknown_version_other_base_and_truncated_file(checkpoint, make_
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated"):
         load_quantized(path)
+
+
+def test_bf16_compute_keeps_fp32_scales_and_the_quantized_output(checkpoint):
+    from qarvd_core.eval.metrics import psnr
+    from qarvd_core.quant import QuantLinear
+    from qarvd_core.sampling import to_uint8
+
+    path, _, _ = checkpoint
+    fp32 = load_model(str(path))
+    bf16 = load_model(str(path), dtype=torch.bfloat16)
+    assert bf16.patch_embedding.weight.dtype == torch.bfloat16 and bf16.blocks[0].norm3.weight.dtype == torch.bfloat16
+    layers = [m for m in bf16.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.w_scale.dtype == m.a_scale.dtype == torch.float32 for m in layers)
+    assert all(m.mode == "deploy" for m in layers)
+    ref = to_uint8(rollout(fp32, *ARGS))
+    assert psnr(to_uint8(rollout(bf16, *ARGS)), ref).mean() > 35
+    compiled = load_model(str(path), dtype=torch.bfloat16).compile_blocks()
+    assert psnr(to_uint8(rollout(compiled, *ARGS)), ref).mean() > 35
