@@ -387,6 +387,9 @@ class WorldModel(nn.Module):
         is attended as a masked buffer), so one graph per batch size serves all blocks and
         cache lengths. Quantized layers should be in their final mode first.
         """
+        # All models share Block.forward's code, and each (model, batch size) is one entry in
+        # its compile cache: raise the default limit of 8 so a server's models all stay compiled.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in self.blocks:
             block.compile(dynamic=False)
         return self

@@ -151,3 +151,15 @@ def test_sigterm_tells_sessions_1012_and_exits_cleanly(make_server):
     log = s.output()
     # uvicorn re-raises the signal after a graceful shutdown, so -SIGTERM is a clean exit here.
     assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in log
+
+
+def test_compiled_bf16_server_warms_every_batch_size_and_streams(make_server):
+    s = make_server(compile="true", dtype="bf16", max_sessions="2")
+    clients = [StreamClient(s.ws_url) for _ in range(2)]
+    for i, c in enumerate(clients):
+        c.start(model="mini-rtn-w8a8", prompt="forest", seed=i)
+    for c in clients:
+        assert len(c.frames(6)) == 6
+        c.close()
+    metrics = httpx.get(s.url + "/metrics").text
+    assert "qarvd_frames_sent_total" in metrics
