@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from qarvd_core.config import load_model
+from qarvd_core.config import DTYPES, load_model
 from qarvd_core.eval.bench import bench_stream
 from service.client import StreamClient
 from service.process import ServerProcess
@@ -67,20 +67,26 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--slow-seconds", type=float, default=30)
     ap.add_argument("--long-seconds", type=float, default=120)
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="QARVD_DTYPE for the server and the bench")
+    ap.add_argument("--compile", action="store_true", help="QARVD_COMPILE: compiled blocks in the server and the bench")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/stream_service"))
     a = ap.parse_args()
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    r: dict = {"model": a.model, "threads": torch.get_num_threads()}
+    r: dict = {"model": a.model, "threads": torch.get_num_threads(), "dtype": a.dtype, "compiled": a.compile}
 
     local = a.artifact_dir / f"{a.model}.safetensors"
-    r["qarvd_bench"] = bench_stream(load_model(str(local) if local.is_file() else a.model), chunks=30)
+    model = load_model(str(local) if local.is_file() else a.model, dtype=DTYPES[a.dtype])
+    r["qarvd_bench"] = bench_stream(model.compile_blocks() if a.compile else model, chunks=30)
     server = ServerProcess(
+        ready_timeout=600,  # compiling every batch size up to max_sessions takes minutes on 2 cores
         default_model=a.model,
         artifact_dir=a.artifact_dir,
         fps_target=1000,
         max_sessions=8,
         drift_sample_rate=0,
         send_buffer_bytes=65536,
+        dtype=a.dtype,
+        compile=a.compile,
     )
     try:
         ttff = []

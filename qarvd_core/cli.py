@@ -194,9 +194,11 @@ def evaluate_cmd(
     cfg = EvalConfig(
         scenarios=scenarios, frames=frames, drift_frames=drift_frames, split=split, **sampler_kwargs(action_guidance)
     )
-    result = evaluate(net, ref, cfg, progress=lambda stage: typer.echo(f"eval: {stage}", err=True))
+    examples: list = []
+    result = evaluate(net, ref, cfg, lambda stage: typer.echo(f"eval: {stage}", err=True), revisit_examples=examples)
     result["model"], result["reference"] = model, reference
-    paths = write_report(result, json_path, f"qarvd eval: {model}" + (f" vs {reference}" if reference else ""))
+    title = f"qarvd eval: {model}" + (f" vs {reference}" if reference else "")
+    paths = write_report(result, json_path, title, examples)
     typer.echo(json_path.with_suffix(".md").read_text())
     typer.echo("wrote " + ", ".join(map(str, paths)))
 

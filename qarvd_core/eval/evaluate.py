@@ -55,8 +55,14 @@ def _revisit_pairs(camera: np.ndarray, max_gap: int) -> list[tuple[int, int]]:
 
 
 def evaluate(
-    model: WorldModel, reference: WorldModel | None = None, cfg: EvalConfig = EvalConfig(), progress=lambda stage: None
+    model: WorldModel,
+    reference: WorldModel | None = None,
+    cfg: EvalConfig = EvalConfig(),
+    progress=lambda stage: None,
+    revisit_examples: list | None = None,
 ) -> dict:
+    """The metrics of DESIGN §6 as a dict; `revisit_examples`, if given, receives a few revisit
+    pairs as (simulator frame i, simulator frame j, generated i, generated j) for a person to judge."""
     a = model.args
     cases = scenarios(cfg.split, cfg.scenarios, cfg.frames)
     progress("held-out scenarios")
@@ -70,6 +76,8 @@ def evaluate(
     rev, rev_sim, other, other_sim = [], [], [], []
     for g, t in zip(gen, truth):
         for i, j in _revisit_pairs(t["camera"], max_gap):
+            if revisit_examples is not None and len(revisit_examples) < 6 and j - i >= 4:
+                revisit_examples.append((t["frames"][i], t["frames"][j], g[i], g[j]))
             rev.append(metrics.psnr(g[i], g[j]))
             rev_sim.append(metrics.psnr(t["frames"][i], t["frames"][j]))
             # What "consistent" is measured against: frame j vs the frames of its window
@@ -151,8 +159,12 @@ def _drift(model: WorldModel, frames: int, action_guidance: float) -> dict:
     }
 
 
-def write_report(result: dict, json_path: Path, title: str) -> list[Path]:
-    """JSON, a Markdown table and PNG plots side by side; returns the paths written."""
+def write_report(result: dict, json_path: Path, title: str, revisit_examples: list | None = None) -> list[Path]:
+    """JSON, a Markdown table and PNG plots side by side; returns the paths written.
+
+    With `revisit_examples` (from `evaluate`), also NAME-revisits.png: one row per pair,
+    simulator then model, the first visit left of the return.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,7 +224,17 @@ def write_report(result: dict, json_path: Path, title: str) -> list[Path]:
     png = json_path.with_suffix(".png")
     fig.savefig(png, dpi=100)
     plt.close(fig)
-    return [json_path, md_path, png]
+    written = [json_path, md_path, png]
+    if revisit_examples:
+        from PIL import Image
+
+        gap = np.full_like(revisit_examples[0][0][:, :4], 255)
+        rows = [np.concatenate([a, b, gap, c, d], axis=1) for a, b, c, d in revisit_examples]
+        strip = np.concatenate([np.concatenate([r, np.full_like(r[:4], 255)]) for r in rows])
+        path = json_path.with_name(json_path.stem + "-revisits.png")
+        Image.fromarray(strip).resize((strip.shape[1] * 3, strip.shape[0] * 3), Image.NEAREST).save(path)
+        written.append(path)
+    return written
 
 
 def _fmt(v) -> str:

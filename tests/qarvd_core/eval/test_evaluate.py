@@ -3,13 +3,14 @@ import json
 from typer.testing import CliRunner
 
 from qarvd_core.cli import app
-from qarvd_core.eval.evaluate import EvalConfig, _revisit_pairs, evaluate
+from qarvd_core.eval.evaluate import EvalConfig, _revisit_pairs, evaluate, write_report
 
 SMALL = EvalConfig(scenarios=3, frames=12, drift_frames=30)
 
 
-def test_model_against_itself_is_perfect_and_against_another_is_not(mini, make_mini):
-    same = evaluate(mini, mini, SMALL)
+def test_model_against_itself_is_perfect_and_against_another_is_not(mini, make_mini, tmp_path):
+    examples: list = []
+    same = evaluate(mini, mini, SMALL, revisit_examples=examples)
     assert same["psnr_db_mean"] == 100 and abs(same["ssim_mean"] - 1) < 1e-9
     assert len(same["psnr_db_per_chunk"]) == 4 and same["frames"] == 36
     assert same["action_accuracy_simulator"] > 0.9
@@ -19,6 +20,9 @@ def test_model_against_itself_is_perfect_and_against_another_is_not(mini, make_m
     # The simulator redraws a revisited place (entities aside); other places look different.
     assert same["revisit_pairs"] > 0
     assert same["revisit_psnr_db_simulator"] > same["revisit_other_places_psnr_db_simulator"] + 20
+    assert examples and all(len(e) == 4 and e[0].shape == (64, 64, 3) for e in examples)
+    written = write_report(same, tmp_path / "e.json", "t", examples)
+    assert written[-1].name == "e-revisits.png" and written[-1].stat().st_size > 1000
     other = evaluate(mini, make_mini(seed=1), SMALL)
     assert other["psnr_db_mean"] < 40
     d = other["drift"]
