@@ -32,6 +32,9 @@ VARIANTS = {
     "qarvd + S1 only": {"method": "qarvd", "dual_scale": False},
     "qarvd + S2 only": {"method": "qarvd", "frame_weighting": False},
     "qarvd, neither": {"method": "qarvd", "frame_weighting": False, "dual_scale": False},
+    # Beyond the paper: learned rounding that starts from GPTQ's solution instead of nearest.
+    "qarvd (S1 + S2), GPTQ start": {"method": "qarvd", "rounding_init": "gptq"},
+    "qarvd + S2 only, GPTQ start": {"method": "qarvd", "frame_weighting": False, "rounding_init": "gptq"},
 }
 
 
@@ -98,18 +101,19 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="a subset of the variants, by name")
     ap.add_argument("--scenarios", type=int, default=8)
     ap.add_argument("--frames", type=int, default=48)
+    ap.add_argument("--split", default="heldout", choices=["heldout", "calibration"], help="calibration: to choose")
     ap.add_argument("--out", default="benchmarks/results/quant_quality_w4a8")
     a = ap.parse_args()
     out = Path(a.out)
     base = load_model(a.model)
     calib = CalibrationSet()
-    eval_cfg = EvalConfig(scenarios=a.scenarios, frames=a.frames, drift_frames=0)
+    eval_cfg = EvalConfig(scenarios=a.scenarios, frames=a.frames, drift_frames=0, split=a.split)
     meta = {
         "model": a.model,
         "w_bits": a.w_bits,
         "a_bits": a.a_bits,
         "calibration": calib.describe(),
-        "eval": f"qarvd eval, {a.scenarios} held-out scenarios x {a.frames} frames, simulate mode",
+        "eval": f"qarvd eval, {a.scenarios} {a.split} scenarios x {a.frames} frames, simulate mode",
     }
     done = json.loads(out.with_suffix(".json").read_text())["results"] if out.with_suffix(".json").exists() else {}
     for name, options in VARIANTS.items():

@@ -2,11 +2,13 @@
 
 For each model: FP32 and BF16, eager and with the transformer blocks compiled
 (`WorldModel.compile_blocks`); qarvd W8A8 and W4A8 in deploy mode (integer GEMMs, bf16
-around them), eager and compiled; torchao's Int8DynamicActivationInt8WeightConfig and
-Int8WeightOnlyConfig on the same layers of the bf16 model, compiled the same way. Reported
-as ratios from the same process: streaming frames/s (`qarvd bench`), time in the linear
-layers alone (all block linears in one compiled or eager function), bytes of the quantized
-layers, and PSNR of a short rollout against the FP32 model on identical noise.
+around them; RTN with static per-tensor activations, and ViDiT-Q's per-token dynamic
+activations, the scheme torchao's int8 dynamic config uses), eager and compiled; torchao's
+Int8DynamicActivationInt8WeightConfig and Int8WeightOnlyConfig on the same layers of the
+bf16 model, compiled the same way. Reported as ratios from the same process: streaming
+frames/s (`qarvd bench`), time in the linear layers alone (all block linears in one compiled
+or eager function), bytes of the quantized layers, and PSNR of a short rollout against the
+FP32 model on identical noise.
 
     pip install -e ".[bench]"   # torchao, the peer
     python benchmarks/quant_speed.py --models tiny-world small-world --out benchmarks/results/quant_speed
@@ -29,6 +31,7 @@ from qarvd_core.eval.metrics import psnr
 from qarvd_core.model import ModelArgs, WorldModel
 from qarvd_core.quant import CalibrationSet, RTNConfig, quantize, set_compute_dtype, set_mode
 from qarvd_core.quant.api import DEFAULT_KEEP_FP, target_linears
+from qarvd_core.quant.methods import ViDiTQConfig
 from qarvd_core.sampling import rollout, to_uint8
 
 ROLLOUT = (["islands", "desert"], [["right"] * 12, ["down"] * 6 + ["left"] * 6], [1, 2])
@@ -88,12 +91,16 @@ def variants(fp32: WorldModel, calib: CalibrationSet):
     yield "bf16", bf16, False
     yield "fp32 compiled", copy.deepcopy(fp32), True
     yield "bf16 compiled", copy.deepcopy(bf16), True
-    for bits in (8, 4):
-        q = quantize(fp32, RTNConfig(w_bits=bits, a_bits=8), calib, progress=False)
+    for label, cfg in (
+        ("qarvd W8A8", RTNConfig(w_bits=8, a_bits=8)),
+        ("qarvd W4A8", RTNConfig(w_bits=4, a_bits=8)),
+        ("qarvd W8A8 per-token (vidit-q)", ViDiTQConfig(w_bits=8, a_bits=8)),
+    ):
+        q = quantize(fp32, cfg, calib, progress=False)
         set_mode(set_compute_dtype(q, torch.bfloat16), "deploy")
-        if bits == 8:
-            yield "qarvd W8A8 deploy (eager)", q, False
-        yield f"qarvd W{bits}A8 deploy (compiled)", copy.deepcopy(q), True
+        if label == "qarvd W8A8":
+            yield f"{label} deploy (eager)", q, False
+        yield f"{label} deploy (compiled)", copy.deepcopy(q), True
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
     except ImportError:

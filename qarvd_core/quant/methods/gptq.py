@@ -27,17 +27,31 @@ class GPTQConfig(QuantConfig):
             raise ValueError("percdamp must be in (0, 1) and block >= 1")
 
 
-def gptq_codes(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, percdamp: float, block: int):
-    """(codes, scale, zero) for w [out, in] given calibration rows x [S, in]."""
+def gptq_codes(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    spec: QuantSpec,
+    percdamp: float,
+    block: int,
+    scale: torch.Tensor | None = None,
+    zero: torch.Tensor | None = None,
+):
+    """(codes, scale, zero, compensated) for w [out, in] given calibration rows x [S, in].
+
+    `scale`/`zero` [out] default to per-channel min-max. `compensated` is each column as it
+    was when rounded, after the earlier columns' errors were folded in: the codes are its
+    round-to-nearest, so it is also a starting point for learned rounding.
+    """
     w = w.float().clone()
-    scale, zero = minmax_weight(w, spec)
+    if scale is None:
+        scale, zero = minmax_weight(w, spec)
     H = 2 * x.T.double() @ x.double() / len(x)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     w[:, dead] = 0
     H += percdamp * torch.diag(H).mean() * torch.eye(len(H), dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
-    codes = torch.zeros_like(w)
+    codes, compensated = torch.zeros_like(w), torch.zeros_like(w)
     n = w.shape[1]
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
@@ -46,12 +60,12 @@ def gptq_codes(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, percdamp: floa
         for i in range(i2 - i1):
             col, d = W1[:, i], Hinv1[i, i]
             q = quantize(col, scale, zero, spec)
-            codes[:, i1 + i] = q
+            codes[:, i1 + i], compensated[:, i1 + i] = q, col
             err = (col - (q - zero) * scale) / d
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None]
             Err1[:, i] = err
         w[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return codes, scale, zero
+    return codes, scale, zero, compensated
 
 
 @register(GPTQConfig)
@@ -60,7 +74,8 @@ def run(model, config: GPTQConfig, calib: CalibrationSet, progress: Progress) ->
         q = QuantLinear(
             lin.in_features, lin.out_features, config.w_spec, config.a_spec, "static", bias=lin.bias is not None
         )
-        q.set_weight(*gptq_codes(lin.weight.detach(), x, config.w_spec, config.percdamp, config.block))
+        codes, scale, zero, _ = gptq_codes(lin.weight.detach(), x, config.w_spec, config.percdamp, config.block)
+        q.set_weight(codes, scale, zero)
         if lin.bias is not None:
             q.bias = lin.bias.detach().float().clone()
         q.init_activation(x, pcts=(100.0,))

@@ -22,8 +22,11 @@ from qarvd_core.model import WorldModel
 from qarvd_core.quant.api import Progress, QuantConfig, register, swap_module, target_linears
 from qarvd_core.quant.calibration import CalibrationSet, LayerInputs, collect_inputs
 from qarvd_core.quant.linear import DualScaleQuantLinear, QuantLinear
+from qarvd_core.quant.methods.gptq import gptq_codes
 from qarvd_core.quant.primitives import AdaRound, fake_quant
 from qarvd_core.sampling import rollout
+
+ROUNDING_INITS = ("nearest", "gptq")
 
 # Layers the official code leaves at round-to-nearest (their inputs are the prompt tokens).
 NO_RECONSTRUCTION = ("cross_attn.k", "cross_attn.v", "text_embedding")
@@ -40,6 +43,9 @@ class QArvdConfig(QuantConfig):
     dual_scale: bool = True  # S2
     weighting_on_dual_scale: bool = False  # the official code turns S1 off on dual-scale layers
     frame_weights: tuple[float, ...] | None = None  # given weights skip the sensitivity measurement
+    # Where learned rounding starts: "nearest" (AdaRound, the official code) or "gptq" (beyond the
+    # paper: GPTQ's error-compensated weights, so reconstruction starts from GPTQ's solution).
+    rounding_init: str = "nearest"
     sensitivity_rollouts: int = 8
     recon_iters: int = 2000
     recon_rows: int = 256  # calibration rows per reconstruction step
@@ -54,6 +60,8 @@ class QArvdConfig(QuantConfig):
         super().__post_init__()
         if self.recon_iters < 0 or self.sensitivity_rollouts < 1 or self.recon_rows < 1:
             raise ValueError("recon_iters must be >= 0, sensitivity_rollouts and recon_rows >= 1")
+        if self.rounding_init not in ROUNDING_INITS:
+            raise ValueError(f"rounding_init must be one of {ROUNDING_INITS}, got {self.rounding_init!r}")
 
 
 def find_outlier_columns(w: Tensor, z: float = 3.5, ratio: float = 1.2, align: int = 32) -> Tensor:
@@ -137,10 +145,12 @@ def reconstruct(
     scaled to a forward pass's token count, plus the rounding regulariser once warm-up ends
     (beta 20 -> 2 over the remaining 80% of steps).
     """
-    parts = layer.parts() if isinstance(layer, DualScaleQuantLinear) else [(layer, None)]
+    parts = _parts(layer)
     rounders, scales = [], []
     for part, idx in parts:
         w = w_fp if idx is None else w_fp[:, idx]
+        if cfg.rounding_init == "gptq":
+            w = _gptq_start(part, w, x if idx is None else x[:, idx])
         rounders.append(AdaRound(w, part.w_scale, part.w_zero + _centre(part), part.w_spec))
         scales.append(nn.Parameter(part.a_scale.clone()))
     opt_round = torch.optim.Adam([r.alpha for r in rounders], lr=cfg.lr_rounding)
@@ -177,6 +187,18 @@ def reconstruct(
         part.set_weight(rnd.codes(hard=True).detach(), part.w_scale, part.w_zero + _centre(part))
         part.set_activation(s.detach(), part.a_zero)
     return float(loss.detach())
+
+
+def _parts(layer: nn.Module) -> list[tuple[QuantLinear, Tensor | None]]:
+    return layer.parts() if isinstance(layer, DualScaleQuantLinear) else [(layer, None)]
+
+
+def _gptq_start(part: QuantLinear, w: Tensor, x: Tensor) -> Tensor:
+    """Round `part` GPTQ's way on its own scales; returns the compensated weights behind those codes."""
+    zero = part.w_zero + _centre(part)
+    codes, _, _, compensated = gptq_codes(w, x, part.w_spec, 0.01, 128, part.w_scale, zero)
+    part.set_weight(codes, part.w_scale, zero)
+    return compensated
 
 
 def _centre(part: QuantLinear) -> int:
@@ -239,10 +261,15 @@ def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress:
         weighted = weights if (summary[name]["kind"] == "linear" or config.weighting_on_dual_scale) else None
         if weighted is not None:
             layer.init_activation(inputs_wq[name].stacked()[0], _row_weights(inputs_wq[name], weighted))
-        if any(k in name for k in NO_RECONSTRUCTION) or config.recon_iters == 0:
+        if any(k in name for k in NO_RECONSTRUCTION):
             continue
         x, _, _ = inputs_fp[name].stacked()
         w, b = fp_params[name]
+        if config.recon_iters == 0:
+            if config.rounding_init == "gptq":
+                for part, idx in _parts(layer):
+                    _gptq_start(part, w if idx is None else w[:, idx], x if idx is None else x[:, idx])
+            continue
         summary[name]["recon_loss"] = reconstruct(
             layer, w, b, x, _row_weights(inputs_fp[name], weighted), config, model.args.chunk_tokens, gen
         )
