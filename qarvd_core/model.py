@@ -270,6 +270,20 @@ class CrossAttention(Attention):
         return self.o(y.transpose(1, 2).reshape(B, L, D))
 
 
+class TanhGELU(nn.Module):
+    """GELU, tanh approximation (Wan's FFN).
+
+    Compiled, it is written as x * sigmoid(2u), the same function since 0.5 (1 + tanh u) =
+    sigmoid(2u): on CPU, inductor's vectorised tanh costs about 3x its sigmoid, and this one
+    op was a tenth of a compiled block's time.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+        return F.gelu(x, approximate="tanh")
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -278,9 +292,7 @@ class Block(nn.Module):
         self.norm3 = nn.LayerNorm(args.dim, args.eps)
         self.cross_attn = CrossAttention(args)
         self.norm2 = nn.LayerNorm(args.dim, args.eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(
-            nn.Linear(args.dim, args.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(args.ffn_dim, args.dim)
-        )
+        self.ffn = nn.Sequential(nn.Linear(args.dim, args.ffn_dim), TanhGELU(), nn.Linear(args.ffn_dim, args.dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, args.dim))
 
     def forward(self, x, e0, context, freqs, mask, kv: CachedKV | None = None):

@@ -44,7 +44,7 @@ class QArvdConfig(QuantConfig):
     weighting_on_dual_scale: bool = False  # the official code turns S1 off on dual-scale layers
     frame_weights: tuple[float, ...] | None = None  # given weights skip the sensitivity measurement
     # Where learned rounding starts: "nearest" (AdaRound, the official code) or "gptq" (beyond the
-    # paper: GPTQ's error-compensated weights, so reconstruction starts from GPTQ's solution).
+    # paper: each weight leans to the side GPTQ's Hessian-compensated rounding chose).
     rounding_init: str = "nearest"
     sensitivity_rollouts: int = 8
     recon_iters: int = 2000
@@ -149,9 +149,8 @@ def reconstruct(
     rounders, scales = [], []
     for part, idx in parts:
         w = w_fp if idx is None else w_fp[:, idx]
-        if cfg.rounding_init == "gptq":
-            w = _gptq_start(part, w, x if idx is None else x[:, idx])
-        rounders.append(AdaRound(w, part.w_scale, part.w_zero + _centre(part), part.w_spec))
+        start = _gptq_start(part, w, x if idx is None else x[:, idx]) if cfg.rounding_init == "gptq" else None
+        rounders.append(AdaRound(w, part.w_scale, part.w_zero + _centre(part), part.w_spec, start))
         scales.append(nn.Parameter(part.a_scale.clone()))
     opt_round = torch.optim.Adam([r.alpha for r in rounders], lr=cfg.lr_rounding)
     opt_act = torch.optim.Adam(scales, lr=cfg.lr_act_scale)
@@ -194,11 +193,11 @@ def _parts(layer: nn.Module) -> list[tuple[QuantLinear, Tensor | None]]:
 
 
 def _gptq_start(part: QuantLinear, w: Tensor, x: Tensor) -> Tensor:
-    """Round `part` GPTQ's way on its own scales; returns the compensated weights behind those codes."""
+    """Round `part` GPTQ's way on its own scales; returns those codes."""
     zero = part.w_zero + _centre(part)
-    codes, _, _, compensated = gptq_codes(w, x, part.w_spec, 0.01, 128, part.w_scale, zero)
+    codes, _, _, _ = gptq_codes(w, x, part.w_spec, 0.01, 128, part.w_scale, zero)
     part.set_weight(codes, part.w_scale, zero)
-    return compensated
+    return codes
 
 
 def _centre(part: QuantLinear) -> int:
