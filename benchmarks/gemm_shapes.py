@@ -1,4 +1,4 @@
-"""Bare GEMM speed at the world models' shapes: torch._int_mm (int8) vs bf16 and fp32 linear.
+"""Bare GEMM speed at the world models' shapes: torch._int_mm and oneDNN int8 vs bf16 and fp32 linear.
 
 Explains the deploy-mode table: how much an integer GEMM can win before any quantize or
 rescale pass, per layer shape (M tokens x K in x N out), on this machine's kernels.
@@ -40,9 +40,28 @@ def main() -> None:
         w8 = torch.randint(-127, 128, (K, N), dtype=torch.int8, generator=g)
         x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
         xb, wb = x.bfloat16(), w.bfloat16()
+        # oneDNN's int8 linear on a weight prepacked once, rescale fused into its bf16 output.
+        packed = torch.ops.onednn.qlinear_prepack(w8.t().contiguous(), [M, K])
+        ws, wz = torch.full((N,), 0.01), torch.zeros(N, dtype=torch.long)
         r = {
             "shape": [M, K, N],
             "int8_us": micros(torch._int_mm, a8, w8),
+            "onednn_int8_us": micros(
+                torch.ops.onednn.qlinear_pointwise,
+                a8,
+                0.02,
+                0,
+                packed,
+                ws,
+                wz,
+                None,
+                1.0,
+                0,
+                torch.bfloat16,
+                "none",
+                [],
+                "",
+            ),
             "bf16_us": micros(F.linear, xb, wb),
             "fp32_us": micros(F.linear, x, w),
         }
@@ -51,11 +70,12 @@ def main() -> None:
     md = [
         f"# Bare GEMMs ({torch.get_num_threads()} threads, torch {torch.__version__})",
         "",
-        "| M x K x N | int8 us | bf16 us | fp32 us | bf16 / int8 | fp32 / int8 |",
-        "|---|---|---|---|---|---|",
+        "| M x K x N | int8 us | oneDNN int8 us | bf16 us | fp32 us | bf16 / int8 | bf16 / oneDNN int8 | fp32 / int8 |",
+        "|---|---|---|---|---|---|---|---|",
     ] + [
-        f"| {' x '.join(map(str, r['shape']))} | {r['int8_us']:.0f} | {r['bf16_us']:.0f} | {r['fp32_us']:.0f} | "
-        f"{r['bf16_us'] / r['int8_us']:.2f} | {r['fp32_us'] / r['int8_us']:.2f} |"
+        f"| {' x '.join(map(str, r['shape']))} | {r['int8_us']:.0f} | {r['onednn_int8_us']:.0f} | {r['bf16_us']:.0f} | "
+        f"{r['fp32_us']:.0f} | {r['bf16_us'] / r['int8_us']:.2f} | {r['bf16_us'] / r['onednn_int8_us']:.2f} | "
+        f"{r['fp32_us'] / r['int8_us']:.2f} |"
         for r in rows
     ]
     a.out.parent.mkdir(parents=True, exist_ok=True)
