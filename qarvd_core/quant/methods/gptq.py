@@ -36,12 +36,8 @@ def gptq_codes(
     scale: torch.Tensor | None = None,
     zero: torch.Tensor | None = None,
 ):
-    """(codes, scale, zero, compensated) for w [out, in] given calibration rows x [S, in].
-
-    `scale`/`zero` [out] default to per-channel min-max. `compensated` is each column as it
-    was when rounded, after the earlier columns' errors were folded in: the codes are its
-    round-to-nearest, so it is also a starting point for learned rounding.
-    """
+    """(codes, scale, zero) for w [out, in] given calibration rows x [S, in]; `scale`/`zero` [out]
+    default to per-channel min-max."""
     w = w.float().clone()
     if scale is None:
         scale, zero = minmax_weight(w, spec)
@@ -51,7 +47,7 @@ def gptq_codes(
     w[:, dead] = 0
     H += percdamp * torch.diag(H).mean() * torch.eye(len(H), dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
-    codes, compensated = torch.zeros_like(w), torch.zeros_like(w)
+    codes = torch.zeros_like(w)
     n = w.shape[1]
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
@@ -60,12 +56,12 @@ def gptq_codes(
         for i in range(i2 - i1):
             col, d = W1[:, i], Hinv1[i, i]
             q = quantize(col, scale, zero, spec)
-            codes[:, i1 + i], compensated[:, i1 + i] = q, col
+            codes[:, i1 + i] = q
             err = (col - (q - zero) * scale) / d
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None]
             Err1[:, i] = err
         w[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return codes, scale, zero, compensated
+    return codes, scale, zero
 
 
 @register(GPTQConfig)
@@ -74,8 +70,7 @@ def run(model, config: GPTQConfig, calib: CalibrationSet, progress: Progress) ->
         q = QuantLinear(
             lin.in_features, lin.out_features, config.w_spec, config.a_spec, "static", bias=lin.bias is not None
         )
-        codes, scale, zero, _ = gptq_codes(lin.weight.detach(), x, config.w_spec, config.percdamp, config.block)
-        q.set_weight(codes, scale, zero)
+        q.set_weight(*gptq_codes(lin.weight.detach(), x, config.w_spec, config.percdamp, config.block))
         if lin.bias is not None:
             q.bias = lin.bias.detach().float().clone()
         q.init_activation(x, pcts=(100.0,))

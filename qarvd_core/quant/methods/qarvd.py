@@ -149,7 +149,7 @@ def reconstruct(
     rounders, scales = [], []
     for part, idx in parts:
         w = w_fp if idx is None else w_fp[:, idx]
-        start = _gptq_start(part, w, x if idx is None else x[:, idx]) if cfg.rounding_init == "gptq" else None
+        start = part.weight_codes().float() + _centre(part) if cfg.rounding_init == "gptq" else None
         rounders.append(AdaRound(w, part.w_scale, part.w_zero + _centre(part), part.w_spec, start))
         scales.append(nn.Parameter(part.a_scale.clone()))
     opt_round = torch.optim.Adam([r.alpha for r in rounders], lr=cfg.lr_rounding)
@@ -192,12 +192,11 @@ def _parts(layer: nn.Module) -> list[tuple[QuantLinear, Tensor | None]]:
     return layer.parts() if isinstance(layer, DualScaleQuantLinear) else [(layer, None)]
 
 
-def _gptq_start(part: QuantLinear, w: Tensor, x: Tensor) -> Tensor:
-    """Round `part` GPTQ's way on its own scales; returns those codes."""
+def _gptq_round(part: QuantLinear, w: Tensor, x: Tensor) -> None:
+    """Round `part` GPTQ's way on its own scales (reconstruction then starts from these codes)."""
     zero = part.w_zero + _centre(part)
-    codes, _, _, _ = gptq_codes(w, x, part.w_spec, 0.01, 128, part.w_scale, zero)
+    codes, _, _ = gptq_codes(w, x, part.w_spec, 0.01, 128, part.w_scale, zero)
     part.set_weight(codes, part.w_scale, zero)
-    return codes
 
 
 def _centre(part: QuantLinear) -> int:
@@ -264,10 +263,10 @@ def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress:
             continue
         x, _, _ = inputs_fp[name].stacked()
         w, b = fp_params[name]
+        if config.rounding_init == "gptq":
+            for part, idx in _parts(layer):
+                _gptq_round(part, w if idx is None else w[:, idx], x if idx is None else x[:, idx])
         if config.recon_iters == 0:
-            if config.rounding_init == "gptq":
-                for part, idx in _parts(layer):
-                    _gptq_start(part, w if idx is None else w[:, idx], x if idx is None else x[:, idx])
             continue
         summary[name]["recon_loss"] = reconstruct(
             layer, w, b, x, _row_weights(inputs_fp[name], weighted), config, model.args.chunk_tokens, gen

@@ -81,7 +81,7 @@ def test_gptq_beats_round_to_nearest_on_the_calibration_outputs():
     x = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated inputs
     w = torch.randn(32, 64, generator=g)
     spec = QuantSpec(4, False)
-    codes, scale, zero, _ = gptq_codes(w, x, spec, 0.01, 16)
+    codes, scale, zero = gptq_codes(w, x, spec, 0.01, 16)
     w_gptq = (codes - zero[:, None]) * scale[:, None]
     s, z = minmax_weight(w, spec)
     w_rtn = fake_quant(w, s[:, None], z[:, None], spec)
