@@ -1,7 +1,9 @@
 """Bare GEMM speed at the world models' shapes: torch._int_mm and oneDNN int8 vs bf16 and fp32 linear.
 
 Explains the deploy-mode table: how much an integer GEMM can win before any quantize or
-rescale pass, per layer shape (M tokens x K in x N out), on this machine's kernels.
+rescale pass, per layer shape (M tokens x K in x N out), on this machine's kernels. "int8"
+is `_int_mm` on the direct problem, "int8 transposed" the same kernel on (W a^T)^T, and
+"qarvd int8" what deploy mode runs (`kernels.int_mm`, which picks between the two).
 
     python benchmarks/gemm_shapes.py --out benchmarks/results/gemm_shapes
 """
@@ -16,8 +18,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qarvd_core.quant.kernels import int_mm
+
 # (M, K, N): tiny-world attention and FFN layers at batch 1 and 4, small-world's FFN.
-SHAPES = [(192, 256, 256), (192, 256, 1024), (192, 1024, 256), (768, 256, 1024), (192, 512, 2048), (192, 2048, 512)]
+SHAPES = [
+    (192, 256, 256),
+    (192, 256, 1024),
+    (192, 1024, 256),
+    (768, 256, 1024),
+    (192, 512, 512),
+    (192, 512, 2048),
+    (192, 2048, 512),
+]
 
 
 def micros(fn, *args, repeats: int = 200) -> float:
@@ -46,6 +58,8 @@ def main() -> None:
         r = {
             "shape": [M, K, N],
             "int8_us": micros(torch._int_mm, a8, w8),
+            "int8_transposed_us": micros(lambda a, w: torch._int_mm(w, a.t()).t(), a8, w8.t().contiguous()),
+            "qarvd_int8_us": micros(int_mm, a8, w8.t().contiguous()),
             "onednn_int8_us": micros(
                 torch.ops.onednn.qlinear_pointwise,
                 a8,
@@ -70,12 +84,14 @@ def main() -> None:
     md = [
         f"# Bare GEMMs ({torch.get_num_threads()} threads, torch {torch.__version__})",
         "",
-        "| M x K x N | int8 us | oneDNN int8 us | bf16 us | fp32 us | bf16 / int8 | bf16 / oneDNN int8 | fp32 / int8 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| M x K x N | int8 us | int8 transposed us | qarvd int8 us | oneDNN int8 us | bf16 us | fp32 us | "
+        "bf16 / int8 | bf16 / qarvd int8 | bf16 / oneDNN int8 | fp32 / qarvd int8 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ] + [
-        f"| {' x '.join(map(str, r['shape']))} | {r['int8_us']:.0f} | {r['onednn_int8_us']:.0f} | {r['bf16_us']:.0f} | "
-        f"{r['fp32_us']:.0f} | {r['bf16_us'] / r['int8_us']:.2f} | {r['bf16_us'] / r['onednn_int8_us']:.2f} | "
-        f"{r['fp32_us'] / r['int8_us']:.2f} |"
+        f"| {' x '.join(map(str, r['shape']))} | {r['int8_us']:.0f} | {r['int8_transposed_us']:.0f} | "
+        f"{r['qarvd_int8_us']:.0f} | {r['onednn_int8_us']:.0f} | {r['bf16_us']:.0f} | {r['fp32_us']:.0f} | "
+        f"{r['bf16_us'] / r['int8_us']:.2f} | {r['bf16_us'] / r['qarvd_int8_us']:.2f} | "
+        f"{r['bf16_us'] / r['onednn_int8_us']:.2f} | {r['fp32_us'] / r['qarvd_int8_us']:.2f} |"
         for r in rows
     ]
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -153,11 +153,11 @@ class QuantLinear(nn.Module):
         return F.linear(self.quantize_input(x), w, None if self.bias is None else self.bias.to(x.dtype))
 
     def _deploy_tensors(self) -> dict:
-        # Transposed int8 weights, their column sums and integer zero points: once per weight change.
-        if self._deploy_cache is None or self._deploy_cache["wt"].device != self.qweight.device:
+        # Unpacked int8 weights, their row sums and integer zero points: once per weight change.
+        if self._deploy_cache is None or self._deploy_cache["w"].device != self.qweight.device:
             codes = self.weight_codes()
             self._deploy_cache = {
-                "wt": codes.t().contiguous(),
+                "w": codes.contiguous(),
                 "colsum": codes.sum(1, dtype=torch.int32),
                 "w_zero": self.w_zero.round().to(torch.int32),
                 "asym_w": bool(self.w_zero.abs().max() > 0),
@@ -170,7 +170,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1]).float()
         if self.smooth is not None:
             x2 = x2 / self.smooth
-        common = (d["wt"], d["colsum"], d["w_zero"], self.w_scale, self.bias)
+        common = (d["w"], d["colsum"], d["w_zero"], self.w_scale, self.bias)
         if self.act_mode == "static":
             s = self.a_spec
             y = kernels.int8_linear_static(
