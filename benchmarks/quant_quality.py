@@ -35,6 +35,27 @@ VARIANTS = {
     # Beyond the paper: learned rounding that starts from GPTQ's solution instead of nearest.
     "qarvd (S1 + S2), GPTQ start": {"method": "qarvd", "rounding_init": "gptq"},
     "qarvd + S2 only, GPTQ start": {"method": "qarvd", "frame_weighting": False, "rounding_init": "gptq"},
+    # Beyond the paper: GPTQ's rounding instead of learned rounding, with S1 weighting its Hessian.
+    "qarvd (S1 + S2), GPTQ rounding": {"method": "qarvd", "rounding_init": "gptq", "recon_iters": 0},
+    "qarvd + S1 only, GPTQ rounding": {
+        "method": "qarvd",
+        "dual_scale": False,
+        "rounding_init": "gptq",
+        "recon_iters": 0,
+    },
+    "qarvd + S2 only, GPTQ rounding": {
+        "method": "qarvd",
+        "frame_weighting": False,
+        "rounding_init": "gptq",
+        "recon_iters": 0,
+    },
+    "qarvd, neither, GPTQ rounding": {
+        "method": "qarvd",
+        "frame_weighting": False,
+        "dual_scale": False,
+        "rounding_init": "gptq",
+        "recon_iters": 0,
+    },
 }
 
 

@@ -35,13 +35,16 @@ def gptq_codes(
     block: int,
     scale: torch.Tensor | None = None,
     zero: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
 ):
     """(codes, scale, zero) for w [out, in] given calibration rows x [S, in]; `scale`/`zero` [out]
-    default to per-channel min-max."""
+    default to per-channel min-max; `row_weights` [S] weight each row's error (Q-ARVD's S1)."""
     w = w.float().clone()
     if scale is None:
         scale, zero = minmax_weight(w, spec)
-    H = 2 * x.T.double() @ x.double() / len(x)
+    x = x.double()
+    r = torch.ones(len(x), dtype=x.dtype) if row_weights is None else row_weights.double()
+    H = 2 * (x * r[:, None]).T @ x / r.sum()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     w[:, dead] = 0

@@ -192,10 +192,11 @@ def _parts(layer: nn.Module) -> list[tuple[QuantLinear, Tensor | None]]:
     return layer.parts() if isinstance(layer, DualScaleQuantLinear) else [(layer, None)]
 
 
-def _gptq_round(part: QuantLinear, w: Tensor, x: Tensor) -> None:
-    """Round `part` GPTQ's way on its own scales (reconstruction then starts from these codes)."""
+def _gptq_round(part: QuantLinear, w: Tensor, x: Tensor, row_w: Tensor | None) -> None:
+    """Round `part` GPTQ's way on its own scales, rows weighted by chunk (S1) when given;
+    reconstruction, if any, then starts from these codes."""
     zero = part.w_zero + _centre(part)
-    codes, _, _ = gptq_codes(w, x, part.w_spec, 0.01, 128, part.w_scale, zero)
+    codes, _, _ = gptq_codes(w, x, part.w_spec, 0.01, 128, part.w_scale, zero, row_w)
     part.set_weight(codes, part.w_scale, zero)
 
 
@@ -263,13 +264,12 @@ def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress:
             continue
         x, _, _ = inputs_fp[name].stacked()
         w, b = fp_params[name]
+        row_w = _row_weights(inputs_fp[name], weighted)
         if config.rounding_init == "gptq":
             for part, idx in _parts(layer):
-                _gptq_round(part, w if idx is None else w[:, idx], x if idx is None else x[:, idx])
+                _gptq_round(part, w if idx is None else w[:, idx], x if idx is None else x[:, idx], row_w)
         if config.recon_iters == 0:
             continue
-        summary[name]["recon_loss"] = reconstruct(
-            layer, w, b, x, _row_weights(inputs_fp[name], weighted), config, model.args.chunk_tokens, gen
-        )
+        summary[name]["recon_loss"] = reconstruct(layer, w, b, x, row_w, config, model.args.chunk_tokens, gen)
         bar.set_postfix(layer=name)
     return {"layers": summary, "frame_weights": weights, "chunk_sensitivity": errors}
