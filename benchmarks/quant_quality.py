@@ -35,6 +35,20 @@ VARIANTS = {
     # Beyond the paper: learned rounding that starts from GPTQ's solution instead of nearest.
     "qarvd (S1 + S2), GPTQ start": {"method": "qarvd", "rounding_init": "gptq"},
     "qarvd + S2 only, GPTQ start": {"method": "qarvd", "frame_weighting": False, "rounding_init": "gptq"},
+    # Beyond the paper: the prompt-fed layers (cross-attention k/v, text embedding) optimised too.
+    "qarvd (S1 + S2), prompt layers too": {"method": "qarvd", "reconstruct_prompt_layers": True},
+    "qarvd + S1 only, prompt layers too": {"method": "qarvd", "dual_scale": False, "reconstruct_prompt_layers": True},
+    "qarvd + S2 only, prompt layers too": {
+        "method": "qarvd",
+        "frame_weighting": False,
+        "reconstruct_prompt_layers": True,
+    },
+    "qarvd, neither, prompt layers too": {
+        "method": "qarvd",
+        "frame_weighting": False,
+        "dual_scale": False,
+        "reconstruct_prompt_layers": True,
+    },
     # Beyond the paper: GPTQ's rounding instead of learned rounding, with S1 weighting its Hessian.
     "qarvd (S1 + S2), GPTQ rounding": {"method": "qarvd", "rounding_init": "gptq", "recon_iters": 0},
     "qarvd + S1 only, GPTQ rounding": {
@@ -42,6 +56,13 @@ VARIANTS = {
         "dual_scale": False,
         "rounding_init": "gptq",
         "recon_iters": 0,
+    },
+    "qarvd + S1 only, GPTQ rounding, prompt layers too": {
+        "method": "qarvd",
+        "dual_scale": False,
+        "rounding_init": "gptq",
+        "recon_iters": 0,
+        "reconstruct_prompt_layers": True,
     },
     "qarvd + S2 only, GPTQ rounding": {
         "method": "qarvd",

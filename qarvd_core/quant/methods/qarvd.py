@@ -46,6 +46,10 @@ class QArvdConfig(QuantConfig):
     # Where learned rounding starts: "nearest" (AdaRound, the official code) or "gptq" (beyond the
     # paper: each weight leans to the side GPTQ's Hessian-compensated rounding chose).
     rounding_init: str = "nearest"
+    # The official code leaves the layers fed by the prompt tokens at round-to-nearest; True
+    # optimises their rounding too (beyond the paper: with a handful of prompts, as in the
+    # tiny world, those layers are the whole conditioning and their error reaches every frame).
+    reconstruct_prompt_layers: bool = False
     sensitivity_rollouts: int = 8
     recon_iters: int = 2000
     recon_rows: int = 256  # calibration rows per reconstruction step
@@ -260,7 +264,7 @@ def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress:
         weighted = weights if (summary[name]["kind"] == "linear" or config.weighting_on_dual_scale) else None
         if weighted is not None:
             layer.init_activation(inputs_wq[name].stacked()[0], _row_weights(inputs_wq[name], weighted))
-        if any(k in name for k in NO_RECONSTRUCTION):
+        if any(k in name for k in NO_RECONSTRUCTION) and not config.reconstruct_prompt_layers:
             continue
         x, _, _ = inputs_fp[name].stacked()
         w, b = fp_params[name]

@@ -121,6 +121,20 @@ def test_qarvd_uses_sensitivity_weights_and_dual_scale(make_mini):
     assert off.quant_info["frame_weights"] is None
 
 
+def test_qarvd_leaves_prompt_layers_at_nearest_unless_asked(mini):
+    prompt_layer = "blocks.0.cross_attn.k"
+
+    def run(**options):
+        cfg = QArvdConfig(w_bits=4, recon_iters=30, frame_weighting=False, dual_scale=False, **options)
+        q = quantize(mini, cfg, CAL, progress=False)
+        return q.quant_info["layers"], q.get_submodule(prompt_layer).weight_codes()
+
+    official, codes_official = run()
+    assert "recon_loss" not in official[prompt_layer] and "recon_loss" in official["blocks.0.self_attn.k"]
+    optimised, codes_optimised = run(reconstruct_prompt_layers=True)
+    assert "recon_loss" in optimised[prompt_layer] and not torch.equal(codes_official, codes_optimised)
+
+
 def test_qarvd_gptq_start_rounds_like_gptq_and_reconstruction_keeps_the_gain(mini):
     layer = "blocks.0.ffn.0"
     x = collect_inputs(mini, {layer: mini.blocks[0].ffn[0]}, CAL, progress=False)[layer].stacked()[0]
