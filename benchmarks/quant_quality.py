@@ -23,60 +23,29 @@ from qarvd_core.eval.evaluate import EvalConfig, evaluate
 from qarvd_core.quant import CalibrationSet, config_from_dict, quantize
 
 QARVD = "qarvd (S1 + S2)"
-VARIANTS = {
-    "rtn": {"method": "rtn"},
-    "smoothquant": {"method": "smoothquant"},
-    "gptq": {"method": "gptq"},
-    "vidit-q": {"method": "vidit-q"},
-    QARVD: {"method": "qarvd"},
-    "qarvd + S1 only": {"method": "qarvd", "dual_scale": False},
-    "qarvd + S2 only": {"method": "qarvd", "frame_weighting": False},
-    "qarvd, neither": {"method": "qarvd", "frame_weighting": False, "dual_scale": False},
-    # Beyond the paper: learned rounding that starts from GPTQ's solution instead of nearest.
-    "qarvd (S1 + S2), GPTQ start": {"method": "qarvd", "rounding_init": "gptq"},
-    "qarvd + S2 only, GPTQ start": {"method": "qarvd", "frame_weighting": False, "rounding_init": "gptq"},
-    # Beyond the paper: the prompt-fed layers (cross-attention k/v, text embedding) optimised too.
-    "qarvd (S1 + S2), prompt layers too": {"method": "qarvd", "reconstruct_prompt_layers": True},
-    "qarvd + S1 only, prompt layers too": {"method": "qarvd", "dual_scale": False, "reconstruct_prompt_layers": True},
-    "qarvd + S2 only, prompt layers too": {
-        "method": "qarvd",
-        "frame_weighting": False,
-        "reconstruct_prompt_layers": True,
-    },
-    "qarvd, neither, prompt layers too": {
-        "method": "qarvd",
-        "frame_weighting": False,
-        "dual_scale": False,
-        "reconstruct_prompt_layers": True,
-    },
-    # Beyond the paper: GPTQ's rounding instead of learned rounding, with S1 weighting its Hessian.
-    "qarvd (S1 + S2), GPTQ rounding": {"method": "qarvd", "rounding_init": "gptq", "recon_iters": 0},
-    "qarvd + S1 only, GPTQ rounding": {
-        "method": "qarvd",
-        "dual_scale": False,
-        "rounding_init": "gptq",
-        "recon_iters": 0,
-    },
-    "qarvd + S1 only, GPTQ rounding, prompt layers too": {
-        "method": "qarvd",
-        "dual_scale": False,
-        "rounding_init": "gptq",
-        "recon_iters": 0,
-        "reconstruct_prompt_layers": True,
-    },
-    "qarvd + S2 only, GPTQ rounding": {
-        "method": "qarvd",
-        "frame_weighting": False,
-        "rounding_init": "gptq",
-        "recon_iters": 0,
-    },
-    "qarvd, neither, GPTQ rounding": {
-        "method": "qarvd",
-        "frame_weighting": False,
-        "dual_scale": False,
-        "rounding_init": "gptq",
-        "recon_iters": 0,
-    },
+BASELINES = {m: {"method": m} for m in ("rtn", "smoothquant", "gptq", "vidit-q")}
+# The ablation: four runs of one config.
+ABLATION = {
+    QARVD: {},
+    "qarvd + S1 only": {"dual_scale": False},
+    "qarvd + S2 only": {"frame_weighting": False},
+    "qarvd, neither": {"frame_weighting": False, "dual_scale": False},
+}
+# Beyond the paper: learned rounding that starts from GPTQ's solution; GPTQ's rounding instead
+# of learned rounding (S1 weighting its Hessian); the prompt-fed layers optimised too.
+GPTQ_ROUNDING = {"rounding_init": "gptq", "recon_iters": 0}
+PROMPT_LAYERS = {"reconstruct_prompt_layers": True}
+EXTENSIONS = {
+    "": {},
+    ", GPTQ start": {"rounding_init": "gptq"},
+    ", prompt layers too": PROMPT_LAYERS,
+    ", GPTQ rounding": GPTQ_ROUNDING,
+    ", GPTQ rounding, prompt layers too": {**GPTQ_ROUNDING, **PROMPT_LAYERS},
+}
+VARIANTS = BASELINES | {
+    name + suffix: {"method": "qarvd", **switches, **extra}
+    for suffix, extra in EXTENSIONS.items()
+    for name, switches in ABLATION.items()
 }
 
 
