@@ -252,7 +252,7 @@ def quantize(
     w_bits: int = typer.Option(8, help="weight bits, 2..8"),
     a_bits: int = typer.Option(8, help="activation bits, 2..8"),
     out: Path = typer.Option(..., help="output checkpoint NAME.safetensors (NAME.json is written beside it)"),
-    calib_rollouts: int = typer.Option(4, min=1, help="calibration rollouts (calibration split)"),
+    calib_rollouts: int = typer.Option(16, min=1, help="calibration rollouts (calibration split)"),
     calib_chunks: int = typer.Option(7, min=2, help="chunks per calibration rollout"),
     option: list[str] = typer.Option([], "--option", "-o", help="method option KEY=VALUE (JSON value), repeatable"),
     evaluate: bool = typer.Option(True, help="measure PSNR/SSIM/action accuracy vs the base and store them"),

@@ -92,7 +92,7 @@ class JobRequest(Strict):
                     "w_bits": 4,
                     "a_bits": 8,
                     "options": {"recon_iters": 500},
-                    "calibration_rollouts": 4,
+                    "calibration_rollouts": 16,
                     "calibration_chunks": 7,
                     "seed": 0,
                 }
@@ -106,7 +106,7 @@ class JobRequest(Strict):
     options: dict[str, float | int | bool | str | list[float]] = Field(
         default_factory=dict, description="method options, e.g. {'frame_weighting': false, 'recon_iters': 500}"
     )
-    calibration_rollouts: int = Field(4, ge=1, le=256)
+    calibration_rollouts: int = Field(16, ge=1, le=256)
     calibration_chunks: int = Field(7, ge=2, le=32)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     evaluate: bool = True
