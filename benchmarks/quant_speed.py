@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/quant_speed"))
     a = ap.parse_args()
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    calib = CalibrationSet(rollouts=2, chunks=4)
+    calib = CalibrationSet(rollouts=2, chunks=4, tokens_per_pass=64)  # as measured before session 5
     results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "models": {}}
     md = [f"# Deploy-mode speed and size ({results['threads']} threads, torch {torch.__version__})", ""]
     for name in a.models:
