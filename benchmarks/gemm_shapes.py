@@ -50,16 +50,17 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         a8 = torch.randint(-127, 128, (M, K), dtype=torch.int8, generator=g)
         w8 = torch.randint(-127, 128, (K, N), dtype=torch.int8, generator=g)
+        w8_nk = w8.t().contiguous()  # the layout deploy mode stores: [N, K]
         x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
         xb, wb = x.bfloat16(), w.bfloat16()
         # oneDNN's int8 linear on a weight prepacked once, rescale fused into its bf16 output.
-        packed = torch.ops.onednn.qlinear_prepack(w8.t().contiguous(), [M, K])
+        packed = torch.ops.onednn.qlinear_prepack(w8_nk, [M, K])
         ws, wz = torch.full((N,), 0.01), torch.zeros(N, dtype=torch.long)
         r = {
             "shape": [M, K, N],
             "int8_us": micros(torch._int_mm, a8, w8),
-            "int8_transposed_us": micros(lambda a, w: torch._int_mm(w, a.t()).t(), a8, w8.t().contiguous()),
-            "qarvd_int8_us": micros(int_mm, a8, w8.t().contiguous()),
+            "int8_transposed_us": micros(lambda a, w: torch._int_mm(w, a.t()).t(), a8, w8_nk),
+            "qarvd_int8_us": micros(int_mm, a8, w8_nk),
             "onednn_int8_us": micros(
                 torch.ops.onednn.qlinear_pointwise,
                 a8,
