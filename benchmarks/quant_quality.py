@@ -32,8 +32,10 @@ ABLATION = {
     "qarvd, neither": {"frame_weighting": False, "dual_scale": False},
 }
 # Beyond the paper: learned rounding that starts from GPTQ's solution; GPTQ's rounding instead
-# of learned rounding (S1 weighting its Hessian); the prompt-fed layers optimised too.
+# of learned rounding (S1 weighting its Hessian), also against the quantized activations
+# ("act-aware"); the prompt-fed layers optimised too.
 GPTQ_ROUNDING = {"rounding_init": "gptq", "recon_iters": 0}
+ACT_AWARE = {"rounding_init": "gptq-act", "recon_iters": 0}
 PROMPT_LAYERS = {"reconstruct_prompt_layers": True}
 EXTENSIONS = {
     "": {},
@@ -41,6 +43,8 @@ EXTENSIONS = {
     ", prompt layers too": PROMPT_LAYERS,
     ", GPTQ rounding": GPTQ_ROUNDING,
     ", GPTQ rounding, prompt layers too": {**GPTQ_ROUNDING, **PROMPT_LAYERS},
+    ", act-aware GPTQ rounding": ACT_AWARE,
+    ", act-aware GPTQ rounding, prompt layers too": {**ACT_AWARE, **PROMPT_LAYERS},
 }
 VARIANTS = BASELINES | {
     name + suffix: {"method": "qarvd", **switches, **extra}

@@ -36,15 +36,30 @@ def gptq_codes(
     scale: torch.Tensor | None = None,
     zero: torch.Tensor | None = None,
     row_weights: torch.Tensor | None = None,
+    x_quant: torch.Tensor | None = None,
 ):
     """(codes, scale, zero) for w [out, in] given calibration rows x [S, in]; `scale`/`zero` [out]
-    default to per-channel min-max; `row_weights` [S] weight each row's error (Q-ARVD's S1)."""
+    default to per-channel min-max; `row_weights` [S] weight each row's error (Q-ARVD's S1).
+
+    `x_quant` [S, in]: the same rows as the quantized layer sees them (activation-quantized).
+    GPTQ then minimises ||x_quant Q(W)^T - x W^T|| rather than ||x Q(W)^T - x W^T||, so the
+    weights also absorb the activation quantization error (the asymmetric calibration of
+    GPTQv2, Li et al. 2025): it rounds W* = argmin_V ||x_quant V^T - x W^T||^2 + damping
+    ||V - W||^2 with the Hessian of x_quant.
+    """
     w = w.float().clone()
-    if scale is None:
-        scale, zero = minmax_weight(w, spec)
     x = x.double()
     r = torch.ones(len(x), dtype=x.dtype) if row_weights is None else row_weights.double()
-    H = 2 * (x * r[:, None]).T @ x / r.sum()
+    if x_quant is not None:
+        xq = x_quant.double()
+        H = 2 * (xq * r[:, None]).T @ xq / r.sum()
+        damp = percdamp * torch.diag(H).mean() * torch.eye(len(H), dtype=H.dtype)
+        cross = 2 * (xq * r[:, None]).T @ x / r.sum()
+        w = torch.linalg.solve(H + damp, (cross + damp) @ w.double().T).T.float()
+    else:
+        H = 2 * (x * r[:, None]).T @ x / r.sum()
+    if scale is None:
+        scale, zero = minmax_weight(w, spec)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     w[:, dead] = 0

@@ -26,7 +26,7 @@ from qarvd_core.quant.methods.gptq import gptq_codes
 from qarvd_core.quant.primitives import AdaRound, fake_quant
 from qarvd_core.sampling import rollout
 
-ROUNDING_INITS = ("nearest", "gptq")
+ROUNDING_INITS = ("nearest", "gptq", "gptq-act")
 
 # Layers the official code leaves at round-to-nearest (their inputs are the prompt tokens).
 NO_RECONSTRUCTION = ("cross_attn.k", "cross_attn.v", "text_embedding")
@@ -43,8 +43,11 @@ class QArvdConfig(QuantConfig):
     dual_scale: bool = True  # S2
     weighting_on_dual_scale: bool = False  # the official code turns S1 off on dual-scale layers
     frame_weights: tuple[float, ...] | None = None  # given weights skip the sensitivity measurement
-    # Where learned rounding starts: "nearest" (AdaRound, the official code) or "gptq" (beyond the
-    # paper: each weight leans to the side GPTQ's Hessian-compensated rounding chose).
+    # Where learned rounding starts: "nearest" (AdaRound, the official code), "gptq" (beyond the
+    # paper: each weight leans to the side GPTQ's Hessian-compensated rounding chose) or
+    # "gptq-act" (GPTQ on the activation-quantized inputs, aiming at the FP outputs, so the
+    # weights also absorb the activation error as AdaRound's loss makes them). With
+    # recon_iters=0 that rounding is final.
     rounding_init: str = "nearest"
     # The official code leaves the layers fed by the prompt tokens at round-to-nearest; True
     # optimises their rounding too (beyond the paper: with a handful of prompts, as in the
@@ -153,7 +156,7 @@ def reconstruct(
     rounders, scales = [], []
     for part, idx in parts:
         w = w_fp if idx is None else w_fp[:, idx]
-        start = part.weight_codes().float() + _centre(part) if cfg.rounding_init == "gptq" else None
+        start = part.weight_codes().float() + _centre(part) if cfg.rounding_init != "nearest" else None
         rounders.append(AdaRound(w, part.w_scale, part.w_zero + _centre(part), part.w_spec, start))
         scales.append(nn.Parameter(part.a_scale.clone()))
     opt_round = torch.optim.Adam([r.alpha for r in rounders], lr=cfg.lr_rounding)
@@ -196,11 +199,13 @@ def _parts(layer: nn.Module) -> list[tuple[QuantLinear, Tensor | None]]:
     return layer.parts() if isinstance(layer, DualScaleQuantLinear) else [(layer, None)]
 
 
-def _gptq_round(part: QuantLinear, w: Tensor, x: Tensor, row_w: Tensor | None) -> None:
-    """Round `part` GPTQ's way on its own scales, rows weighted by chunk (S1) when given;
-    reconstruction, if any, then starts from these codes."""
+def _gptq_round(part: QuantLinear, w: Tensor, x: Tensor, row_w: Tensor | None, act_aware: bool) -> None:
+    """Round `part` GPTQ's way on its own scales, rows weighted by chunk (S1) when given, and
+    with `act_aware` against its own activation quantizer; reconstruction, if any, then starts
+    from these codes."""
     zero = part.w_zero + _centre(part)
-    codes, _, _ = gptq_codes(w, x, part.w_spec, 0.01, 128, part.w_scale, zero, row_w)
+    x_quant = part.quantize_input(x) if act_aware else None
+    codes, _, _ = gptq_codes(w, x, part.w_spec, 0.01, 128, part.w_scale, zero, row_w, x_quant)
     part.set_weight(codes, part.w_scale, zero)
 
 
@@ -269,9 +274,11 @@ def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress:
         x, _, _ = inputs_fp[name].stacked()
         w, b = fp_params[name]
         row_w = _row_weights(inputs_fp[name], weighted)
-        if config.rounding_init == "gptq":
+        if config.rounding_init != "nearest":
+            act_aware = config.rounding_init == "gptq-act"
             for part, idx in _parts(layer):
-                _gptq_round(part, w if idx is None else w[:, idx], x if idx is None else x[:, idx], row_w)
+                cols = (w, x) if idx is None else (w[:, idx], x[:, idx])
+                _gptq_round(part, *cols, row_w, act_aware)
         if config.recon_iters == 0:
             continue
         summary[name]["recon_loss"] = reconstruct(layer, w, b, x, row_w, config, model.args.chunk_tokens, gen)
