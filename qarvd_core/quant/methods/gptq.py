@@ -39,6 +39,7 @@ def gptq_codes(
     x_quant: torch.Tensor | None = None,
 ):
     """(codes, scale, zero) for w [out, in] given calibration rows x [S, in]; `scale`/`zero` [out]
+    (or [out, in], one quantizer per weight, e.g. the two column groups of a dual-scale layer)
     default to per-channel min-max; `row_weights` [S] weight each row's error (Q-ARVD's S1).
 
     `x_quant` [S, in]: the same rows as the quantized layer sees them (activation-quantized).
@@ -65,6 +66,7 @@ def gptq_codes(
     w[:, dead] = 0
     H += percdamp * torch.diag(H).mean() * torch.eye(len(H), dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    col_scale, col_zero = (t[:, None].expand_as(w) if t.dim() == 1 else t for t in (scale, zero))
     codes = torch.zeros_like(w)
     n = w.shape[1]
     for i1 in range(0, n, block):
@@ -73,9 +75,10 @@ def gptq_codes(
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col, d = W1[:, i], Hinv1[i, i]
-            q = quantize(col, scale, zero, spec)
+            s, z = col_scale[:, i1 + i], col_zero[:, i1 + i]
+            q = quantize(col, s, z, spec)
             codes[:, i1 + i] = q
-            err = (col - (q - zero) * scale) / d
+            err = (col - (q - z) * s) / d
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None]
             Err1[:, i] = err
         w[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]

@@ -199,14 +199,22 @@ def _parts(layer: nn.Module) -> list[tuple[QuantLinear, Tensor | None]]:
     return layer.parts() if isinstance(layer, DualScaleQuantLinear) else [(layer, None)]
 
 
-def _gptq_round(part: QuantLinear, w: Tensor, x: Tensor, row_w: Tensor | None, act_aware: bool) -> None:
-    """Round `part` GPTQ's way on its own scales, rows weighted by chunk (S1) when given, and
-    with `act_aware` against its own activation quantizer; reconstruction, if any, then starts
-    from these codes."""
-    zero = part.w_zero + _centre(part)
-    x_quant = part.quantize_input(x) if act_aware else None
-    codes, _, _ = gptq_codes(w, x, part.w_spec, 0.01, 128, part.w_scale, zero, row_w, x_quant)
-    part.set_weight(codes, part.w_scale, zero)
+def _gptq_round(layer: nn.Module, w: Tensor, x: Tensor, row_w: Tensor | None, act_aware: bool) -> None:
+    """Round `layer` GPTQ's way on its own scales, rows weighted by chunk (S1) when given, and
+    with `act_aware` against its own activation quantizers; reconstruction, if any, then starts
+    from these codes. Both parts of a dual-scale layer are rounded in one pass, so the error
+    of each column is compensated on the other part's columns too."""
+    parts = [(part, slice(None) if idx is None else idx) for part, idx in _parts(layer)]
+    scale, zero = torch.empty_like(w), torch.empty_like(w)
+    x_quant = torch.empty_like(x) if act_aware else None
+    for part, cols in parts:
+        scale[:, cols] = part.w_scale[:, None]
+        zero[:, cols] = (part.w_zero + _centre(part))[:, None]
+        if act_aware:
+            x_quant[:, cols] = part.quantize_input(x[:, cols])
+    codes, _, _ = gptq_codes(w, x, parts[0][0].w_spec, 0.01, 128, scale, zero, row_w, x_quant)
+    for part, cols in parts:
+        part.set_weight(codes[:, cols], part.w_scale, part.w_zero + _centre(part))
 
 
 def _centre(part: QuantLinear) -> int:
@@ -275,10 +283,7 @@ def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress:
         w, b = fp_params[name]
         row_w = _row_weights(inputs_fp[name], weighted)
         if config.rounding_init != "nearest":
-            act_aware = config.rounding_init == "gptq-act"
-            for part, idx in _parts(layer):
-                cols = (w, x) if idx is None else (w[:, idx], x[:, idx])
-                _gptq_round(part, *cols, row_w, act_aware)
+            _gptq_round(layer, w, x, row_w, act_aware=config.rounding_init == "gptq-act")
         if config.recon_iters == 0:
             continue
         summary[name]["recon_loss"] = reconstruct(layer, w, b, x, row_w, config, model.args.chunk_tokens, gen)
