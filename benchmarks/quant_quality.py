@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from qarvd_core.config import load_model
 from qarvd_core.eval.evaluate import EvalConfig, evaluate
 from qarvd_core.quant import CalibrationSet, config_from_dict, quantize
@@ -66,11 +68,24 @@ def run_variant(base, options: dict, calib: CalibrationSet, eval_cfg: EvalConfig
         "psnr_db_mean": r["psnr_db_mean"],
         "ssim_mean": r["ssim_mean"],
         "psnr_db_per_chunk": r["psnr_db_per_chunk"],
+        "psnr_db_per_scenario": r["psnr_db_per_scenario"],
         "action_accuracy": r["action_accuracy"],
         "reference_action_accuracy": r["reference_action_accuracy"],
         "frame_weights": info.get("frame_weights"),
         "dual_scale_layers": sum(v.get("kind") == "dual" for v in info["layers"].values()),
     }
+
+
+def paired_gap(a: list[float], b: list[float], resamples: int = 10_000) -> tuple[float, float, float]:
+    """Mean of a - b over the same worlds and its 95% bootstrap interval (worlds resampled).
+
+    Whole-set means move by 1-2 dB between world sets, because a few worlds whose rollouts
+    drift apart dominate; pairing by world removes that and the interval says what is left.
+    """
+    d = np.asarray(a) - np.asarray(b)
+    idx = np.random.default_rng(0).integers(0, len(d), (resamples, len(d)))
+    lo, hi = np.percentile(d[idx].mean(axis=1), [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)
 
 
 def write_report(results: dict, meta: dict, out: Path) -> None:
@@ -86,13 +101,18 @@ def write_report(results: dict, meta: dict, out: Path) -> None:
         "",
         f"{meta['eval']}; calibration {json.dumps(meta['calibration'])}. FP action accuracy {ref}.",
         "",
-        "| method | PSNR dB vs FP | SSIM | action accuracy | first / last chunk PSNR | quantize s |",
-        "|---|---|---|---|---|---|",
+        "| method | PSNR dB vs FP | vs gptq, same worlds [95% CI] | SSIM | action accuracy "
+        "| first / last chunk PSNR | quantize s |",
+        "|---|---|---|---|---|---|---|",
     ]
+    anchor = results.get("gptq", {}).get("psnr_db_per_scenario")
     for name, r in results.items():
-        c = r["psnr_db_per_chunk"]
+        c, worlds = r["psnr_db_per_chunk"], r.get("psnr_db_per_scenario")
+        gap = ""
+        if anchor and worlds and name != "gptq":
+            gap = "{:+.2f} [{:+.2f}, {:+.2f}]".format(*paired_gap(worlds, anchor))
         md.append(
-            f"| {name} | {r['psnr_db_mean']:.2f} | {r['ssim_mean']:.3f} | {r['action_accuracy']:.3f} "
+            f"| {name} | {r['psnr_db_mean']:.2f} | {gap} | {r['ssim_mean']:.3f} | {r['action_accuracy']:.3f} "
             f"| {c[0]:.1f} / {c[-1]:.1f} | {r['quantize_s']:.0f} |"
         )
     if QARVD in results:

@@ -112,6 +112,8 @@ def evaluate(
             "psnr_db_mean": float(p.mean()),
             "ssim_mean": float(s.mean()),
             "psnr_db_per_chunk": _per_chunk(p, a.frames_per_chunk),
+            # Paired comparisons of two models on the same worlds need the spread across worlds.
+            "psnr_db_per_scenario": [float(v) for v in p.mean(axis=1)],
             "reference_action_accuracy": float(ref_hits.mean()),
         }
     if cfg.drift_frames:

@@ -25,6 +25,8 @@ def test_model_against_itself_is_perfect_and_against_another_is_not(mini, make_m
     assert written[-1].name == "e-revisits.png" and written[-1].stat().st_size > 1000
     other = evaluate(mini, make_mini(seed=1), SMALL)
     assert other["psnr_db_mean"] < 40
+    worlds = other["psnr_db_per_scenario"]  # the mean is over worlds of equal length
+    assert len(worlds) == 3 and abs(sum(worlds) / 3 - other["psnr_db_mean"]) < 1e-6
     d = other["drift"]
     assert d["frames"] == 30 and d["streams"] == 4 and len(d["sharpness_curve"]) == len(d["curve_frame"])
 
