@@ -79,7 +79,7 @@ def run_variant(base, options: dict, calib: CalibrationSet, eval_cfg: EvalConfig
 def paired_gap(a: list[float], b: list[float], resamples: int = 10_000) -> tuple[float, float, float]:
     """Mean of a - b over the same worlds and its 95% bootstrap interval (worlds resampled).
 
-    Whole-set means move by 1-2 dB between world sets, because a few worlds whose rollouts
+    Whole-set means move by 1-3 dB between world sets, because a few worlds whose rollouts
     drift apart dominate; pairing by world removes that and the interval says what is left.
     """
     d = np.asarray(a) - np.asarray(b)
