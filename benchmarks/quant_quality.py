@@ -3,7 +3,8 @@
 For one base model and bit-width (default tiny-world W4A8): rtn, smoothquant, gptq,
 vidit-q and qarvd with each combination of S1 (frame weighting) and S2 (dual scale), all
 on the same calibration rollouts, evaluated with `qarvd eval` against the FP model on the
-held-out scenarios (identical seeds, noise and actions). The full qarvd runs first and
+held-out scenarios (identical seeds, noise and actions). At W8A8 the peer library too:
+torchao's int8 configs on the same layers (`pip install -e ".[bench]"`). The full qarvd runs first and
 measures the chunk sensitivity; the other S1 variant reuses its frame weights, so the
 ablation differs only in the switches. Results are written after every method, and a
 rerun skips what is done (a long sweep survives interruption).
@@ -14,6 +15,7 @@ rerun skips what is done (a long sweep survives interruption).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ import numpy as np
 from qarvd_core.config import load_model
 from qarvd_core.eval.evaluate import EvalConfig, evaluate
 from qarvd_core.quant import CalibrationSet, config_from_dict, quantize
+from qarvd_core.quant.api import DEFAULT_KEEP_FP, target_linears
 
 QARVD = "qarvd (S1 + S2)"
 BASELINES = {m: {"method": m} for m in ("rtn", "smoothquant", "gptq", "vidit-q")}
@@ -35,7 +38,7 @@ ABLATION = {
 }
 # Beyond the paper: learned rounding that starts from GPTQ's solution; GPTQ's rounding instead
 # of learned rounding (S1 weighting its Hessian), also against the quantized activations
-# ("act-aware"); the prompt-fed layers optimised too.
+# ("act-aware"); the prompt-fed layers optimised too; per-token dynamic activations.
 GPTQ_ROUNDING = {"rounding_init": "gptq", "recon_iters": 0}
 ACT_AWARE = {"rounding_init": "gptq-act", "recon_iters": 0}
 PROMPT_LAYERS = {"reconstruct_prompt_layers": True}
@@ -47,6 +50,11 @@ EXTENSIONS = {
     ", GPTQ rounding, prompt layers too": {**GPTQ_ROUNDING, **PROMPT_LAYERS},
     ", act-aware GPTQ rounding": ACT_AWARE,
     ", act-aware GPTQ rounding, prompt layers too": {**ACT_AWARE, **PROMPT_LAYERS},
+    ", act-aware GPTQ rounding, prompt layers too, per-token activations": {
+        **ACT_AWARE,
+        **PROMPT_LAYERS,
+        "act_mode": "dynamic",
+    },
 }
 VARIANTS = BASELINES | {
     name + suffix: {"method": "qarvd", **switches, **extra}
@@ -54,14 +62,41 @@ VARIANTS = BASELINES | {
     for name, switches in ABLATION.items()
 }
 
+# torchao's int8 configs (per-channel symmetric weights, RTN; dynamic per-token symmetric
+# activations or none), by their class names in torchao.quantization. Data-free: no calibration.
+PEERS = {
+    "torchao int8 dynamic": "Int8DynamicActivationInt8WeightConfig",
+    "torchao int8 weight-only": "Int8WeightOnlyConfig",
+}
+
+
+def torchao_model(base, config_name: str):
+    """A copy of `base` with torchao's config applied to exactly the layers qarvd quantizes."""
+    import torchao.quantization as tq
+
+    model = copy.deepcopy(base)
+    names = set(target_linears(base, DEFAULT_KEEP_FP))
+    tq.quantize_(model, getattr(tq, config_name)(), filter_fn=lambda m, name: name in names)
+    return model, {}
+
+
+def qarvd_model(base, options: dict, calib: CalibrationSet):
+    qmodel = quantize(base, config_from_dict(options), calib, progress=False)
+    info = qmodel.quant_info
+    return qmodel, {
+        "frame_weights": info.get("frame_weights"),
+        "dual_scale_layers": sum(v.get("kind") == "dual" for v in info["layers"].values()),
+    }
+
 
 def run_variant(base, options: dict, calib: CalibrationSet, eval_cfg: EvalConfig) -> dict:
-    config = config_from_dict(options)
     t0 = time.perf_counter()
-    qmodel = quantize(base, config, calib, progress=False)
+    if options["method"] in PEERS.values():
+        qmodel, extra = torchao_model(base, options["method"])
+    else:
+        qmodel, extra = qarvd_model(base, options, calib)
     seconds = time.perf_counter() - t0
     r = evaluate(qmodel, base, eval_cfg)
-    info = qmodel.quant_info
     return {
         "options": options,
         "quantize_s": round(seconds, 1),
@@ -71,8 +106,7 @@ def run_variant(base, options: dict, calib: CalibrationSet, eval_cfg: EvalConfig
         "psnr_db_per_scenario": r["psnr_db_per_scenario"],
         "action_accuracy": r["action_accuracy"],
         "reference_action_accuracy": r["reference_action_accuracy"],
-        "frame_weights": info.get("frame_weights"),
-        "dual_scale_layers": sum(v.get("kind") == "dual" for v in info["layers"].values()),
+        **extra,
     }
 
 
@@ -159,10 +193,12 @@ def main() -> None:
         "eval": f"qarvd eval, {a.scenarios} {a.split} scenarios x {a.frames} frames, simulate mode",
     }
     done = json.loads(out.with_suffix(".json").read_text())["results"] if out.with_suffix(".json").exists() else {}
-    for name, options in VARIANTS.items():
+    peers = {name: {"method": cls} for name, cls in PEERS.items()} if (a.w_bits, a.a_bits) == (8, 8) else {}
+    for name, options in (VARIANTS | peers).items():
         if name in done or (a.only and name not in a.only):
             continue
-        options = {**options, "w_bits": a.w_bits, "a_bits": a.a_bits}
+        if name not in peers:
+            options = {**options, "w_bits": a.w_bits, "a_bits": a.a_bits}
         if options["method"] == "qarvd" and options.get("frame_weighting", True) and QARVD in done:
             options["frame_weights"] = done[QARVD]["frame_weights"]
         print(f"{name}: quantizing", flush=True)

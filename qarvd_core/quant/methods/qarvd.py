@@ -53,6 +53,10 @@ class QArvdConfig(QuantConfig):
     # optimises their rounding too (beyond the paper: with a handful of prompts, as in the
     # tiny world, those layers are the whole conditioning and their error reaches every frame).
     reconstruct_prompt_layers: bool = False
+    # "static": one calibrated range per layer (the paper). "dynamic": a range per token at run
+    # time, the scheme of ViDiT-Q and torchao's int8 dynamic config (beyond the paper); S1 then
+    # weights only the rounding, since there is no range to search.
+    act_mode: str = "static"
     sensitivity_rollouts: int = 8
     recon_iters: int = 2000
     recon_rows: int = 256  # calibration rows per reconstruction step
@@ -69,6 +73,8 @@ class QArvdConfig(QuantConfig):
             raise ValueError("recon_iters must be >= 0, sensitivity_rollouts and recon_rows >= 1")
         if self.rounding_init not in ROUNDING_INITS:
             raise ValueError(f"rounding_init must be one of {ROUNDING_INITS}, got {self.rounding_init!r}")
+        if self.act_mode not in ("static", "dynamic"):
+            raise ValueError(f"act_mode must be 'static' or 'dynamic', got {self.act_mode!r}")
 
 
 def find_outlier_columns(w: Tensor, z: float = 3.5, ratio: float = 1.2, align: int = 32) -> Tensor:
@@ -171,7 +177,8 @@ def reconstruct(
         pred = 0 if b_fp is None else b_fp
         for (part, idx), rnd, s in zip(parts, rounders, scales):
             xin = xb if idx is None else xb[:, idx]
-            pred = pred + F.linear(fake_quant(xin, s, part.a_zero, part.a_spec), rnd())
+            xq = fake_quant(xin, s, part.a_zero, part.a_spec) if part.act_mode == "static" else part.quantize_input(xin)
+            pred = pred + F.linear(xq, rnd())
         err = (pred - target).pow(2)
         if row_w is not None:
             err = err * row_w[rows, None]
@@ -191,7 +198,8 @@ def reconstruct(
                 s.clamp_(min=1e-8)
     for (part, _), rnd, s in zip(parts, rounders, scales):
         part.set_weight(rnd.codes(hard=True).detach(), part.w_scale, part.w_zero + _centre(part))
-        part.set_activation(s.detach(), part.a_zero)
+        if part.act_mode == "static":
+            part.set_activation(s.detach(), part.a_zero)
     return float(loss.detach())
 
 
@@ -249,17 +257,21 @@ def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress:
             "in": w.shape[1],
             "out": w.shape[0],
             "outliers": len(outliers),
+            "act_mode": config.act_mode,
         }
     layers = _quantized_layers(model)
     layers = {n: layers[n] for n in linears}
 
-    # Activation ranges come from the weight-quantized model with float activations.
-    _set_act_mode(layers, "none")
-    progress("collecting", 0.5)
-    inputs_wq = collect_inputs(model, layers, calib, progress.bars)
-    _set_act_mode(layers, "static")
-    for name, layer in layers.items():
-        layer.init_activation(inputs_wq[name].stacked()[0])
+    # Static activation ranges come from the weight-quantized model with float activations.
+    static = config.act_mode == "static"
+    if static:
+        _set_act_mode(layers, "none")
+        progress("collecting", 0.5)
+        inputs_wq = collect_inputs(model, layers, calib, progress.bars)
+    _set_act_mode(layers, config.act_mode)
+    if static:
+        for name, layer in layers.items():
+            layer.init_activation(inputs_wq[name].stacked()[0])
 
     errors = None
     weights = list(config.frame_weights) if config.frame_weights else None
@@ -275,7 +287,7 @@ def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress:
     for i, (name, layer) in enumerate(bar):
         progress("calibrating", i / len(layers))
         weighted = weights if (summary[name]["kind"] == "linear" or config.weighting_on_dual_scale) else None
-        if weighted is not None:
+        if weighted is not None and static:
             layer.init_activation(inputs_wq[name].stacked()[0], _row_weights(inputs_wq[name], weighted))
         if any(k in name for k in NO_RECONSTRUCTION) and not config.reconstruct_prompt_layers:
             continue

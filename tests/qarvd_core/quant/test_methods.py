@@ -10,6 +10,7 @@ from qarvd_core.quant.methods import GPTQConfig, SmoothQuantConfig, ViDiTQConfig
 from qarvd_core.quant.methods.gptq import gptq_codes
 from qarvd_core.quant.methods.qarvd import find_outlier_columns, frame_weights_from
 from qarvd_core.quant.primitives import QuantSpec, fake_quant, minmax_weight, scale_zero_from_range
+from qarvd_core.quant.serialization import load_quantized, save_quantized
 from qarvd_core.sampling import rollout
 
 CAL = CalibrationSet(rollouts=2, chunks=3, tokens_per_pass=32)
@@ -59,6 +60,7 @@ def test_calibration_rows_are_tagged_by_chunk_and_time(mini):
         (RTNConfig(w_bits=4, a_bits=8, percentile=99.99), 10),
         (QArvdConfig(w_bits=8, a_bits=8, recon_iters=20, sensitivity_rollouts=2), 30),
         (QArvdConfig(w_bits=4, a_bits=8, recon_iters=20, frame_weighting=False), 10),
+        (QArvdConfig(w_bits=8, a_bits=8, recon_iters=20, sensitivity_rollouts=2, act_mode="dynamic"), 30),
         (SmoothQuantConfig(w_bits=8, a_bits=8, alpha=0.5), 20),
         (GPTQConfig(w_bits=4, a_bits=8), 10),
         (ViDiTQConfig(w_bits=8, a_bits=8), 30),
@@ -216,6 +218,29 @@ def test_qarvd_act_aware_rounding_lowers_the_layer_error_with_quantized_inputs(m
     assert error("gptq-act") < 0.97 * error("gptq")  # 0.935x when written
 
 
+def test_qarvd_dynamic_activations_are_per_token_and_saved(mini_weights, tmp_path):
+    base_path, mini = mini_weights
+    # Coarse activations on tokens of very different scales: one range per token beats one per layer.
+    layer = "blocks.0.ffn.2"
+    x = collect_inputs(mini, {layer: mini.get_submodule(layer)}, CAL, progress=False)[layer].stacked()[0]
+    x = x * torch.logspace(-1, 1, len(x))[:, None]
+    lin = mini.get_submodule(layer)
+    ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    cfg = QArvdConfig(w_bits=8, a_bits=4, dual_scale=False, recon_iters=5, sensitivity_rollouts=1)
+    static = quantize(mini, cfg, CAL, progress=False)
+    dynamic = quantize(mini, replace(cfg, act_mode="dynamic"), CAL, progress=False)
+    assert {m.act_mode for m in dynamic.modules() if isinstance(m, QuantLinear)} == {"dynamic"}
+    assert dynamic.quant_info["layers"][layer]["act_mode"] == "dynamic" and dynamic.quant_info["frame_weights"]
+    with torch.no_grad():
+        err = {k: sqnr(m.get_submodule(layer)(x), ref) for k, m in (("static", static), ("dynamic", dynamic))}
+    assert err["dynamic"] > err["static"] + 3  # dB; 15.7 vs 3.5 when written
+
+    path = save_quantized(dynamic, tmp_path / "q.safetensors", str(base_path))
+    loaded = load_quantized(path)
+    assert loaded.get_submodule(layer).act_mode == "dynamic"
+    torch.testing.assert_close(rollout(loaded, *ARGS), rollout(dynamic, *ARGS), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
@@ -225,6 +250,7 @@ def test_qarvd_act_aware_rounding_lowers_the_layer_error_with_quantized_inputs(m
         ({"method": "rtn", "alpha": 0.5}, "unknown option"),
         ({"method": "rtn", "percentile": 20}, "percentile"),
         ({"method": "qarvd", "rounding_init": "floor"}, "rounding_init"),
+        ({"method": "qarvd", "act_mode": "per-channel"}, "act_mode must be 'static' or 'dynamic'"),
     ],
 )
 def test_bad_configs_raise_value_errors_naming_the_fix(bad, message):
