@@ -29,6 +29,7 @@ from qarvd_core.quant.api import DEFAULT_KEEP_FP, target_linears
 
 QARVD = "qarvd (S1 + S2)"
 BASELINES = {m: {"method": m} for m in ("rtn", "smoothquant", "gptq", "vidit-q")}
+BASELINES["gptq, per-token activations"] = {"method": "gptq", "act_mode": "dynamic"}
 # The ablation: four runs of one config.
 ABLATION = {
     QARVD: {},

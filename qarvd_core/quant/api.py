@@ -75,6 +75,12 @@ def register(config_cls: type[QuantConfig]):
     return wrap
 
 
+def check_act_mode(mode: str) -> None:
+    """For the methods that offer both activation schemes (an `act_mode` field)."""
+    if mode not in ("static", "dynamic"):
+        raise ValueError(f"act_mode must be 'static' (one range per layer) or 'dynamic' (per token), got {mode!r}")
+
+
 def config_from_dict(d: dict) -> QuantConfig:
     """Build a method's config from {"method": name, ...}; unknown names or fields raise ValueError."""
     d = dict(d)

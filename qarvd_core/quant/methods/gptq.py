@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qarvd_core.quant.api import Progress, QuantConfig, quantize_each_layer, register
+from qarvd_core.quant.api import Progress, QuantConfig, check_act_mode, quantize_each_layer, register
 from qarvd_core.quant.calibration import CalibrationSet
 from qarvd_core.quant.linear import QuantLinear
 from qarvd_core.quant.primitives import QuantSpec, minmax_weight, quantize
@@ -20,9 +20,11 @@ class GPTQConfig(QuantConfig):
     name = "gptq"
     percdamp: float = 0.01
     block: int = 128
+    act_mode: str = "static"  # or "dynamic": per-token ranges at run time
 
     def __post_init__(self):
         super().__post_init__()
+        check_act_mode(self.act_mode)
         if not 0 < self.percdamp < 1 or self.block < 1:
             raise ValueError("percdamp must be in (0, 1) and block >= 1")
 
@@ -89,12 +91,12 @@ def gptq_codes(
 def run(model, config: GPTQConfig, calib: CalibrationSet, progress: Progress) -> dict:
     def build(lin, x):
         q = QuantLinear(
-            lin.in_features, lin.out_features, config.w_spec, config.a_spec, "static", bias=lin.bias is not None
+            lin.in_features, lin.out_features, config.w_spec, config.a_spec, config.act_mode, bias=lin.bias is not None
         )
         q.set_weight(*gptq_codes(lin.weight.detach(), x, config.w_spec, config.percdamp, config.block))
         if lin.bias is not None:
             q.bias = lin.bias.detach().float().clone()
-        q.init_activation(x, pcts=(100.0,))
+        q.init_activation(x, pcts=(100.0,))  # static only
         return q
 
     return quantize_each_layer(model, config, calib, progress, build)

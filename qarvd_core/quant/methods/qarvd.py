@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from qarvd_core.model import WorldModel
-from qarvd_core.quant.api import Progress, QuantConfig, register, swap_module, target_linears
+from qarvd_core.quant.api import Progress, QuantConfig, check_act_mode, register, swap_module, target_linears
 from qarvd_core.quant.calibration import CalibrationSet, LayerInputs, collect_inputs
 from qarvd_core.quant.linear import DualScaleQuantLinear, QuantLinear
 from qarvd_core.quant.methods.gptq import gptq_codes
@@ -73,8 +73,7 @@ class QArvdConfig(QuantConfig):
             raise ValueError("recon_iters must be >= 0, sensitivity_rollouts and recon_rows >= 1")
         if self.rounding_init not in ROUNDING_INITS:
             raise ValueError(f"rounding_init must be one of {ROUNDING_INITS}, got {self.rounding_init!r}")
-        if self.act_mode not in ("static", "dynamic"):
-            raise ValueError(f"act_mode must be 'static' or 'dynamic', got {self.act_mode!r}")
+        check_act_mode(self.act_mode)
 
 
 def find_outlier_columns(w: Tensor, z: float = 3.5, ratio: float = 1.2, align: int = 32) -> Tensor:

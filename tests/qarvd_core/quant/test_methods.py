@@ -63,6 +63,7 @@ def test_calibration_rows_are_tagged_by_chunk_and_time(mini):
         (QArvdConfig(w_bits=8, a_bits=8, recon_iters=20, sensitivity_rollouts=2, act_mode="dynamic"), 30),
         (SmoothQuantConfig(w_bits=8, a_bits=8, alpha=0.5), 20),
         (GPTQConfig(w_bits=4, a_bits=8), 10),
+        (GPTQConfig(w_bits=8, a_bits=8, act_mode="dynamic"), 30),
         (ViDiTQConfig(w_bits=8, a_bits=8), 30),
     ],
 )
@@ -76,6 +77,8 @@ def test_each_method_runs_end_to_end(mini, config, floor_db):
     assert isinstance(q.head.head, torch.nn.Linear) and isinstance(q.time_projection[1], torch.nn.Linear)
     info = q.quant_info
     assert info["config"]["method"] == config.name and info["calibration"]["split"] == "calibration"
+    act_mode = "dynamic" if isinstance(config, ViDiTQConfig) else getattr(config, "act_mode", "static")
+    assert {m.act_mode for m in q.modules() if isinstance(m, QuantLinear)} == {act_mode}
     set_mode(q, "deploy")
     assert sqnr(rollout(q, *ARGS), ref) > floor_db
 
@@ -250,7 +253,8 @@ def test_qarvd_dynamic_activations_are_per_token_and_saved(mini_weights, tmp_pat
         ({"method": "rtn", "alpha": 0.5}, "unknown option"),
         ({"method": "rtn", "percentile": 20}, "percentile"),
         ({"method": "qarvd", "rounding_init": "floor"}, "rounding_init"),
-        ({"method": "qarvd", "act_mode": "per-channel"}, "act_mode must be 'static' or 'dynamic'"),
+        ({"method": "qarvd", "act_mode": "per-channel"}, "act_mode must be 'static'"),
+        ({"method": "gptq", "act_mode": "none"}, "act_mode must be 'static'"),
     ],
 )
 def test_bad_configs_raise_value_errors_naming_the_fix(bad, message):
