@@ -143,22 +143,24 @@ def write_report(results: dict, meta: dict, out: Path) -> None:
     ref = next(iter(results.values()))["reference_action_accuracy"] if results else None
     baselines = [n for n in results if n in BASELINES or n in SAME_BITS_PEERS]
     best = max(baselines, key=lambda n: results[n]["psnr_db_mean"], default=None)
+    # Paired gaps to GPTQ, to the best baseline at these bits, and to the peer library's.
+    anchors = list(dict.fromkeys(n for n in ("gptq", best, *SAME_BITS_PEERS) if n in results))
+    titles = [f"vs {a}" + (" (best baseline)" if a == best else "") for a in anchors]
     md = [
         f"# W{meta['w_bits']}A{meta['a_bits']} on {meta['model']}: every method vs the FP model",
         "",
         f"{meta['eval']}; calibration {json.dumps(meta['calibration'])}. FP action accuracy {ref}.",
         "PSNR gaps are paired by world, with a 95% bootstrap interval.",
         "",
-        f"| method | PSNR dB vs FP | vs gptq | vs the best baseline at these bits ({best}) | SSIM | action accuracy "
-        "| first / last chunk PSNR | quantize s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | PSNR dB vs FP | " + " | ".join(titles) + " | SSIM | action accuracy | first / last chunk PSNR "
+        "| quantize s |",
+        "|---|---|" + "---|" * len(anchors) + "---|---|---|---|",
     ]
     for name, r in results.items():
         c = r["psnr_db_per_chunk"]
-        vs_gptq = _gap(results, name, "gptq")
-        vs_best = "" if name in baselines else _gap(results, name, best)
+        gaps = "".join(f" {_gap(results, name, a)} |" for a in anchors)
         md.append(
-            f"| {name} | {r['psnr_db_mean']:.2f} | {vs_gptq} | {vs_best} | {r['ssim_mean']:.3f} "
+            f"| {name} | {r['psnr_db_mean']:.2f} |{gaps} {r['ssim_mean']:.3f} "
             f"| {r['action_accuracy']:.3f} | {c[0]:.1f} / {c[-1]:.1f} | {r['quantize_s']:.0f} |"
         )
     if QARVD in results:
