@@ -267,10 +267,11 @@ def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress:
         _set_act_mode(layers, "none")
         progress("collecting", 0.5)
         inputs_wq = collect_inputs(model, layers, calib, progress.bars)
-    _set_act_mode(layers, config.act_mode)
-    if static:
+        _set_act_mode(layers, "static")
         for name, layer in layers.items():
             layer.init_activation(inputs_wq[name].stacked()[0])
+    else:
+        _set_act_mode(layers, "dynamic")
 
     errors = None
     weights = list(config.frame_weights) if config.frame_weights else None
