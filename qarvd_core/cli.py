@@ -301,6 +301,7 @@ def quantize(
 def inspect(path: Path = typer.Argument(..., help="a quantized checkpoint (.safetensors)")):
     """Print a quantized checkpoint's manifest readably."""
     from qarvd_core.config import read_manifest
+    from qarvd_core.quant.linear import ACT_MODES
 
     try:
         m = read_manifest(path)
@@ -321,7 +322,10 @@ def inspect(path: Path = typer.Argument(..., help="a quantized checkpoint (.safe
         typer.echo("frame weights " + " ".join(f"{w:.3f}" for w in q["frame_weights"]))
     layers = q["layers"]
     dual = {n: v for n, v in layers.items() if v["kind"] == "dual"}
-    typer.echo(f"layers       {len(layers)} quantized, {len(dual)} dual-scale")
+    # Checkpoints from before act_mode was recorded per layer are all static.
+    modes = sorted({v.get("act_mode", "static") for v in layers.values()})
+    acts = "/".join(ACT_MODES.get(mode, mode) for mode in modes)
+    typer.echo(f"layers       {len(layers)} quantized, {len(dual)} dual-scale, activations {acts}")
     for n, v in dual.items():
         typer.echo(f"  {n:32s} {v['outliers']:4d} of {v['in']} input columns as outliers")
     typer.echo(f"file         {path.stat().st_size / 1e6:.2f} MB, sha256 {m['sha256'][:16]}…")

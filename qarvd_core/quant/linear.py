@@ -26,7 +26,8 @@ from qarvd_core.quant.primitives import (
 
 WEIGHT_INITS = {"mse": mse_search_weight, "minmax": minmax_weight}
 
-ACT_MODES = ("static", "dynamic", "none")  # per-tensor static, per-token dynamic, not quantized
+# Activation schemes: what each is, as `qarvd inspect` says it.
+ACT_MODES = {"static": "per-tensor static", "dynamic": "per-token dynamic", "none": "float"}
 
 
 def pack_int4(codes: Tensor) -> Tensor:
@@ -59,7 +60,7 @@ class QuantLinear(nn.Module):
     ):
         super().__init__()
         if act_mode not in ACT_MODES:
-            raise ValueError(f"act_mode must be one of {ACT_MODES}, got {act_mode!r}")
+            raise ValueError(f"act_mode must be one of {tuple(ACT_MODES)}, got {act_mode!r}")
         self.in_features, self.out_features = in_features, out_features
         self.w_spec, self.a_spec, self.act_mode = w_spec, a_spec, act_mode
         self.mode = "simulate"

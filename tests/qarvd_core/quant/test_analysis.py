@@ -50,11 +50,13 @@ def test_analyze_and_quantize_cli_end_to_end(mini_weights, tmp_path):
             "--model",
             str(path),
             "--method",
-            "rtn",
+            "gptq",
             "--w-bits",
             "8",
             "--a-bits",
             "8",
+            "-o",
+            "act_mode=dynamic",
             "--out",
             str(out),
             "--calib-rollouts",
@@ -66,7 +68,8 @@ def test_analyze_and_quantize_cli_end_to_end(mini_weights, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(out.with_suffix(".json").read_text())["evaluation"]["psnr_db_mean"] > 25
     r = runner.invoke(app, ["inspect", str(out)])
-    assert r.exit_code == 0 and "rtn  W8A8" in r.output and "evaluation" in r.output
+    assert r.exit_code == 0 and "gptq  W8A8" in r.output and "evaluation" in r.output
+    assert "activations per-token dynamic" in r.output
     r = runner.invoke(app, ["generate", "--model", str(out), "--actions", "right*3", "--out", str(tmp_path / "q.mp4")])
     assert r.exit_code == 0, r.output
 
