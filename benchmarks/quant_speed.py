@@ -1,13 +1,14 @@
 """Speed, size and fidelity of deploy-mode quantization vs FP32, BF16 and torchao, in one run.
 
 For each model: FP32 and BF16, eager and with the transformer blocks compiled
-(`WorldModel.compile_blocks`); qarvd W8A8 and W4A8 in deploy mode (integer GEMMs, bf16
-around them; RTN with static per-tensor activations, and ViDiT-Q's per-token dynamic
-activations, the scheme torchao's int8 dynamic config uses), eager and compiled; torchao's
+(`WorldModel.compile_blocks`, plain and with `max_autotune`: frozen weights, AMX GEMM
+templates); qarvd W8A8 and W4A8 in deploy mode (integer GEMMs, bf16 around them; RTN with
+static per-tensor activations, and ViDiT-Q's per-token dynamic activations, the scheme
+torchao's int8 dynamic config uses), eager and compiled both ways; torchao's
 Int8DynamicActivationInt8WeightConfig and Int8WeightOnlyConfig on the same layers of the
 bf16 model, compiled the same way. Reported as ratios from the same process: streaming
-frames/s (`qarvd bench`), time in the linear layers alone (all block linears in one compiled
-or eager function), bytes of the quantized layers, the SQNR of one denoiser pass against FP32 on
+frames/s (`qarvd bench`), time in the linear layers alone (all block linears in one function,
+eager or compiled as the variant is), bytes of the quantized layers, the SQNR of one denoiser pass against FP32 on
 identical inputs, and PSNR of a short rollout against the FP32 model on identical noise.
 
     pip install -e ".[bench]"   # torchao, the peer
@@ -28,7 +29,7 @@ import torch
 from qarvd_core.config import load_model
 from qarvd_core.eval.bench import bench_stream
 from qarvd_core.eval.metrics import psnr
-from qarvd_core.model import KVCache, ModelArgs, WorldModel
+from qarvd_core.model import KVCache, ModelArgs, WorldModel, compile_inference
 from qarvd_core.quant import CalibrationSet, QArvdConfig, RTNConfig, quantize, set_compute_dtype, set_mode
 from qarvd_core.quant.api import DEFAULT_KEEP_FP, target_linears
 from qarvd_core.quant.methods import ViDiTQConfig
@@ -46,6 +47,7 @@ QARVD_PER_TOKEN = QArvdConfig(
     reconstruct_prompt_layers=True,
     act_mode="dynamic",
 )
+COMPILED, MAX_AUTOTUNE = "compiled", "max-autotune"  # how a variant's blocks are compiled (None: eager)
 ROLLOUT = (["islands", "desert"], [["right"] * 12, ["down"] * 6 + ["left"] * 6], [1, 2])
 
 
@@ -66,7 +68,7 @@ def block_linears(model: WorldModel, names: list[str]) -> dict:
     return {n: model.get_submodule(n) for n in names}
 
 
-def linear_ms(model: WorldModel, names: list[str], tokens: int, compiled: bool, repeats: int = 20) -> float:
+def linear_ms(model: WorldModel, names: list[str], tokens: int, compiled: str | None, repeats: int = 20) -> float:
     """Time of the transformer blocks' linear layers for one forward pass on `tokens` rows."""
     layers = block_linears(model, names)
     dtype = next(model.parameters()).dtype
@@ -75,7 +77,7 @@ def linear_ms(model: WorldModel, names: list[str], tokens: int, compiled: bool, 
     def run(xs):
         return [m(x) for m, x in zip(layers.values(), xs)]
 
-    fn = torch.compile(run, dynamic=False) if compiled else run
+    fn = compile_inference(run, compiled == MAX_AUTOTUNE) if compiled else run
     with torch.no_grad():
         for _ in range(3):
             fn(inputs)
@@ -129,12 +131,13 @@ def pass_sqnr(model: WorldModel, fp32: WorldModel) -> float:
 
 
 def variants(fp32: WorldModel, calib: CalibrationSet):
-    """(label, model, compiled) for every variant; the compiled ones get `compile_blocks()`."""
+    """(label, model, compile mode) for every variant; compiled ones get `compile_blocks()`."""
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    yield "fp32", fp32, False
-    yield "bf16", bf16, False
-    yield "fp32 compiled", copy.deepcopy(fp32), True
-    yield "bf16 compiled", copy.deepcopy(bf16), True
+    yield "fp32", fp32, None
+    yield "bf16", bf16, None
+    yield "fp32 compiled", copy.deepcopy(fp32), COMPILED
+    yield "bf16 compiled", copy.deepcopy(bf16), COMPILED
+    yield "bf16 max-autotune", copy.deepcopy(bf16), MAX_AUTOTUNE
     for label, cfg in (
         ("qarvd W8A8", RTNConfig(w_bits=8, a_bits=8)),
         ("qarvd W4A8", RTNConfig(w_bits=4, a_bits=8)),
@@ -144,8 +147,9 @@ def variants(fp32: WorldModel, calib: CalibrationSet):
         q = quantize(fp32, cfg, calib, progress=False)
         set_mode(set_compute_dtype(q, torch.bfloat16), "deploy")
         if label == "qarvd W8A8":
-            yield f"{label} deploy (eager)", q, False
-        yield f"{label} deploy (compiled)", copy.deepcopy(q), True
+            yield f"{label} deploy (eager)", q, None
+        yield f"{label} deploy (compiled)", copy.deepcopy(q), COMPILED
+        yield f"{label} deploy (max-autotune)", copy.deepcopy(q), MAX_AUTOTUNE
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
     except ImportError:
@@ -156,8 +160,8 @@ def variants(fp32: WorldModel, calib: CalibrationSet):
     ):
         m = copy.deepcopy(bf16)
         quantize_(m, cfg, filter_fn=lambda mod, name: isinstance(mod, torch.nn.Linear) and name.startswith("blocks."))
-        yield f"{label} (eager)", m, False
-        yield f"{label} (compiled)", copy.deepcopy(m), True
+        yield f"{label} (eager)", m, None
+        yield f"{label} (compiled)", copy.deepcopy(m), COMPILED
 
 
 def main() -> None:
@@ -177,7 +181,7 @@ def main() -> None:
         rows = {}
         for label, m, compiled in variants(fp32, calib):
             if compiled:
-                m.compile_blocks()
+                m.compile_blocks(max_autotune=compiled == MAX_AUTOTUNE)
             try:
                 b = bench_stream(m, chunks=a.chunks, warmup=5)
                 rows[label] = {
@@ -196,17 +200,18 @@ def main() -> None:
         md += [
             f"## {name}",
             "",
-            "| variant | frames/s | x FP32 | x BF16 | x BF16 compiled | linear layers x FP32 | "
+            "| variant | frames/s | x FP32 | x BF16 | x BF16 compiled | x BF16 max-autotune | linear layers x FP32 | "
             "layer size / FP32 | one-pass SQNR dB | 12-frame PSNR dB vs FP32 |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for label, r in rows.items():
             if "error" in r:
-                md.append(f"| {label} | failed: {r['error']} |" + " |" * 7)
+                md.append(f"| {label} | failed: {r['error']} |" + " |" * 8)
                 continue
             md.append(
                 f"| {label} | {r['fps']:.1f} | {r['fps'] / base['fps']:.2f} | {r['fps'] / rows['bf16']['fps']:.2f} | "
-                f"{r['fps'] / rows['bf16 compiled']['fps']:.2f} | {base['linear_ms'] / r['linear_ms']:.2f} | "
+                f"{r['fps'] / rows['bf16 compiled']['fps']:.2f} | {r['fps'] / rows['bf16 max-autotune']['fps']:.2f} | "
+                f"{base['linear_ms'] / r['linear_ms']:.2f} | "
                 f"{r['layer_bytes'] / base['layer_bytes']:.3f} | {r['pass_sqnr_db']:.1f} | {r['psnr_db_vs_fp32']:.1f} |"
             )
         md.append("")

@@ -336,6 +336,30 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def compile_inference(fn, max_autotune: bool = False):
+    """torch.compile `fn` (static shapes) for inference, as `WorldModel.compile_blocks` does.
+
+    `max_autotune`: inductor's freezing and its C++ GEMM templates. Weights become constants, so
+    GEMMs run as AMX micro-kernels with the ops around them fused into their epilogues, where
+    autotuning finds that faster than ATen's kernels. Dynamo reads the freezing flag when it
+    traces (the first call and any recompile) to make the weights constants guarded by
+    identity, so the flag is switched on around the calls rather than process-wide.
+    """
+    if not max_autotune:
+        return torch.compile(fn, dynamic=False)
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(
+        fn, dynamic=False, options={"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+    )
+
+    def call(*args, **kwargs):
+        with inductor_config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return call
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -390,7 +414,7 @@ class WorldModel(nn.Module):
             e = e + self.action_embedding(actions)
         return e  # [B, T, D]
 
-    def compile_blocks(self) -> WorldModel:
+    def compile_blocks(self, max_autotune: bool = False) -> WorldModel:
         """torch.compile the transformer blocks for inference; returns self.
 
         The blocks hold almost all the time, and at these sizes much of it is elementwise work
@@ -398,12 +422,20 @@ class WorldModel(nn.Module):
         at a time. Every block has the same code and a cached pass has static shapes (the cache
         is attended as a masked buffer), so one graph per batch size serves all blocks and
         cache lengths. Quantized layers should be in their final mode first.
+
+        `max_autotune` (`compile_inference`): frozen weights and AMX GEMM templates; deploy-mode
+        int8 layers switch to oneDNN's int8 linear, which inductor fuses the same way. Faster
+        streams, at the price of a compile several times longer and one graph per block.
         """
-        # All models share Block.forward's code, and each (model, batch size) is one entry in
-        # its compile cache: raise the default limit of 8 so a server's models all stay compiled.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for block in self.blocks:
-            block.compile(dynamic=False)
+        # All models share Block.forward's code, and each (model, batch size, frozen block) is one
+        # entry in its compile cache: raise the default limit of 8 so a server's models stay compiled.
+        limit = 64 * (len(self.blocks) if max_autotune else 1)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        for m in self.modules():
+            if hasattr(m, "prepare_compile"):  # quantized layers pick their kernels
+                m.prepare_compile(frozen=max_autotune)
+        for block in self.blocks:  # what nn.Module.compile does, with our options
+            block._compiled_call_impl = compile_inference(block._call_impl, max_autotune)
         return self
 
     # Forward ------------------------------------------------------------------

@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None, on_shutdown: Callable[[], None]
         settings.max_loaded_models,
         dtype=DTYPES[settings.dtype],
         compile_blocks=settings.compile,
+        max_autotune=settings.compile_max_autotune,
     )
     app.state.engine = Engine(settings, metrics, registry)
     registry.in_use = app.state.engine.models_in_use

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     compile: bool = Field(
         False, description="torch.compile each model's blocks; warm-up compiles every batch size up to max_sessions"
     )
+    compile_max_autotune: bool = Field(
+        False,
+        description="with compile: frozen weights and AMX GEMM templates; faster streams, each compile takes minutes",
+    )
     redis_url: str | None = Field(None, description="jobs queue; `qarvd serve` starts an embedded Redis when unset")
     job_attempts: int = Field(3, ge=1, description="runs of a failing job before it is failed")
     job_heartbeat_s: int = Field(10, ge=2, description="a running job silent this long is retried elsewhere")

@@ -71,6 +71,49 @@ def int8_linear_static(
     return y if bias is None else y + bias
 
 
+def onednn_pack(w: Tensor) -> Tensor:
+    """int8 weight [N, K] prepacked for oneDNN's int8 linear (`int8_linear_onednn`)."""
+    return torch.ops.onednn.qlinear_prepack(w, None)
+
+
+def int8_linear_onednn(
+    x: Tensor,
+    packed: Tensor,
+    w_scale: Tensor,
+    zeros: Tensor,
+    w_zero_scaled: Tensor | None,
+    bias: Tensor | None,
+    act: tuple[float, int, int, int] | int,
+) -> Tensor:
+    """x [M, K] float -> [M, N] float through oneDNN's int8 linear, for frozen compiled blocks.
+
+    Under `torch.compile` with inductor's freezing and max-autotune (`WorldModel.compile_blocks(
+    max_autotune=True)`), this op becomes an AMX GEMM template whose epilogue does the whole rescale,
+    so the int32 product never goes to memory (with `_int_mm`, that rescale pass cost more than the
+    GEMM). `act` is (scale, zero point, qmin, qmax) of static per-tensor activations, or the bit-width
+    of per-token symmetric ones. `zeros` is an int32 zero per output channel, passed in so that
+    freezing sees a constant: the template takes symmetric weights only. For asymmetric ones
+    (`w_zero_scaled` = w_scale * w_zero) the zero point's term, w_zero_n * sum_k (a_mk - z_a), is
+    subtracted afterwards, and inductor fuses that into the same epilogue.
+    """
+    if isinstance(act, tuple):
+        s, z, qmin, qmax = act
+        a = torch.clamp(torch.round(x / s) + z, qmin, qmax).to(torch.uint8 if qmin >= 0 else torch.int8)
+        tok_scale = None
+    else:
+        qmax = 2 ** (act - 1) - 1
+        tok_scale = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-8)
+        a = torch.clamp(torch.round(x / tok_scale), -qmax - 1, qmax).to(torch.int8)
+        s, z = 1.0, 0
+    y = torch.ops.onednn.qlinear_pointwise(a, s, z, packed, w_scale, zeros, None, 1.0, 0, torch.float32, "none", [], "")
+    if w_zero_scaled is not None:
+        rows = a.sum(-1, keepdim=True, dtype=torch.int32) - x.shape[1] * z
+        y = y - (s * rows) * w_zero_scaled
+    if tok_scale is not None:
+        y = y * tok_scale
+    return y if bias is None else y + bias
+
+
 def int8_linear_dynamic(
     x: Tensor, w: Tensor, colsum: Tensor, w_zero: Tensor, w_scale: Tensor, bias: Tensor | None, bits: int, asym_w: bool
 ) -> Tensor:

@@ -165,12 +165,33 @@ class QuantLinear(nn.Module):
             }
         return self._deploy_cache
 
+    def prepare_compile(self, frozen: bool) -> None:
+        """Called by `WorldModel.compile_blocks` before compiling. `frozen` (inductor's freezing and
+        max-autotune): deploy mode on CPU then runs oneDNN's int8 linear on a prepacked weight, which
+        inductor turns into an AMX GEMM with the rescale fused in; otherwise `_int_mm`."""
+        d = self._deploy_tensors()
+        for key in ("packed", "zeros", "w_zero_scaled", "act"):
+            d.pop(key, None)
+        if not (frozen and self.mode == "deploy" and self.act_mode != "none" and self.qweight.device.type == "cpu"):
+            return
+        s = self.a_spec
+        d["packed"] = kernels.onednn_pack(d["w"])
+        d["zeros"] = torch.zeros(self.out_features, dtype=torch.int32)
+        d["w_zero_scaled"] = self.w_scale * self.w_zero.round() if d["asym_w"] else None
+        static = (float(self.a_scale), int(self.a_zero), s.qmin, s.qmax)
+        d["act"] = static if self.act_mode == "static" else s.bits
+
     def _forward_int(self, x: Tensor) -> Tensor:
         d = self._deploy_tensors()
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         if self.smooth is not None:
             x2 = x2 / self.smooth
+        if "packed" in d and torch.compiler.is_compiling():
+            y = kernels.int8_linear_onednn(
+                x2, d["packed"], self.w_scale, d["zeros"], d["w_zero_scaled"], self.bias, d["act"]
+            )
+            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         common = (d["w"], d["colsum"], d["w_zero"], self.w_scale, self.bias)
         if self.act_mode == "static":
             s = self.a_spec
@@ -243,8 +264,11 @@ class DualScaleQuantLinear(nn.Module):
             part.init_activation(x[:, idx], sample_weights, pcts)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.outlier(x[..., self.outlier_idx]) + self.normal(x[..., self.normal_idx])
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        # In 2-D: inductor fuses the sum into a GEMM template's epilogue only when the shapes match.
+        x2 = x.reshape(-1, self.in_features)
+        y = self.outlier(x2[:, self.outlier_idx]) + self.normal(x2[:, self.normal_idx])
+        y = y if self.bias is None else y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> Tensor:
         w = torch.empty(self.out_features, self.in_features)

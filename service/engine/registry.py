@@ -40,11 +40,12 @@ class ModelRegistry:
         in_use: Callable[[], set[str]] = set,
         dtype: torch.dtype = torch.float32,
         compile_blocks: bool = False,
+        max_autotune: bool = False,
     ):
         self.artifact_dir = Path(artifact_dir)
         self.max_loaded = max_loaded
         self.in_use = in_use
-        self.dtype, self.compile_blocks = dtype, compile_blocks
+        self.dtype, self.compile_blocks, self.max_autotune = dtype, compile_blocks, max_autotune
         self._loaded: OrderedDict[str, WorldModel] = OrderedDict()
         self._lock = threading.Lock()
         self.load_seconds: dict[str, float] = {}
@@ -94,7 +95,7 @@ class ModelRegistry:
             if model_id not in self._loaded:
                 t0 = time.perf_counter()
                 model = load_model(str(self.path_of(model_id)), dtype=self.dtype)
-                self._loaded[model_id] = model.compile_blocks() if self.compile_blocks else model
+                self._loaded[model_id] = model.compile_blocks(self.max_autotune) if self.compile_blocks else model
                 self.load_seconds[model_id] = time.perf_counter() - t0
                 self._evict(keep=model_id)
             self._loaded.move_to_end(model_id)

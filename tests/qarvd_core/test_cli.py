@@ -119,6 +119,12 @@ def test_bench_reports_chunk_latency_and_fps(mini_weights, tmp_path):
     assert abs(sum(res["time_share"].values()) - 1) < 0.01 and "linear" in res["time_share"]
 
 
+def test_bench_max_autotune_needs_compile(mini_weights):
+    path, _ = mini_weights
+    r = runner.invoke(app, ["bench", "--model", str(path), "--max-autotune"])
+    assert r.exit_code == 2 and "--max-autotune needs --compile" in r.output
+
+
 def test_every_command_has_help():
     for cmd in ("train", "generate", "eval", "bench"):
         r = runner.invoke(app, [cmd, "--help"])
