@@ -13,6 +13,9 @@ identical inputs, and PSNR of a short rollout against the FP32 model on identica
 
     pip install -e ".[bench]"   # torchao, the peer
     python benchmarks/quant_speed.py --models tiny-world small-world --out benchmarks/results/quant_speed
+
+`--sessions N` streams N sessions in one batched pass (as the server batches them; the linear
+layers then see N times the rows); `--only LABEL ...` runs only those variants (and FP32, the base).
 """
 
 from __future__ import annotations
@@ -164,30 +167,41 @@ def variants(fp32: WorldModel, calib: CalibrationSet):
         yield f"{label} (compiled)", copy.deepcopy(m), COMPILED
 
 
+def ratio(fps: float, rows: dict, ref: str) -> str:
+    """fps as a multiple of variant `ref`'s; blank where `ref` did not run."""
+    return f"{fps / rows[ref]['fps']:.2f}" if "fps" in rows.get(ref, {}) else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["tiny-world", "small-world"])
     ap.add_argument("--chunks", type=int, default=30)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/quant_speed"))
+    ap.add_argument("--sessions", type=int, default=1, help="streams stepped together in one batched pass")
+    ap.add_argument("--only", nargs="+", help="variant labels to run (FP32 always runs: it is the base)")
     a = ap.parse_args()
     a.out.parent.mkdir(parents=True, exist_ok=True)
     calib = CalibrationSet(rollouts=2, chunks=4, tokens_per_pass=64)  # as measured before session 5
     results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "models": {}}
-    md = [f"# Deploy-mode speed and size ({results['threads']} threads, torch {torch.__version__})", ""]
+    results["sessions"] = a.sessions
+    title = f"# Deploy-mode speed and size ({results['threads']} threads, torch {torch.__version__}"
+    md = [title + (f", {a.sessions} sessions batched)" if a.sessions > 1 else ")"), ""]
     for name in a.models:
         fp32 = model_named(name)
         names = [n for n in target_linears(fp32, DEFAULT_KEEP_FP) if n.startswith("blocks.")]
         ref = to_uint8(rollout(fp32, *ROLLOUT))
         rows = {}
         for label, m, compiled in variants(fp32, calib):
+            if a.only and label != "fp32" and label not in a.only:
+                continue
             if compiled:
                 m.compile_blocks(max_autotune=compiled == MAX_AUTOTUNE)
             try:
-                b = bench_stream(m, chunks=a.chunks, warmup=5)
+                b = bench_stream(m, chunks=a.chunks, warmup=5, sessions=a.sessions)
                 rows[label] = {
                     "fps": b["fps"],
                     "chunk_ms_p50": b["chunk_ms"]["p50"],
-                    "linear_ms": linear_ms(m, names, fp32.args.chunk_tokens, compiled),
+                    "linear_ms": linear_ms(m, names, fp32.args.chunk_tokens * a.sessions, compiled),
                     "layer_bytes": layer_bytes(m, names),
                     "psnr_db_vs_fp32": fidelity(m, ref),
                     "pass_sqnr_db": pass_sqnr(m, fp32),
@@ -204,13 +218,14 @@ def main() -> None:
             "layer size / FP32 | one-pass SQNR dB | 12-frame PSNR dB vs FP32 |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
+
         for label, r in rows.items():
             if "error" in r:
                 md.append(f"| {label} | failed: {r['error']} |" + " |" * 8)
                 continue
+            refs = ("fp32", "bf16", "bf16 compiled", "bf16 max-autotune")
             md.append(
-                f"| {label} | {r['fps']:.1f} | {r['fps'] / base['fps']:.2f} | {r['fps'] / rows['bf16']['fps']:.2f} | "
-                f"{r['fps'] / rows['bf16 compiled']['fps']:.2f} | {r['fps'] / rows['bf16 max-autotune']['fps']:.2f} | "
+                f"| {label} | {r['fps']:.1f} | {' | '.join(ratio(r['fps'], rows, ref) for ref in refs)} | "
                 f"{base['linear_ms'] / r['linear_ms']:.2f} | "
                 f"{r['layer_bytes'] / base['layer_bytes']:.3f} | {r['pass_sqnr_db']:.1f} | {r['psnr_db_vs_fp32']:.1f} |"
             )

@@ -243,7 +243,7 @@ def bench(
         sessions=sessions,
         **sampler_kwargs(action_guidance),
     )
-    result["model"], result["compiled"] = model, ("max-autotune" if max_autotune else compile_blocks)
+    result.update(model=model, compiled=compile_blocks, max_autotune=max_autotune)
     text = json.dumps(result, indent=2)
     if json_path is not None:
         json_path.write_text(text + "\n")

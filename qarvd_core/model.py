@@ -349,9 +349,14 @@ def compile_inference(fn, max_autotune: bool = False):
         return torch.compile(fn, dynamic=False)
     import torch._inductor.config as inductor_config
 
-    compiled = torch.compile(
-        fn, dynamic=False, options={"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
-    )
+    options = {
+        "max_autotune": True,
+        "max_autotune_gemm_backends": "CPP,ATEN",
+        # Quiet: without these, every GEMM's autotuning table is written to stderr.
+        "autotune_num_choices_displayed": 0,
+        "max_autotune_report_choices_stats": False,
+    }
+    compiled = torch.compile(fn, dynamic=False, options=options)
 
     def call(*args, **kwargs):
         with inductor_config.patch(freezing=True):
