@@ -89,8 +89,8 @@ def int8_linear_onednn(
 
     Under `torch.compile` with inductor's freezing and max-autotune (`WorldModel.compile_blocks(
     max_autotune=True)`), this op becomes an AMX GEMM template whose epilogue does the whole rescale,
-    so the int32 product never goes to memory (with `_int_mm`, that rescale pass cost more than the
-    GEMM). `act` is (scale, zero point, qmin, qmax) of static per-tensor activations, or the bit-width
+    so the int32 product never goes to memory (with `_int_mm`, a separate pass reads it back to
+    rescale it). `act` is (scale, zero point, qmin, qmax) of static per-tensor activations, or the bit-width
     of per-token symmetric ones. `zeros` is an int32 zero per output channel, passed in so that
     freezing sees a constant: the template takes symmetric weights only. For asymmetric ones
     (`w_zero_scaled` = w_scale * w_zero) the zero point's term, w_zero_n * sum_k (a_mk - z_a), is
