@@ -71,6 +71,13 @@ def int8_linear_static(
     return y if bias is None else y + bias
 
 
+def quantize_per_token(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """x [M, K] -> int8 codes and scales [M, 1]: one symmetric range per token (row)."""
+    qmax = 2 ** (bits - 1) - 1
+    s = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-8)
+    return torch.clamp(torch.round(x / s), -qmax - 1, qmax).to(torch.int8), s
+
+
 def onednn_pack(w: Tensor) -> Tensor:
     """int8 weight [N, K] prepacked for oneDNN's int8 linear (`int8_linear_onednn`)."""
     return torch.ops.onednn.qlinear_prepack(w, None)
@@ -101,9 +108,7 @@ def int8_linear_onednn(
         a = torch.clamp(torch.round(x / s) + z, qmin, qmax).to(torch.uint8 if qmin >= 0 else torch.int8)
         tok_scale = None
     else:
-        qmax = 2 ** (act - 1) - 1
-        tok_scale = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-8)
-        a = torch.clamp(torch.round(x / tok_scale), -qmax - 1, qmax).to(torch.int8)
+        a, tok_scale = quantize_per_token(x, act)
         s, z = 1.0, 0
     y = torch.ops.onednn.qlinear_pointwise(a, s, z, packed, w_scale, zeros, None, 1.0, 0, torch.float32, "none", [], "")
     if w_zero_scaled is not None:
@@ -118,9 +123,7 @@ def int8_linear_dynamic(
     x: Tensor, w: Tensor, colsum: Tensor, w_zero: Tensor, w_scale: Tensor, bias: Tensor | None, bits: int, asym_w: bool
 ) -> Tensor:
     """Per-token symmetric dynamic activations (ViDiT-Q style)."""
-    qmax = 2 ** (bits - 1) - 1
-    s = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-8)
-    a = torch.clamp(torch.round(x / s), -qmax - 1, qmax).to(torch.int8)
+    a, s = quantize_per_token(x, bits)
     zero = torch.zeros((), dtype=torch.int32, device=x.device)
     acc = _asym_fix(int_mm(a, w), a, w_zero, colsum, zero, x.shape[1], asym_w)
     y = acc.float() * (s * w_scale)
