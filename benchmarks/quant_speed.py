@@ -4,7 +4,8 @@ For each model: FP32 and BF16, eager and with the transformer blocks compiled
 (`WorldModel.compile_blocks`, plain and with `max_autotune`: frozen weights, AMX GEMM
 templates); qarvd W8A8 and W4A8 in deploy mode (integer GEMMs, bf16 around them; RTN with
 static per-tensor activations, and ViDiT-Q's per-token dynamic activations, the scheme
-torchao's int8 dynamic config uses), eager and compiled both ways; torchao's
+torchao's int8 dynamic config uses; asymmetric weights as the paper, and symmetric ones,
+which need no zero-point term), eager and compiled both ways; torchao's
 Int8DynamicActivationInt8WeightConfig and Int8WeightOnlyConfig on the same layers of the
 bf16 model, compiled the same way. Reported as ratios from the same process: streaming
 frames/s (`qarvd bench`), time in the linear layers alone (all block linears in one function,
@@ -25,6 +26,7 @@ import copy
 import io
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -143,9 +145,12 @@ def variants(fp32: WorldModel, calib: CalibrationSet):
     yield "bf16 max-autotune", copy.deepcopy(bf16), MAX_AUTOTUNE
     for label, cfg in (
         ("qarvd W8A8", RTNConfig(w_bits=8, a_bits=8)),
+        ("qarvd W8A8 symmetric weights", RTNConfig(w_bits=8, a_bits=8, w_symmetric=True)),
         ("qarvd W4A8", RTNConfig(w_bits=4, a_bits=8)),
+        ("qarvd W4A8 symmetric weights", RTNConfig(w_bits=4, a_bits=8, w_symmetric=True)),
         ("qarvd W8A8 per-token (vidit-q)", ViDiTQConfig(w_bits=8, a_bits=8)),
         ("qarvd W8A8 per-token (Q-ARVD, act-aware rounding)", QARVD_PER_TOKEN),
+        ("qarvd W8A8 per-token symmetric weights (Q-ARVD)", replace(QARVD_PER_TOKEN, w_symmetric=True)),
     ):
         q = quantize(fp32, cfg, calib, progress=False)
         set_mode(set_compute_dtype(q, torch.bfloat16), "deploy")

@@ -220,11 +220,12 @@ def bench(
     ),
 ):
     """Streaming speed: time per chunk (p50/p95) and frames per second."""
+    import contextlib
     import json
 
     import torch
 
-    from qarvd_core.eval.bench import bench_stream
+    from qarvd_core.eval.bench import bench_stream, profile_compiled_kernels
 
     if json_path is not None:
         _check_writable(json_path, "result")
@@ -233,16 +234,17 @@ def bench(
     net = _load(model, dtype)
     if max_autotune and not compile_blocks:
         fail("--max-autotune needs --compile")
-    if compile_blocks:
-        net.compile_blocks(max_autotune)
-    result = bench_stream(
-        net,
-        chunks=chunks,
-        warmup=warmup,
-        profile=profile,
-        sessions=sessions,
-        **sampler_kwargs(action_guidance),
-    )
+    with profile_compiled_kernels() if profile and compile_blocks else contextlib.nullcontext():
+        if compile_blocks:
+            net.compile_blocks(max_autotune)
+        result = bench_stream(
+            net,
+            chunks=chunks,
+            warmup=warmup,
+            profile=profile,
+            sessions=sessions,
+            **sampler_kwargs(action_guidance),
+        )
     result.update(model=model, compiled=compile_blocks, max_autotune=max_autotune)
     text = json.dumps(result, indent=2)
     if json_path is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 import time
 
 import numpy as np
@@ -12,12 +13,31 @@ from qarvd_core.model import WorldModel
 from qarvd_core.sampling import DEFAULT_ACTION_GUIDANCE, Stream, step_streams
 from qarvd_core.world.simulator import ACTIONS
 
-# Profiler op names grouped into what a reader cares about.
+# Profiler op names grouped into what a reader cares about. Compiled blocks show up as one
+# event per graph call unless their kernels are profiled too (`profile_compiled_kernels`):
+# inductor's GEMM templates are then "gemm_m..n..k.._kernel", its fused loops "cpp_fused_...".
 _OP_GROUPS = {
-    "linear": ("aten::addmm", "aten::mm", "aten::linear", "aten::_int_mm", "aten::bmm"),
+    "linear": ("aten::addmm", "aten::mm", "aten::linear", "aten::_int_mm", "aten::bmm", "onednn::qlinear", "gemm_"),
     "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product"),
     "patch embedding": ("aten::convolution", "aten::mkldnn_convolution", "aten::conv3d"),
+    "fused elementwise (compiled: norms, RoPE, modulation, activation quantize)": ("cpp_fused",),
+    "compiled-graph calls and guard checks": (
+        "## Call CompiledFxGraph",
+        "TorchDynamo Cache Lookup",
+        "Torch-Compiled Region",
+        "AOTDispatcher",
+        "Pregraph bytecode",
+    ),
 }
+
+
+def profile_compiled_kernels():
+    """Context in which graphs compiled give every kernel its own profiler event (inductor's
+    `cpp.enable_kernel_profile`), so that `_profile` can split compiled blocks into GEMMs and
+    fused elementwise loops. Graphs compile at their first call: run the stream inside it."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch({"cpp.enable_kernel_profile": True})
 
 
 def bench_stream(
@@ -81,8 +101,9 @@ def _profile(stream: Stream, chunks: int) -> dict:
             stream.step("right")
     totals: dict[str, float] = {}
     for ev in prof.key_averages():
+        name = re.sub(r"^graph_\d+_", "", ev.key)  # a profiled compiled kernel: graph_<id>_<kernel>
         group = next(
-            (g for g, names in _OP_GROUPS.items() if ev.key.startswith(names)),
+            (g for g, names in _OP_GROUPS.items() if name.startswith(names)),
             "other (norms, RoPE, modulation, copies)",
         )
         totals[group] = totals.get(group, 0.0) + ev.self_cpu_time_total

@@ -29,6 +29,10 @@ class QuantConfig:
     w_bits: int = 8
     a_bits: int = 8
     keep_fp: tuple[str, ...] = DEFAULT_KEEP_FP
+    # Symmetric weights (zero point 0, as torchao's int8 configs) instead of the paper's
+    # asymmetric ones: deploy mode then needs no zero-point term, so an input's quantize is a
+    # pointwise op that compiles into the kernel producing the input (see `kernels`).
+    w_symmetric: bool = False
 
     def __post_init__(self):
         for what in ("w_bits", "a_bits"):
@@ -38,7 +42,7 @@ class QuantConfig:
 
     @property
     def w_spec(self) -> QuantSpec:
-        return QuantSpec(self.w_bits, symmetric=False)
+        return QuantSpec(self.w_bits, symmetric=self.w_symmetric)
 
     @property
     def a_spec(self) -> QuantSpec:

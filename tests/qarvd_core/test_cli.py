@@ -119,6 +119,18 @@ def test_bench_reports_chunk_latency_and_fps(mini_weights, tmp_path):
     assert abs(sum(res["time_share"].values()) - 1) < 0.01 and "linear" in res["time_share"]
 
 
+def test_bench_profile_of_compiled_blocks_splits_them_into_kernels(mini_weights, tmp_path):
+    path, _ = mini_weights
+    out = tmp_path / "b.json"
+    argv = ["bench", "--model", str(path), "--chunks", "2", "--warmup", "1", "--json", str(out)]
+    r = runner.invoke(app, [*argv, "--compile", "--profile"])
+    assert r.exit_code == 0, r.output
+    share = json.loads(out.read_text())["time_share"]
+    # Without kernel events a compiled block is one opaque graph call; its fused loops must be seen.
+    fused = next(v for k, v in share.items() if k.startswith("fused elementwise"))
+    assert fused > 0 and share["linear"] > 0 and share["attention"] > 0
+
+
 def test_bench_max_autotune_needs_compile(mini_weights):
     path, _ = mini_weights
     r = runner.invoke(app, ["bench", "--model", str(path), "--max-autotune"])

@@ -57,6 +57,7 @@ def test_calibration_rows_are_tagged_by_chunk_and_time(mini):
     "config, floor_db",
     [
         (RTNConfig(w_bits=8, a_bits=8), 30),
+        (RTNConfig(w_bits=8, a_bits=8, w_symmetric=True), 30),
         (RTNConfig(w_bits=4, a_bits=8, percentile=99.99), 10),
         (QArvdConfig(w_bits=8, a_bits=8, recon_iters=20, sensitivity_rollouts=2), 30),
         (QArvdConfig(w_bits=4, a_bits=8, recon_iters=20, frame_weighting=False), 10),
@@ -242,6 +243,20 @@ def test_qarvd_dynamic_activations_are_per_token_and_saved(mini_weights, tmp_pat
     loaded = load_quantized(path)
     assert loaded.get_submodule(layer).act_mode == "dynamic"
     torch.testing.assert_close(rollout(loaded, *ARGS), rollout(dynamic, *ARGS), atol=0, rtol=0)
+
+
+def test_symmetric_weights_have_no_zero_point_term_and_are_saved(mini_weights, tmp_path):
+    base_path, mini = mini_weights
+    q = quantize(mini, RTNConfig(w_symmetric=True), CAL, progress=False)
+    loaded = set_mode(load_quantized(save_quantized(q, tmp_path / "q.safetensors", str(base_path))), "deploy")
+    assert loaded.quant_info["config"]["w_symmetric"] is True
+    layers = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m.prepare_compile(frozen=True)
+    # No zero point, so no row sum of the quantized input: the quantize stays pointwise when compiled.
+    assert all(m.w_zero.abs().max() == 0 and m._deploy_cache["w_zero_scaled"] is None for m in layers)
+    asym = quantize(mini, RTNConfig(), CAL, progress=False)
+    assert any(m.w_zero.abs().max() > 0 for m in asym.modules() if isinstance(m, QuantLinear))
 
 
 @pytest.mark.parametrize(
