@@ -39,10 +39,11 @@ ABLATION = {
 }
 # Beyond the paper: learned rounding that starts from GPTQ's solution; GPTQ's rounding instead
 # of learned rounding (S1 weighting its Hessian), also against the quantized activations
-# ("act-aware"); the prompt-fed layers optimised too; per-token dynamic activations.
+# ("act-aware"); the prompt-fed layers optimised too; per-token dynamic activations; symmetric weights.
 GPTQ_ROUNDING = {"rounding_init": "gptq", "recon_iters": 0}
 ACT_AWARE = {"rounding_init": "gptq-act", "recon_iters": 0}
 PROMPT_LAYERS = {"reconstruct_prompt_layers": True}
+PER_TOKEN = {**ACT_AWARE, **PROMPT_LAYERS, "act_mode": "dynamic"}
 EXTENSIONS = {
     "": {},
     ", GPTQ start": {"rounding_init": "gptq"},
@@ -51,10 +52,11 @@ EXTENSIONS = {
     ", GPTQ rounding, prompt layers too": {**GPTQ_ROUNDING, **PROMPT_LAYERS},
     ", act-aware GPTQ rounding": ACT_AWARE,
     ", act-aware GPTQ rounding, prompt layers too": {**ACT_AWARE, **PROMPT_LAYERS},
-    ", act-aware GPTQ rounding, prompt layers too, per-token activations": {
-        **ACT_AWARE,
-        **PROMPT_LAYERS,
-        "act_mode": "dynamic",
+    ", act-aware GPTQ rounding, prompt layers too, per-token activations": PER_TOKEN,
+    # Symmetric weights (no zero-point term in deploy mode), as torchao's int8 configs have.
+    ", act-aware GPTQ rounding, prompt layers too, per-token activations, symmetric weights": {
+        **PER_TOKEN,
+        "w_symmetric": True,
     },
 }
 VARIANTS = BASELINES | {
