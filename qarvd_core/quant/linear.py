@@ -47,7 +47,7 @@ def unpack_int4(packed: Tensor, in_features: int) -> Tensor:
 
 
 class QuantLinear(nn.Module):
-    """y = Q(x) Q(W)^T + b with W symmetric per output channel and x per tensor or per token."""
+    """y = Q(x) Q(W)^T + b with W per output channel (zero points unless symmetric), x per tensor or per token."""
 
     def __init__(
         self,

@@ -1,9 +1,10 @@
 """Uniform quantizers, clipping-range searches and learned rounding.
 
 A quantizer maps x to integers q = clamp(round(x / scale) + zero, qmin, qmax) and back to
-scale * (q - zero). Weights are symmetric (zero = 0) per output channel; activations are
-asymmetric per tensor (static) or per token (dynamic). Everything here is plain tensor
-code shared by simulate mode (fake quant), the calibration searches and deploy mode.
+scale * (q - zero). Weights are per output channel, asymmetric as in the paper's code or
+symmetric (zero = 0); activations are asymmetric per tensor (static) or symmetric per token
+(dynamic). Everything here is plain tensor code shared by simulate mode (fake quant), the
+calibration searches and deploy mode.
 """
 
 from __future__ import annotations
