@@ -44,6 +44,7 @@ GPTQ_ROUNDING = {"rounding_init": "gptq", "recon_iters": 0}
 ACT_AWARE = {"rounding_init": "gptq-act", "recon_iters": 0}
 PROMPT_LAYERS = {"reconstruct_prompt_layers": True}
 PER_TOKEN = {**ACT_AWARE, **PROMPT_LAYERS, "act_mode": "dynamic"}
+SYMMETRIC = {"w_symmetric": True}
 EXTENSIONS = {
     "": {},
     ", GPTQ start": {"rounding_init": "gptq"},
@@ -54,9 +55,10 @@ EXTENSIONS = {
     ", act-aware GPTQ rounding, prompt layers too": {**ACT_AWARE, **PROMPT_LAYERS},
     ", act-aware GPTQ rounding, prompt layers too, per-token activations": PER_TOKEN,
     # Symmetric weights (no zero-point term in deploy mode), as torchao's int8 configs have.
+    ", act-aware GPTQ rounding, prompt layers too, symmetric weights": {**ACT_AWARE, **PROMPT_LAYERS, **SYMMETRIC},
     ", act-aware GPTQ rounding, prompt layers too, per-token activations, symmetric weights": {
         **PER_TOKEN,
-        "w_symmetric": True,
+        **SYMMETRIC,
     },
 }
 VARIANTS = BASELINES | {
