@@ -433,9 +433,13 @@ class WorldModel(nn.Module):
         streams, at the price of a compile several times longer and one graph per block.
         """
         # All models share Block.forward's code, and each (model, batch size, frozen block) is one
-        # entry in its compile cache: raise the default limit of 8 so a server's models stay compiled.
+        # entry in its compile cache: raise the default limit of 8 so a server's models stay compiled,
+        # and give every compiled model its share of the process-wide cap (256 entries by default;
+        # past it, dynamo silently runs the blocks eagerly).
         limit = 64 * (len(self.blocks) if max_autotune else 1)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
+        dynamo_config.accumulated_recompile_limit += limit
         for m in self.modules():
             if hasattr(m, "prepare_compile"):  # quantized layers pick their kernels
                 m.prepare_compile(frozen=max_autotune)

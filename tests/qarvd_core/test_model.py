@@ -133,7 +133,10 @@ def test_compiled_blocks_stream_like_eager(mini):
 
     from qarvd_core.sampling import Stream
 
+    cap = torch._dynamo.config.accumulated_recompile_limit
     compiled = copy.deepcopy(mini).compile_blocks()
+    # Each compiled model widens the process-wide cache cap: a server's tenth model still compiles.
+    assert torch._dynamo.config.accumulated_recompile_limit >= cap + 64
     a, b = Stream(mini, "snow", seed=2), Stream(compiled, "snow", seed=2)
     for act in ("left", "up", "none", "right", "down"):  # every cache length, then a roll
         x, y = a.step(act), b.step(act)
