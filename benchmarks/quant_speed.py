@@ -135,8 +135,9 @@ def pass_sqnr(model: WorldModel, fp32: WorldModel) -> float:
     return min(float(10 * torch.log10(ref.pow(2).sum() / noise)), 100.0)  # 100: identical, as psnr()
 
 
-def variants(fp32: WorldModel, calib: CalibrationSet):
-    """(label, model, compile mode) for every variant; compiled ones get `compile_blocks()`."""
+def variants(fp32: WorldModel, calib: CalibrationSet, wanted=lambda label: True):
+    """(label, model, compile mode) for every variant; compiled ones get `compile_blocks()`.
+    Quantizes only for the labels `wanted` can accept (calibrating a skipped variant costs minutes)."""
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     yield "fp32", fp32, None
     yield "bf16", bf16, None
@@ -152,6 +153,8 @@ def variants(fp32: WorldModel, calib: CalibrationSet):
         ("qarvd W8A8 per-token (Q-ARVD, act-aware rounding)", QARVD_PER_TOKEN),
         ("qarvd W8A8 per-token symmetric weights (Q-ARVD)", replace(QARVD_PER_TOKEN, w_symmetric=True)),
     ):
+        if not any(wanted(f"{label} deploy ({how})") for how in ("eager", COMPILED, MAX_AUTOTUNE)):
+            continue
         q = quantize(fp32, cfg, calib, progress=False)
         set_mode(set_compute_dtype(q, torch.bfloat16), "deploy")
         if label == "qarvd W8A8":
@@ -191,13 +194,17 @@ def main() -> None:
     results["sessions"] = a.sessions
     title = f"# Deploy-mode speed and size ({results['threads']} threads, torch {torch.__version__}"
     md = [title + (f", {a.sessions} sessions batched)" if a.sessions > 1 else ")"), ""]
+
+    def wanted(label: str) -> bool:
+        return not a.only or label == "fp32" or label in a.only
+
     for name in a.models:
         fp32 = model_named(name)
         names = [n for n in target_linears(fp32, DEFAULT_KEEP_FP) if n.startswith("blocks.")]
         ref = to_uint8(rollout(fp32, *ROLLOUT))
         rows = {}
-        for label, m, compiled in variants(fp32, calib):
-            if a.only and label != "fp32" and label not in a.only:
+        for label, m, compiled in variants(fp32, calib, wanted):
+            if not wanted(label):
                 continue
             if compiled:
                 m.compile_blocks(max_autotune=compiled == MAX_AUTOTUNE)
