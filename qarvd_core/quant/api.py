@@ -31,7 +31,7 @@ class QuantConfig:
     keep_fp: tuple[str, ...] = DEFAULT_KEEP_FP
     # Symmetric weights (zero point 0, as torchao's int8 configs) instead of the paper's
     # asymmetric ones: deploy mode then needs no zero-point term, so an input's quantize is a
-    # pointwise op that compiles into the kernel producing the input (see `kernels`).
+    # pointwise op that compiles into the kernel producing the input.
     w_symmetric: bool = False
 
     def __post_init__(self):
@@ -39,6 +39,8 @@ class QuantConfig:
             bits = getattr(self, what)
             if not isinstance(bits, int) or not 2 <= bits <= 8:
                 raise ValueError(f"{what} must be an integer from 2 to 8, got {bits!r}; e.g. w_bits=4, a_bits=8")
+        if not isinstance(self.w_symmetric, bool):
+            raise ValueError(f"w_symmetric must be true or false, got {self.w_symmetric!r}")
 
     @property
     def w_spec(self) -> QuantSpec:

@@ -270,6 +270,7 @@ def test_symmetric_weights_have_no_zero_point_term_and_are_saved(mini_weights, t
         ({"method": "qarvd", "rounding_init": "floor"}, "rounding_init"),
         ({"method": "qarvd", "act_mode": "per-channel"}, "act_mode must be 'static'"),
         ({"method": "gptq", "act_mode": "none"}, "act_mode must be 'static'"),
+        ({"method": "rtn", "w_symmetric": "yes"}, "w_symmetric must be true or false"),
     ],
 )
 def test_bad_configs_raise_value_errors_naming_the_fix(bad, message):
