@@ -5,7 +5,12 @@ real Self-Forcing / CausVid checkpoints map 1:1. Generation is chunk by chunk: t
 k attend to chunks <= k, earlier chunks come from a per-layer KV cache (keys stored after
 RoPE), and the cache rolls: `sink_chunks` first chunks are kept forever, then a window of
 `window_chunks`. When the window rolls, the kept keys are rotated back in time so that RoPE
-positions never grow, however long the stream runs.
+time positions never grow, however long the stream runs.
+
+With `camera_rope`, the spatial RoPE positions are world positions rather than screen
+positions: each frame's (h, w) grid is shifted by the camera position, integrated from the
+commanded actions. A place seen before keeps its position when the camera comes back, so
+recalling it from the cache is attention at zero spatial offset, whatever the path between.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qarvd_core.world.simulator import ACTIONS, BIOME_NAMES
+from qarvd_core.world.simulator import ACTION_MOTION, ACTIONS, BIOME_NAMES
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,11 @@ class ModelArgs:
     sink_chunks: int = 1
     rope_theta: float = 10000.0
     eps: float = 1e-6
+    camera_rope: bool = False  # spatial RoPE positions follow the camera (world, not screen, positions)
 
     def __post_init__(self):
+        if self.camera_rope and not self.n_actions:
+            raise ValueError("camera_rope needs actions (n_actions > 0): the camera is integrated from them")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
         if self.frame_height % self.patch_size or self.frame_width % self.patch_size:
@@ -80,7 +88,7 @@ class ModelArgs:
 
 
 PRESETS: dict[str, dict] = {
-    "tiny-world": dict(dim=256, n_layers=6, n_heads=4, ffn_dim=1024),
+    "tiny-world": dict(dim=256, n_layers=6, n_heads=4, ffn_dim=1024, camera_rope=True),
     "small-world": dict(dim=512, n_layers=8, n_heads=8, ffn_dim=2048),
     # The Self-Forcing / CausVid layout (Wan 2.1 T2V 1.3B, causal); 480x832 video -> 60x104 latents.
     "wan2.1-1.3b-causal": dict(
@@ -117,24 +125,48 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-@functools.lru_cache(maxsize=64)
-def rope_freqs(args: ModelArgs, first_frame: int, T: int) -> Tensor:
-    """(cos, sin) [T * tokens_per_frame, head_dim // 2, 2] for frames first_frame .. first_frame + T - 1.
+# Camera motion of each action in patches, (dx, dy): the tiny presets' world moves one tile,
+# which is one patch, per frame.
+ACTION_SHIFT = torch.tensor([ACTION_MOTION[a] for a in ACTIONS])
 
-    Cached: a stream only ever asks for sink + window + 1 distinct offsets.
+
+def camera_path(actions: Tensor, start: Tensor | None = None) -> Tensor:
+    """Camera position (x, y) in patches after each frame's action [B, T, 2], from `start` [B, 2]."""
+    path = ACTION_SHIFT[actions.cpu()].cumsum(1)
+    return path if start is None else path + start[:, None]
+
+
+def rope_freqs(args: ModelArgs, first_frame: int, T: int, camera: Tensor | None = None) -> Tensor:
+    """(cos, sin) [B, T * tokens_per_frame, head_dim // 2, 2] for frames first_frame .. first_frame + T - 1.
+
+    `camera` [B, T, 2] (x, y in patches) shifts each frame's spatial grid to world positions;
+    without it the positions are the screen's and B is 1. Angles are computed in float64, so
+    world positions far from the start (hours of walking) rotate as exactly as near ones.
     """
+    if camera is None:
+        return _screen_freqs(args, first_frame, T)
     dt, dh, dw = rope_split(args.head_dim)
-    gh, gw = args.grid
-    time_positions = torch.arange(first_frame, first_frame + T)
+    (gh, gw), B = args.grid, camera.shape[0]
+    cam = camera.cpu()
+    time_ang = _axis_angles(torch.arange(first_frame, first_frame + T), dt, args.rope_theta)
+    h_ang = _axis_angles((torch.arange(gh) + cam[..., 1:2]).flatten(), dh, args.rope_theta).view(B, T, gh, -1)
+    w_ang = _axis_angles((torch.arange(gw) + cam[..., 0:1]).flatten(), dw, args.rope_theta).view(B, T, gw, -1)
+    shape = (B, T, gh, gw, -1)
     ang = torch.cat(
         [
-            _axis_angles(time_positions, dt, args.rope_theta)[:, None, None].expand(T, gh, gw, -1),
-            _axis_angles(torch.arange(gh), dh, args.rope_theta)[None, :, None].expand(T, gh, gw, -1),
-            _axis_angles(torch.arange(gw), dw, args.rope_theta)[None, None, :].expand(T, gh, gw, -1),
+            time_ang[None, :, None, None].expand(shape),
+            h_ang[:, :, :, None].expand(shape),
+            w_ang[:, :, None].expand(shape),
         ],
         dim=-1,
-    ).reshape(T * gh * gw, -1)
+    ).reshape(B, T * gh * gw, -1)
     return torch.stack([ang.cos(), ang.sin()], dim=-1).float()
+
+
+@functools.lru_cache(maxsize=64)
+def _screen_freqs(args: ModelArgs, first_frame: int, T: int) -> Tensor:
+    # Cached: a stream only ever asks for sink + window + 1 distinct offsets.
+    return rope_freqs(args, first_frame, T, torch.zeros(1, T, 2, dtype=torch.long))
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -145,8 +177,8 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
-    """x [B, L, H, hd] rotated by freqs [L, hd/2, 2]."""
-    return rotate(x, freqs[None, :, None, :, 0], freqs[None, :, None, :, 1])
+    """x [B, L, H, hd] rotated by freqs [B or 1, L, hd/2, 2]."""
+    return rotate(x, freqs[:, :, None, :, 0], freqs[:, :, None, :, 1])
 
 
 # ----------------------------------------------------------------------------- cache
@@ -156,7 +188,8 @@ class KVCache:
     """Keys (after RoPE) and values of committed chunks for every layer.
 
     Holds at most sink + window chunks between steps (plus one slot for the chunk being
-    committed). `time_offset` is the RoPE time position of the next chunk's first frame.
+    committed). `time_offset` is the RoPE time position of the next chunk's first frame, and
+    `camera` [B, 2] the camera position after the last committed frame (for `camera_rope`).
     """
 
     def __init__(self, args: ModelArgs, batch: int, device=None, dtype=torch.float32):
@@ -167,6 +200,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.n_chunks = 0  # chunks held now
         self.committed = 0  # chunks ever committed
+        self.camera = torch.zeros(batch, 2, dtype=torch.long)
         # Rotating keys back by one chunk in time: applied to the window when it rolls.
         self._t_dims = rope_split(args.head_dim)[0]
         back = _axis_angles(torch.tensor([-args.frames_per_chunk]), self._t_dims, args.rope_theta)[0]
@@ -191,9 +225,11 @@ class KVCache:
         idx = torch.arange(self.length, self.length + ct, device=self.k.device)
         return idx, (torch.arange(cap, device=self.k.device) < self.length + ct)[None]
 
-    def advance(self) -> None:
-        """Count the chunk just written; roll the window if it is now over-full."""
+    def advance(self, camera: Tensor | None = None) -> None:
+        """Count the chunk just written (its last frame's camera: `camera`); roll the window if over-full."""
         a, ct = self.args, self.args.chunk_tokens
+        if camera is not None:
+            self.camera = camera.detach().cpu().clone()
         self.n_chunks += 1
         self.committed += 1
         if self.n_chunks <= a.sink_chunks + a.window_chunks:
@@ -209,6 +245,7 @@ class KVCache:
     def reset(self) -> None:
         self.n_chunks = 0
         self.committed = 0
+        self.camera.zero_()
 
 
 # ----------------------------------------------------------------------------- layers
@@ -457,12 +494,16 @@ class WorldModel(nn.Module):
         context: Tensor,
         cache: KVCache | None = None,
         commit: bool = False,
+        camera: Tensor | None = None,
     ) -> Tensor:
         """x [B, T, C, H, W] noisy frames, t [B, T] flow times, actions [B, T] -> x0 [B, T, C, H, W].
 
         Without a cache, T frames are processed as T / frames_per_chunk block-causal chunks
         (training, reference). With a cache, x is one chunk placed after the cached ones;
         `commit=True` also writes its keys/values into the cache (the clean t=0 re-run).
+        `camera` [B, T, 2] gives the frames' camera positions to a `camera_rope` model (training
+        clips with frames left out, re-committed chunks); by default it is integrated from the
+        actions, starting at the cache's camera. Models without `camera_rope` ignore it.
         """
         a = self.args
         B, T, C, H, W = x.shape
@@ -474,20 +515,24 @@ class WorldModel(nn.Module):
         e = self._frame_embedding(t, actions)
         e0 = self.time_projection(e).view(B, T, 6, a.dim)
 
+        if not a.camera_rope:
+            camera = None
+        elif camera is None:
+            camera = camera_path(actions, None if cache is None else cache.camera)
         if cache is None:
-            freqs = rope_freqs(a, 0, T).to(x.device)
+            freqs = rope_freqs(a, 0, T, camera).to(x.device)
             chunk_of = torch.arange(T * N, device=x.device) // a.chunk_tokens
             mask = chunk_of[:, None] >= chunk_of[None, :]  # block-causal
             slot = None
         else:
             if T != a.frames_per_chunk:
                 raise ValueError("cached generation takes exactly one chunk at a time")
-            freqs = rope_freqs(a, cache.time_offset, T).to(x.device)
+            freqs = rope_freqs(a, cache.time_offset, T, camera).to(x.device)
             slot, mask = cache.slot()
         for i, block in enumerate(self.blocks):
             h = block(h, e0, context, freqs, mask, None if cache is None else (cache.k[i], cache.v[i], slot))
         if cache is not None and commit:
-            cache.advance()
+            cache.advance(None if camera is None else camera[:, -1])
         out = self.head(h, e)  # [B, T*N, C*p*p]
         out = out.view(B, T, gh, gw, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
         return out.reshape(B, T, C, H, W)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qarvd_core.model import KVCache, WorldModel
+from qarvd_core.model import KVCache, WorldModel, camera_path
 from qarvd_core.world.simulator import ACTIONS, BIOME_NAMES
 
 DEFAULT_STEPS = 4
@@ -97,6 +97,7 @@ def denoise_chunk(
 class _HeldChunk:
     frames: Tensor  # [B, F, C, H, W]
     actions: Tensor  # [B, F]
+    camera: Tensor  # [B, F, 2]: where each frame was seen (a re-commit must not lose the path before it)
 
 
 class Stream:
@@ -142,7 +143,7 @@ class Stream:
         self.cache.reset()
         for chunk in held:
             t0 = torch.zeros(chunk.actions.shape, device=self.device)
-            self.model(chunk.frames, t0, chunk.actions, self.context, cache=self.cache, commit=True)
+            self.model(chunk.frames, t0, chunk.actions, self.context, self.cache, commit=True, camera=chunk.camera)
             self._hold(chunk)
 
     def _hold(self, chunk: _HeldChunk) -> None:
@@ -168,10 +169,11 @@ class Stream:
         if len(acts) != Fr:
             raise ValueError(f"give one action or exactly {Fr} (one per frame), got {len(acts)}")
         ids = action_ids(acts)[None].to(self.device)
+        camera = camera_path(ids, self.cache.camera)
         x0 = denoise_chunk(
             self.model, self.cache, self.context, ids, self._noise(), self.schedule, self.action_guidance
         )
-        self._hold(_HeldChunk(x0, ids))
+        self._hold(_HeldChunk(x0, ids, camera))
         self.frame_index += Fr
         return to_uint8(x0[0])
 
@@ -249,6 +251,8 @@ def step_streams(streams: list[Stream], actions: list[str | list[str]]) -> list[
         cache.k[:, i : i + 1] = s.cache.k
         cache.v[:, i : i + 1] = s.cache.v
     cache.n_chunks, cache.committed = first.cache.n_chunks, first.cache.committed
+    cache.camera = torch.cat([s.cache.camera for s in streams])
+    camera = camera_path(ids, cache.camera)
     context = torch.cat([s.context for s in streams])
     noise = torch.cat([s._noise() for s in streams])
     x0 = denoise_chunk(first.model, cache, context, ids, noise, first.schedule, first.action_guidance)
@@ -257,7 +261,8 @@ def step_streams(streams: list[Stream], actions: list[str | list[str]]) -> list[
         s.cache.k.copy_(cache.k[:, i : i + 1])
         s.cache.v.copy_(cache.v[:, i : i + 1])
         s.cache.n_chunks, s.cache.committed = cache.n_chunks, s.cache.committed + 1
-        s._hold(_HeldChunk(x0[i : i + 1], ids[i : i + 1]))
+        s.cache.camera = cache.camera[i : i + 1].clone()
+        s._hold(_HeldChunk(x0[i : i + 1], ids[i : i + 1], camera[i : i + 1]))
         s.frame_index += Fr
         out.append(to_uint8(x0[i]))
     return out

@@ -28,7 +28,7 @@ from qarvd_core.config import load_model, read_manifest, resolve_weights, save_w
 from qarvd_core.model import ModelArgs, WorldModel
 from qarvd_core.sampling import flow_schedule
 from qarvd_core.world.scripts import POLICIES, SPLITS, random_walk
-from qarvd_core.world.simulator import ACTIONS, BIOME_NAMES, MAP_TILES, World
+from qarvd_core.world.simulator import ACTION_MOTION, ACTIONS, BIOME_NAMES, MAP_TILES, World
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,10 @@ class TrainConfig:
 
 def make_clip(
     rng: np.random.Generator, args: ModelArgs, sink_gap_prob: float, policies: tuple[str, ...] = ("random_walk",)
-) -> tuple[np.ndarray, list[str], int]:
-    """Frames [T, H, W, 3], actions [T], biome id for one training clip (train split only)."""
+) -> tuple[np.ndarray, list[str], int, np.ndarray]:
+    """Frames [T, H, W, 3], actions [T], biome id, camera path [T, 2] (x, y in tiles, unwrapped) for one
+    training clip (train split only). Across a sink gap the camera moved under actions left out of
+    the clip: the path, not the actions, says where its frames were seen."""
     Fr = args.frames_per_chunk
     T = args.context_chunks * Fr
     gap = int(rng.integers(6, 40)) if rng.random() < sink_gap_prob else 0
@@ -74,7 +76,8 @@ def make_clip(
     actions = random_walk(rng, T + gap, hold=(1, 8)) if policy == "random_walk" else POLICIES[policy](rng, T + gap)
     frames = np.stack([world.step(a) for a in actions])
     keep = np.r_[0:Fr, Fr + gap : T + gap]
-    return frames[keep], [actions[i] for i in keep], biome
+    camera = np.cumsum([ACTION_MOTION[a] for a in actions], axis=0)
+    return frames[keep], [actions[i] for i in keep], biome, camera[keep]
 
 
 def sample_times(rng: np.random.Generator, n_chunks: int, clean_prob: float) -> np.ndarray:
@@ -99,7 +102,8 @@ def make_batch(rng, args: ModelArgs, cfg: TrainConfig):
     prompts = torch.tensor([c[2] for c in clips])
     t_chunk = torch.from_numpy(np.stack([sample_times(rng, args.context_chunks, cfg.clean_chunk_prob) for _ in clips]))
     t = t_chunk.float().repeat_interleave(args.frames_per_chunk, dim=1)  # [B, T]
-    return x0, acts, prompts, t
+    camera = torch.from_numpy(np.stack([c[3] for c in clips]))
+    return x0, acts, prompts, t, camera
 
 
 def _ckpt_path(out_dir: Path) -> Path:
@@ -131,7 +135,10 @@ def train(cfg: TrainConfig, out_dir: Path, args: ModelArgs | None = None, log=pr
         log(f"resumed at step {step}")
     elif cfg.init_from:
         start = load_model(cfg.init_from)
-        if start.args != args:
+        # Any weights of the same shapes will do: a fine-tune may switch position handling
+        # (camera_rope), which has no parameters.
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        if {k: v.shape for k, v in start.state_dict().items()} != shapes:
             raise ValueError(f"{cfg.init_from!r} is a {start.args} model, not {args}")
         model.load_state_dict(start.state_dict())
         ema.load_state_dict(start.state_dict())
@@ -151,7 +158,7 @@ def train(cfg: TrainConfig, out_dir: Path, args: ModelArgs | None = None, log=pr
     t_start = time.time()
     last = min(cfg.steps, cfg.stop_after or cfg.steps)
     while step < last:
-        x0, acts, prompts, t = make_batch(rng, args, cfg)
+        x0, acts, prompts, t, camera = make_batch(rng, args, cfg)
         noise = torch.randn_like(x0)
         tb = t[:, :, None, None, None]
         xt = (1 - tb) * x0 + tb * noise
@@ -165,6 +172,7 @@ def train(cfg: TrainConfig, out_dir: Path, args: ModelArgs | None = None, log=pr
                         tm,
                         acts,
                         ema.encode_prompt(prompts),
+                        camera=camera,
                     )
                     .float()
                     .clamp(-1, 1)
@@ -172,7 +180,7 @@ def train(cfg: TrainConfig, out_dir: Path, args: ModelArgs | None = None, log=pr
             ctx = t < 0.05  # near-clean chunks act as context
             xt = torch.where(ctx[..., None, None, None], (1 - tb) * guess + tb * noise, xt)
         with amp:
-            pred = forward(xt, t, acts, model.encode_prompt(prompts))
+            pred = forward(xt, t, acts, model.encode_prompt(prompts), camera=camera)
         loss = F.mse_loss(pred.float(), x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()

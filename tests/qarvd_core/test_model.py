@@ -2,7 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from qarvd_core.model import PRESETS, KVCache, ModelArgs, WorldModel
+from dataclasses import replace
+
+from qarvd_core.model import PRESETS, KVCache, ModelArgs, WorldModel, camera_path, rope_freqs, rope_split
+from tests.conftest import MINI
 
 
 def _inputs(args, B=2, chunks=3, seed=0):
@@ -56,7 +59,9 @@ def test_later_chunks_never_change_earlier_outputs(mini):
     assert (out[:, 2 * F :] - out2[:, 2 * F :]).abs().max() > 1e-3
 
 
-def test_cached_incremental_equals_full_recomputation(mini):
+@pytest.mark.parametrize("camera_rope", [False, True])
+def test_cached_incremental_equals_full_recomputation(make_mini, camera_rope):
+    mini = make_mini(args=replace(MINI, camera_rope=camera_rope))
     x, t, acts = _inputs(mini.args)
     ctx = mini.encode_prompt(torch.tensor([2, 3]))
     F = mini.args.frames_per_chunk
@@ -68,23 +73,47 @@ def test_cached_incremental_equals_full_recomputation(mini):
             for k in range(0, x.shape[1], F)
         ]
     torch.testing.assert_close(torch.cat(inc, 1), full, atol=1e-4, rtol=1e-4)
+    if camera_rope:  # the cache followed the camera along each stream's own path
+        torch.testing.assert_close(cache.camera, camera_path(acts)[:, -1])
 
 
-def test_rolled_cache_keys_match_a_fresh_cache_of_the_kept_chunks(mini):
-    """After rolling, kept keys are rotated back in time: layer-0 keys equal a fresh commit."""
+def test_camera_rope_keeps_a_place_at_one_position_wherever_the_camera_is():
+    a = replace(MINI, camera_rope=True)
+    gh, gw = a.grid
+    dt = rope_split(a.head_dim)[0]  # the time axis's dims: the first dt // 2 rotation pairs
+    # Frame 1 is seen after "right": the camera moved one patch, so its screen column w shows
+    # the world column w + 1, which frame 0 showed at screen column w + 1.
+    camera = camera_path(torch.tensor([[0, 4]]))  # none, right
+    f = rope_freqs(a, 0, 2, camera)[0].view(2, gh, gw, -1, 2)
+    torch.testing.assert_close(f[1, :, :-1, dt // 2 :], f[0, :, 1:, dt // 2 :])
+    assert not torch.allclose(f[1, :, :-1, : dt // 2], f[0, :, 1:, : dt // 2])  # later in time
+    # Without camera_rope the positions are the screen's, as with a camera that never moves.
+    screen = rope_freqs(a, 0, 2)
+    assert screen.shape == (1, 2 * gh * gw, a.head_dim // 2, 2)
+    torch.testing.assert_close(screen, rope_freqs(a, 0, 2, torch.zeros(1, 2, 2, dtype=torch.long)))
+    with pytest.raises(ValueError, match="needs actions"):
+        replace(MINI, camera_rope=True, n_actions=0)
+
+
+@pytest.mark.parametrize("camera_rope", [False, True])
+def test_rolled_cache_keys_match_a_fresh_cache_of_the_kept_chunks(make_mini, camera_rope):
+    """After rolling, kept keys are rotated back in time: layer-0 keys equal a fresh commit
+    (of the kept chunks where they were seen, for a model whose positions follow the camera)."""
+    mini = make_mini(args=replace(MINI, camera_rope=camera_rope))
     a = mini.args
     ctx = mini.encode_prompt(torch.tensor([0]))
     g = torch.Generator().manual_seed(1)
     chunks = [torch.randn(1, a.frames_per_chunk, 3, 64, 64, generator=g) for _ in range(6)]
     t0 = torch.zeros(1, a.frames_per_chunk)
-    acts = torch.zeros(1, a.frames_per_chunk, dtype=torch.long)
+    acts = torch.randint(0, a.n_actions, (6, 1, a.frames_per_chunk), generator=g)
+    camera = camera_path(acts.view(1, -1)).view(6, 1, a.frames_per_chunk, 2)
     rolled, fresh = KVCache(a, 1), KVCache(a, 1)
     with torch.no_grad():
-        for c in chunks:
-            mini(c, t0, acts, ctx, cache=rolled, commit=True)
-        kept = chunks[: a.sink_chunks] + chunks[-a.window_chunks :]
-        for c in kept:
-            mini(c, t0, acts, ctx, cache=fresh, commit=True)
+        for c, act in zip(chunks, acts):
+            mini(c, t0, act, ctx, cache=rolled, commit=True)
+        kept = list(range(a.sink_chunks)) + list(range(6 - a.window_chunks, 6))
+        for k in kept:
+            mini(chunks[k], t0, acts[k], ctx, cache=fresh, commit=True, camera=camera[k])
     assert rolled.n_chunks == fresh.n_chunks == a.sink_chunks + a.window_chunks
     assert rolled.committed == 6
     torch.testing.assert_close(rolled.view(0)[0], fresh.view(0)[0], atol=1e-5, rtol=1e-5)

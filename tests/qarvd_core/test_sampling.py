@@ -2,7 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+from dataclasses import replace
+
 from qarvd_core.sampling import Stream, flow_schedule, rollout, to_uint8
+from tests.conftest import MINI
 
 
 def test_schedule_is_shifted_and_decreasing():
@@ -35,20 +38,25 @@ def test_batched_rollout_matches_single_streams(mini):
         assert np.abs(batch[b].astype(int) - single.astype(int)).max() <= 1
 
 
-def test_prompt_switch_recaches_held_context(mini):
+@pytest.mark.parametrize("camera_rope", [False, True])
+def test_prompt_switch_recaches_held_context(make_mini, camera_rope):
+    mini = make_mini(args=replace(MINI, camera_rope=camera_rope))
     s = Stream(mini, "islands", seed=3)
     for act in ("right", "up", "left", "down"):
         s.step(act)
-    before = s.cache.view(1)[0].clone()
+    before, camera = s.cache.view(1)[0].clone(), s.cache.camera.clone()
     s.set_prompt("desert")
+    assert torch.equal(s.cache.camera, camera)
     # The held chunks re-committed from scratch under the new prompt: the same cache.
     fresh = Stream(mini, "desert", seed=3)
     for chunk in s.held:
-        mini(chunk.frames, torch.zeros(1, 3), chunk.actions, fresh.context, cache=fresh.cache, commit=True)
+        mini(chunk.frames, torch.zeros(1, 3), chunk.actions, fresh.context, fresh.cache, True, chunk.camera)
     assert s.cache.n_chunks == fresh.cache.n_chunks == len(s.held) == 3
     torch.testing.assert_close(s.cache.view(1)[0], fresh.cache.view(1)[0])
     assert (s.cache.view(1)[0] - before).abs().max() > 1e-4  # the prompt reaches the cache
     assert s.step("right").shape == (3, 64, 64, 3)
+    if camera_rope:  # it moved right, up, left, down, right: one patch right of the start
+        assert s.cache.camera.tolist() == [[3, 0]]
 
 
 def test_stream_rejects_bad_input(mini):
@@ -61,9 +69,11 @@ def test_stream_rejects_bad_input(mini):
         s.step(["left", "right"])
 
 
-def test_batched_step_equals_separate_streams(mini):
+@pytest.mark.parametrize("camera_rope", [False, True])
+def test_batched_step_equals_separate_streams(make_mini, camera_rope):
     from qarvd_core.sampling import step_streams
 
+    mini = make_mini(args=replace(MINI, camera_rope=camera_rope))
     a = [Stream(mini, p, seed) for p, seed in (("islands", 1), ("snow", 2), ("forest", 3))]
     b = [Stream(mini, p, seed) for p, seed in (("islands", 1), ("snow", 2), ("forest", 3))]
     for step in range(5):  # past the window, so the caches roll
@@ -73,6 +83,8 @@ def test_batched_step_equals_separate_streams(mini):
         for x, y in zip(batched, single):
             assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
     assert [s.cache.committed for s in a] == [5, 5, 5] and a[0].cache.n_chunks == b[0].cache.n_chunks
+    for x, y in zip(a, b):  # each stream's camera went its own way
+        assert torch.equal(x.cache.camera, y.cache.camera) and torch.equal(x.held[-1].camera, y.held[-1].camera)
     with pytest.raises(ValueError, match="cache length"):
         step_streams([a[0], Stream(mini, "islands", 0)], ["none", "none"])
 

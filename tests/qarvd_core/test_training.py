@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -7,17 +8,24 @@ import torch
 from qarvd_core.config import load_model
 from qarvd_core.model import ModelArgs
 from qarvd_core.training import TrainConfig, make_batch, make_clip, train
+from qarvd_core.world.simulator import ACTION_MOTION
 
 ARGS = ModelArgs(dim=32, n_layers=1, n_heads=2, ffn_dim=64, text_dim=16, window_chunks=1, sink_chunks=1)
 
 
 def test_clips_span_the_attention_window_and_come_from_training_worlds():
     rng = np.random.default_rng(0)
-    frames, actions, biome = make_clip(rng, ARGS, sink_gap_prob=1.0)
+    frames, actions, biome, camera = make_clip(rng, ARGS, sink_gap_prob=1.0)
     assert frames.shape == (ARGS.context_chunks * 3, 64, 64, 3) and len(actions) == len(frames)
-    x0, acts, prompts, t = make_batch(rng, ARGS, TrainConfig(batch=3))
+    # The camera path follows the clip's actions frame by frame, except across the sink gap.
+    step = np.diff(camera, axis=0)
+    motion = np.array([ACTION_MOTION[a] for a in actions])
+    np.testing.assert_array_equal(step[:2], motion[1:3])
+    np.testing.assert_array_equal(step[3:], motion[4:])
+    x0, acts, prompts, t, camera = make_batch(rng, ARGS, TrainConfig(batch=3))
     assert x0.shape == (3, 9, 3, 64, 64) and -1 <= x0.min() and x0.max() <= 1
     assert t.shape == (3, 9) and (t[:, 0] == t[:, 2]).all()  # one flow time per chunk
+    assert camera.shape == (3, 9, 2)
 
 
 def test_train_checkpoints_resumes_and_exports_loadable_weights(tmp_path):
@@ -62,17 +70,21 @@ def test_init_from_starts_at_given_weights_and_records_them(tmp_path):
     base = TrainConfig(steps=2, batch=2, compile=False, bf16=False, warmup=1)
     start = train(base, tmp_path / "base", args=ARGS, log=lambda *_: None)
     tune = TrainConfig(steps=1, batch=2, compile=False, bf16=False, warmup=1, lr=0.0, init_from=str(start))
-    out = train(tune, tmp_path / "tune", args=ARGS, log=lambda *_: None)
+    # The fine-tune may switch the positions to follow the camera: that has no parameters.
+    out = train(tune, tmp_path / "tune", args=replace(ARGS, camera_rope=True), log=lambda *_: None)
     a, b = load_model(str(start)), load_model(str(out))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert b.args.camera_rope and not a.args.camera_rope
     manifest = json.loads(out.with_suffix(".json").read_text())
     assert manifest["init_from"]["sha256"] == json.loads(start.with_suffix(".json").read_text())["sha256"]
     assert f"--init-from {start}" in manifest["command"]
+    with pytest.raises(ValueError, match="not ModelArgs"):
+        train(tune, tmp_path / "wider", args=replace(ARGS, ffn_dim=128), log=lambda *_: None)
 
 
 def test_clips_follow_the_configured_policies():
     with pytest.raises(ValueError, match="policies"):
         TrainConfig(policies=("zigzag",))
     rng = np.random.default_rng(0)
-    _, actions, _ = make_clip(rng, ARGS, sink_gap_prob=0.0, policies=("patrol",))
+    _, actions, _, _ = make_clip(rng, ARGS, sink_gap_prob=0.0, policies=("patrol",))
     assert set(actions) <= {"left", "right"} or set(actions) <= {"up", "down"}
