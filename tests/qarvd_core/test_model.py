@@ -1,8 +1,8 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
-
-from dataclasses import replace
 
 from qarvd_core.model import PRESETS, KVCache, ModelArgs, WorldModel, camera_path, rope_freqs, rope_split
 from tests.conftest import MINI

@@ -1,8 +1,8 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
-
-from dataclasses import replace
 
 from qarvd_core.sampling import Stream, flow_schedule, rollout, to_uint8
 from tests.conftest import MINI
