@@ -120,8 +120,10 @@ def test_rolled_cache_keys_match_a_fresh_cache_of_the_kept_chunks(make_mini, cam
     torch.testing.assert_close(rolled.view(0)[1], fresh.view(0)[1])
 
 
-def test_rolling_cache_memory_and_positions_stay_bounded(make_mini):
-    """Thousands of frames (an hour at 1 fps per chunk) on a tiny config: nothing grows."""
+@pytest.mark.parametrize("camera_rope", [False, True])
+def test_rolling_cache_memory_and_positions_stay_bounded(make_mini, camera_rope):
+    """Thousands of frames (an hour at 1 fps per chunk) on a tiny config: nothing grows but the
+    camera's world position, whose rotations stay exact however far it walks."""
     args = ModelArgs(
         dim=16,
         n_layers=1,
@@ -132,21 +134,26 @@ def test_rolling_cache_memory_and_positions_stay_bounded(make_mini):
         frame_width=16,
         window_chunks=2,
         sink_chunks=1,
+        camera_rope=camera_rope,
     )
     model = make_mini(args=args)
-    cache = KVCache(args, 1)
+    cache, far = KVCache(args, 1), KVCache(args, 1)
+    far.camera += torch.tensor([10**6, -(10**6)])  # the same walk, a million patches away
     ctx = model.encode_prompt(torch.tensor([0]))
     x = torch.randn(1, 3, 3, 16, 16)
-    t0, acts = torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.long)
+    t0, acts = torch.zeros(1, 3), torch.full((1, 3), 4)  # "right" all the way
     sizes, offsets = set(), set()
     with torch.no_grad():
         for _ in range(1200):  # 3600 frames
             out = model(x, t0, acts, ctx, cache=cache, commit=True)
+            out_far = model(x, t0, acts, ctx, cache=far, commit=True)
             sizes.add((cache.k.numel(), cache.length))
             offsets.add(cache.time_offset)
     assert cache.committed == 1200
     assert len(sizes) <= 3 and max(offsets) == (args.sink_chunks + args.window_chunks) * 3
     assert torch.isfinite(out).all()
+    assert cache.camera.tolist() == [[3600 * camera_rope, 0]]
+    torch.testing.assert_close(out_far, out, atol=1e-4, rtol=1e-4)  # only relative positions count
 
 
 def test_cached_generation_takes_one_chunk(mini):
