@@ -1,6 +1,7 @@
 import pytest
 
 from qarvd_core.config import load_model, read_manifest, resolve_weights, sha256_of, shipped_models
+from qarvd_core.model import ModelArgs
 
 
 def test_shipped_tiny_world_matches_its_manifest_and_loads():
@@ -10,7 +11,7 @@ def test_shipped_tiny_world_matches_its_manifest_and_loads():
     assert sha256_of(path) == manifest["sha256"]
     assert manifest["command"].startswith("qarvd train --preset tiny-world")
     model = load_model("tiny-world")
-    assert model.args.dim == 256 and not model.training
+    assert model.args == ModelArgs.from_name("tiny-world") and model.args.camera_rope and not model.training
 
 
 def test_unknown_names_and_paths_say_what_exists(tmp_path):

@@ -100,12 +100,13 @@ def test_action_guidance_moves_only_moving_frames(mini):
     np.testing.assert_array_equal(guided, chunk("left", 2.0))
 
 
-def test_action_guidance_makes_the_shipped_model_follow_actions():
+def test_the_shipped_model_follows_actions_and_recalls_revisited_places():
     from qarvd_core.config import load_model
     from qarvd_core.eval.evaluate import EvalConfig, evaluate
 
-    model = load_model("tiny-world")
-    cfg = dict(scenarios=8, frames=48, drift_frames=0, split="calibration")  # 0.912 -> 0.960 when written
-    plain = evaluate(model, None, EvalConfig(action_guidance=0.0, **cfg))["action_accuracy"]
-    guided = evaluate(model, None, EvalConfig(**cfg))["action_accuracy"]  # the sampler's default
-    assert guided >= 0.92 and guided > plain + 0.02, (plain, guided)
+    # 8 calibration worlds with the sampler's defaults: 1.000, and revisits 29.4 dB against
+    # 13.4 dB for other places, when written (the camera-less model: 0.960 and 18.9 vs 14.6).
+    cfg = EvalConfig(scenarios=8, frames=48, drift_frames=0, split="calibration")
+    r = evaluate(load_model("tiny-world"), None, cfg)
+    assert r["action_accuracy"] >= 0.97, r["action_accuracy"]
+    assert r["revisit_psnr_db"] >= r["revisit_other_places_psnr_db"] + 10, r

@@ -49,8 +49,8 @@ def test_calibration_rows_are_tagged_by_chunk_and_time(mini):
     assert x.shape[1] == mini.args.dim and len(x) == len(chunk) == len(t)
     assert set(chunk.tolist()) == {0, 1, 2}
     assert 0.0 in set(t.tolist()) and 1.0 in set(t.tolist())  # commit passes and first steps
-    # streams x chunks x passes (4 steps, the action-guidance pass, the commit) x kept tokens
-    assert len(x) == 2 * 3 * 6 * 32
+    # streams x chunks x passes (4 steps and the commit; action guidance is off) x kept tokens
+    assert len(x) == 2 * 3 * 5 * 32
 
 
 @pytest.mark.parametrize(
