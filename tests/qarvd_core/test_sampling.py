@@ -55,7 +55,7 @@ def test_prompt_switch_recaches_held_context(make_mini, camera_rope):
     torch.testing.assert_close(s.cache.view(1)[0], fresh.cache.view(1)[0])
     assert (s.cache.view(1)[0] - before).abs().max() > 1e-4  # the prompt reaches the cache
     assert s.step("right").shape == (3, 64, 64, 3)
-    if camera_rope:  # it moved right, up, left, down, right: one patch right of the start
+    if camera_rope:  # right, up, left, down, right, each held for a 3-frame chunk: 3 patches right
         assert s.cache.camera.tolist() == [[3, 0]]
 
 
