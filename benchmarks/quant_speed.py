@@ -8,8 +8,10 @@ torchao's int8 dynamic config uses; asymmetric weights as the paper, and symmetr
 which need no zero-point term), eager and compiled both ways; torchao's
 Int8DynamicActivationInt8WeightConfig and Int8WeightOnlyConfig on the same layers of the
 bf16 model, compiled the same way. Reported as ratios from the same process: streaming
-frames/s (`qarvd bench`), time in the linear layers alone (all block linears in one function,
-eager or compiled as the variant is), bytes of the quantized layers, the SQNR of one denoiser pass against FP32 on
+frames/s (`qarvd bench`; every variant is timed once per round, `--rounds` rounds interleaved,
+so each ratio is the median of per-round ratios and the range over rounds shows the noise),
+time in the linear layers alone (all block linears in one function, eager or compiled as the
+variant is), bytes of the quantized layers, the SQNR of one denoiser pass against FP32 on
 identical inputs, and PSNR of a short rollout against the FP32 model on identical noise.
 
     pip install -e ".[bench]"   # torchao, the peer
@@ -29,6 +31,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qarvd_core.config import load_model
@@ -175,9 +178,19 @@ def variants(fp32: WorldModel, calib: CalibrationSet, wanted=lambda label: True)
         yield f"{label} (compiled)", copy.deepcopy(m), COMPILED
 
 
-def ratio(fps: float, rows: dict, ref: str) -> str:
-    """fps as a multiple of variant `ref`'s; blank where `ref` did not run."""
-    return f"{fps / rows[ref]['fps']:.2f}" if "fps" in rows.get(ref, {}) else ""
+def round_ratios(rows: dict, label: str, ref: str) -> np.ndarray | None:
+    """frames/s of `label` over `ref`'s, round by round; None where `ref` did not run."""
+    if "round_fps" not in rows.get(ref, {}):
+        return None
+    return np.asarray(rows[label]["round_fps"]) / np.asarray(rows[ref]["round_fps"])
+
+
+def ratio(rows: dict, label: str, ref: str, spread: bool = False) -> str:
+    """Median per-round ratio to `ref` (with the rounds' range if `spread`); blank where `ref` did not run."""
+    r = round_ratios(rows, label, ref)
+    if r is None:
+        return ""
+    return f"{np.median(r):.2f}" + (f" ({r.min():.2f}-{r.max():.2f})" if spread and len(r) > 1 else "")
 
 
 def main() -> None:
@@ -187,6 +200,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/quant_speed"))
     ap.add_argument("--sessions", type=int, default=1, help="streams stepped together in one batched pass")
     ap.add_argument("--only", nargs="+", help="variant labels to run (FP32 always runs: it is the base)")
+    ap.add_argument("--rounds", type=int, default=5, help="timing rounds, variants interleaved (ratios: medians)")
     a = ap.parse_args()
     a.out.parent.mkdir(parents=True, exist_ok=True)
     calib = CalibrationSet(rollouts=2, chunks=4, tokens_per_pass=64)  # as measured before session 5
@@ -202,31 +216,40 @@ def main() -> None:
         fp32 = model_named(name)
         names = [n for n in target_linears(fp32, DEFAULT_KEEP_FP) if n.startswith("blocks.")]
         ref = to_uint8(rollout(fp32, *ROLLOUT))
-        rows = {}
+        rows, built = {}, []
         for label, m, compiled in variants(fp32, calib, wanted):
             if not wanted(label):
                 continue
             if compiled:
                 m.compile_blocks(max_autotune=compiled == MAX_AUTOTUNE)
             try:
-                b = bench_stream(m, chunks=a.chunks, warmup=5, sessions=a.sessions)
+                bench_stream(m, chunks=2, warmup=3, sessions=a.sessions)  # compiles here, outside the timing
                 rows[label] = {
-                    "fps": b["fps"],
-                    "chunk_ms_p50": b["chunk_ms"]["p50"],
                     "linear_ms": linear_ms(m, names, fp32.args.chunk_tokens * a.sessions, compiled),
                     "layer_bytes": layer_bytes(m, names),
                     "psnr_db_vs_fp32": fidelity(m, ref),
                     "pass_sqnr_db": pass_sqnr(m, fp32),
+                    "round_fps": [],
                 }
+                built.append((label, m))
             except Exception as e:  # e.g. an inductor bug on a peer's layers: report it, go on
                 rows[label] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"}
             print(name, label, rows[label], flush=True)
+        # Interleaved rounds: every variant is timed once per round, so a slow spell of this
+        # shared machine hits all of them alike, and each ratio is the median of per-round ratios.
+        for i in range(a.rounds):
+            for label, m in built:
+                rows[label]["round_fps"].append(bench_stream(m, chunks=a.chunks, warmup=2, sessions=a.sessions)["fps"])
+            print(name, f"round {i + 1}/{a.rounds}:", {lb: round(rows[lb]["round_fps"][-1], 1) for lb, _ in built})
+        for label, _ in built:
+            rows[label]["fps"] = float(np.median(rows[label]["round_fps"]))
         base = rows["fp32"]
         results["models"][name] = rows
         md += [
             f"## {name}",
             "",
-            "| variant | frames/s | x FP32 | x BF16 | x BF16 compiled | x BF16 max-autotune | linear layers x FP32 | "
+            "| variant | frames/s | x FP32 | x BF16 | x BF16 compiled | x BF16 max-autotune (range over rounds) | "
+            "linear layers x FP32 | "
             "layer size / FP32 | one-pass SQNR dB | 12-frame PSNR dB vs FP32 |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -236,8 +259,9 @@ def main() -> None:
                 md.append(f"| {label} | failed: {r['error']} |" + " |" * 8)
                 continue
             refs = ("fp32", "bf16", "bf16 compiled", "bf16 max-autotune")
+            ratios = " | ".join(ratio(rows, label, ref, spread=ref == refs[-1]) for ref in refs)
             md.append(
-                f"| {label} | {r['fps']:.1f} | {' | '.join(ratio(r['fps'], rows, ref) for ref in refs)} | "
+                f"| {label} | {r['fps']:.1f} | {ratios} | "
                 f"{base['linear_ms'] / r['linear_ms']:.2f} | "
                 f"{r['layer_bytes'] / base['layer_bytes']:.3f} | {r['pass_sqnr_db']:.1f} | {r['psnr_db_vs_fp32']:.1f} |"
             )
