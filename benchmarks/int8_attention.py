@@ -5,8 +5,8 @@ stream 1.2x faster than BF16 only if attention gets faster too. This measures th
 against what the models run now (bf16 `scaled_dot_product_attention`, the flash kernel):
 
 - "int8 QK": SageAttention's recipe (Q and K int8 per token, K smoothed by its mean over
-  tokens, P and V stay bf16), Q K^T through `torch._int_mm` one head at a time (there is no
-  batched int8 matmul on CPU), softmax and P V compiled by inductor;
+  tokens, P and V stay bf16), Q K^T through `torch._int_mm` one head at a time (it takes 2-D
+  inputs only, and `torch.bmm` on int8 sums in int8), softmax and P V compiled by inductor;
 - "int8 QK + PV": the same with P (scaled per row) and V (per channel) int8 too;
 - torchao's int8 attention op (`torch.ops.torchao.qscaled_dot_product`), where the installed
   wheel has a CPU kernel for it.
