@@ -178,18 +178,11 @@ def variants(fp32: WorldModel, calib: CalibrationSet, wanted=lambda label: True)
         yield f"{label} (compiled)", copy.deepcopy(m), COMPILED
 
 
-def round_ratios(rows: dict, label: str, ref: str) -> np.ndarray | None:
-    """frames/s of `label` over `ref`'s, round by round; None where `ref` did not run."""
-    if "round_fps" not in rows.get(ref, {}):
-        return None
-    return np.asarray(rows[label]["round_fps"]) / np.asarray(rows[ref]["round_fps"])
-
-
 def ratio(rows: dict, label: str, ref: str, spread: bool = False) -> str:
-    """Median per-round ratio to `ref` (with the rounds' range if `spread`); blank where `ref` did not run."""
-    r = round_ratios(rows, label, ref)
-    if r is None:
+    """Median per-round frames/s ratio to `ref` (with the range if `spread`); blank where `ref` did not run."""
+    if "round_fps" not in rows.get(ref, {}):
         return ""
+    r = np.asarray(rows[label]["round_fps"]) / np.asarray(rows[ref]["round_fps"])
     return f"{np.median(r):.2f}" + (f" ({r.min():.2f}-{r.max():.2f})" if spread and len(r) > 1 else "")
 
 
