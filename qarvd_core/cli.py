@@ -9,6 +9,9 @@ from pathlib import Path
 
 import typer
 
+# `generate` holds the whole video in memory (x scale^2 once upscaled): ten minutes at 16 frames/s.
+GENERATE_MAX_FRAMES = 9600
+
 app = typer.Typer(
     help="qarvd: a streaming world model, quantized with Q-ARVD.", no_args_is_help=True, pretty_exceptions_enable=False
 )
@@ -106,7 +109,10 @@ def generate(
     model: str = typer.Option("tiny-world", help="shipped model name or path to .safetensors weights"),
     prompt: str = typer.Option("islands", help="scene prompt: a biome name"),
     seed: int = typer.Option(0, help="noise seed"),
-    actions: str = typer.Option("right*24,down*24,left*24,up*24", help="action script, e.g. 'right*24,none*6'"),
+    actions: str = typer.Option(
+        "right*24,down*24,left*24,up*24",
+        help=f"action script, e.g. 'right*24,none*6'; at most {GENERATE_MAX_FRAMES} frames",
+    ),
     out: Path = typer.Option(Path("demo.mp4"), help="output H.264 MP4"),
     scale: int = typer.Option(4, min=1, max=16, help="nearest-neighbour upscaling of the MP4"),
     frames_dir: Path | None = typer.Option(None, help="also write every frame losslessly as DIR/000000.png, ..."),
@@ -126,7 +132,7 @@ def generate(
     from qarvd_core.world.simulator import BIOME_NAMES
 
     try:
-        script = parse_actions(actions)
+        script = parse_actions(actions, GENERATE_MAX_FRAMES)
     except ValueError as e:
         fail(str(e))
     if prompt not in BIOME_NAMES:

@@ -19,25 +19,44 @@ SPLITS: dict[str, range] = {
     "heldout": range(950_000, 1_000_000),
 }
 
-_TOKEN = re.compile(r"^\s*([a-z]+)\s*(?:\*\s*(\d+))?\s*$")
+_TOKEN = re.compile(r"^\s*([a-z]+)\s*(?:\*\s*([0-9]+))?\s*$")
+# A count this long is more frames than anything could render; refusing it unread keeps the
+# total's arithmetic small however many digits a script holds.
+_MAX_COUNT_DIGITS = 18
 
 
-def parse_actions(script: str) -> list[str]:
-    """'right*24,down*3,none' -> one action per frame. Raises ValueError naming the bad part."""
+def parse_actions(script: str, max_frames: int | None = None) -> list[str]:
+    """'right*24,down*3,none' -> one action per frame. Raises ValueError naming the bad part.
+
+    The total length is checked against `max_frames` from the counts before any list is built,
+    so a short script asking for billions of frames costs nothing: pass a limit for untrusted input.
+    """
     if not script or not script.strip():
         raise ValueError("empty action script; write e.g. 'right*24,down*24'")
-    out: list[str] = []
+    runs: list[tuple[str, int]] = []
     for part in script.split(","):
         m = _TOKEN.match(part)
         if not m:
-            raise ValueError(f"malformed action {part!r}; write ACTION or ACTION*COUNT, e.g. 'left*8'")
-        name, count = m.group(1), int(m.group(2) or 1)
+            raise ValueError(f"malformed action {_excerpt(part)}; write ACTION or ACTION*COUNT, e.g. 'left*8'")
+        name, digits = m.group(1), (m.group(2) or "1").lstrip("0") or "0"
         if name not in ACTIONS:
-            raise ValueError(f"unknown action {name!r} in {part!r}; choose one of {', '.join(ACTIONS)}")
+            raise ValueError(f"unknown action {_excerpt(name)} in {_excerpt(part)}; choose one of {', '.join(ACTIONS)}")
+        if len(digits) > _MAX_COUNT_DIGITS:
+            limit = f"the limit of {max_frames}" if max_frames is not None else f"{_MAX_COUNT_DIGITS} digits"
+            raise ValueError(f"count in {_excerpt(part)} is over {limit}; use a smaller count")
+        count = int(digits)
         if count < 1:
-            raise ValueError(f"count must be >= 1 in {part!r}")
-        out.extend([name] * count)
-    return out
+            raise ValueError(f"count must be >= 1 in {_excerpt(part)}")
+        runs.append((name, count))
+    total = sum(count for _, count in runs)
+    if max_frames is not None and total > max_frames:
+        raise ValueError(f"{total} frames is over the limit of {max_frames}; use a shorter script")
+    return [name for name, count in runs for _ in range(count)]
+
+
+def _excerpt(text: str, limit: int = 40) -> str:
+    """`text` quoted, cut short so an error message never repeats a long input."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def format_actions(actions: list[str]) -> str:

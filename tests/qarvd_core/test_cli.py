@@ -77,6 +77,8 @@ def test_generate_is_reproducible(mini_weights, tmp_path):
         (["--prompt", "moon"], "unknown prompt"),
         (["--actions", "right*2,jump"], "unknown action"),
         (["--actions", "right*"], "malformed action"),
+        (["--actions", "right*10,none*100000000000000000000000"], "over the limit of 9600"),
+        (["--actions", "none*9601"], "9601 frames is over the limit of 9600"),
         (["--out", "/nonexistent-dir/x.mp4"], "does not exist"),
         (["--out", "video.avi"], "must end in .mp4"),
         (["--out", "mini.json/x.mp4"], "is not a directory"),
