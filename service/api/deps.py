@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 
 from fastapi import HTTPException, Request, WebSocket
@@ -23,12 +25,39 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def presented_key(headers, query) -> str | None:
-    """An API key from `Authorization: Bearer KEY`, `X-API-Key`, or (browsers' WebSockets) `?api_key=`."""
+# Browsers cannot set headers on a WebSocket, so the demo offers the subprotocols
+# ["qarvd", "key.<base64url of the key>"]; the server answers "qarvd". A URL would end up in
+# access logs, this header does not.
+WS_SUBPROTOCOL = "qarvd"
+_WS_KEY_PREFIX = "key."
+
+
+def _offered_subprotocols(headers) -> list[str]:
+    return [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+
+
+def _subprotocol_key(headers) -> str | None:
+    for p in _offered_subprotocols(headers):
+        if p.startswith(_WS_KEY_PREFIX):
+            encoded = p[len(_WS_KEY_PREFIX) :]
+            try:
+                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+    return None
+
+
+def presented_key(headers) -> str | None:
+    """An API key from `Authorization: Bearer KEY`, `X-API-Key`, or (WebSockets) a `key.` subprotocol."""
     auth = headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
-    return headers.get("x-api-key") or query.get("api_key")
+    return headers.get("x-api-key") or _subprotocol_key(headers)
+
+
+def websocket_subprotocol(ws: WebSocket) -> str | None:
+    """The subprotocol to accept: "qarvd" when the client offered it (it must be echoed back)."""
+    return WS_SUBPROTOCOL if WS_SUBPROTOCOL in _offered_subprotocols(ws.headers) else None
 
 
 def key_is_valid(settings: Settings, key: str | None) -> bool:
@@ -45,7 +74,7 @@ def key_is_valid(settings: Settings, key: str | None) -> bool:
 
 def require_api_key(request: Request) -> None:
     settings: Settings = request.app.state.settings
-    if not key_is_valid(settings, presented_key(request.headers, request.query_params)):
+    if not key_is_valid(settings, presented_key(request.headers)):
         raise HTTPException(
             status_code=401, detail="missing or invalid API key", headers={"WWW-Authenticate": "Bearer"}
         )
@@ -53,7 +82,7 @@ def require_api_key(request: Request) -> None:
 
 def websocket_allowed(ws: WebSocket, settings: Settings) -> str | None:
     """None if the socket may proceed, else the reason to refuse it (close 1008)."""
-    if not key_is_valid(settings, presented_key(ws.headers, ws.query_params)):
+    if not key_is_valid(settings, presented_key(ws.headers)):
         return "missing or invalid API key"
     origin = ws.headers.get("origin")
     if settings.allowed_origins and origin not in settings.allowed_origins:

@@ -16,7 +16,7 @@ import time
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import TypeAdapter, ValidationError
 
-from service.api.deps import websocket_allowed
+from service.api.deps import websocket_allowed, websocket_subprotocol
 from service.engine import AtCapacity, Engine, Session, UnknownModel
 from service.metrics import Metrics
 from service.schemas import ActionMsg, ClientMsg, ControlMsg, PromptMsg, StartMsg
@@ -92,7 +92,7 @@ async def stream(ws: WebSocket):
     engine: Engine = app.state.engine
     metrics: Metrics = app.state.metrics
     refusal = websocket_allowed(ws, settings)
-    await ws.accept()
+    await ws.accept(subprotocol=websocket_subprotocol(ws))
     if refusal is not None:
         metrics.sessions_rejected.labels("auth").inc()
         await ws.close(CLOSE_POLICY, refusal)

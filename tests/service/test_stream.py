@@ -130,7 +130,7 @@ def test_api_keys_and_origins(make_server):
     s = make_server(api_keys='["k1","k2"]', allowed_origins='["http://good.example"]')
     assert StreamClient(s.ws_url).close_code() == 1008  # no key: refused before any session
     assert StreamClient(s.ws_url + "?api_key=wrong").close_code() == 1008
-    bad_origin = StreamClient(s.ws_url + "?api_key=k1", origin="http://evil.example")
+    bad_origin = StreamClient(s.ws_url, additional_headers={"X-API-Key": "k1"}, origin="http://evil.example")
     assert bad_origin.close_code() == 1008
     ok = StreamClient(s.ws_url, additional_headers={"Authorization": "Bearer k2"}, origin="http://good.example")
     assert ok.start()["model"] == "mini"
