@@ -431,7 +431,7 @@ def serve(
         from service.jobs.embedded import EmbeddedQueue
 
         embedded = EmbeddedQueue(settings)
-        settings = settings.model_copy(update={"redis_url": embedded.url})
+        settings = settings.model_copy(update={"redis_url": embedded.url, "threads": embedded.engine_threads})
     typer.echo(f"qarvd: demo at http://{settings.host}:{settings.port}/  (model {settings.default_model})", err=True)
     config = uvicorn.Config(
         create_app(settings, on_shutdown=embedded.stop if embedded else None),

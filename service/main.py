@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from redis.exceptions import RedisError
 
 from qarvd_core.config import DTYPES
 from service.api import jobs, models, stream, videos
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None, on_shutdown: Callable[[], None]
     app.include_router(models.router)
     app.include_router(videos.router)
     app.include_router(jobs.router)
+    app.add_exception_handler(RedisError, jobs.queue_unavailable)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:

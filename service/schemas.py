@@ -78,12 +78,10 @@ class ModelInfo(BaseModel):
     created: str | None = None
 
 
-class JobRequest(Strict):
+class JobRequest(Strict):  # strict: "seed": false or "w_bits": 8.0 is an error
     """A calibration/quantization job."""
 
     model_config = ConfigDict(
-        extra="forbid",
-        strict=False,
         json_schema_extra={
             "examples": [
                 {
@@ -103,8 +101,10 @@ class JobRequest(Strict):
     method: Literal["qarvd", "rtn", "smoothquant", "gptq", "vidit-q"]
     w_bits: int = Field(8, ge=2, le=8)
     a_bits: int = Field(8, ge=2, le=8)
-    options: dict[str, float | int | bool | str | list[float]] = Field(
-        default_factory=dict, description="method options, e.g. {'frame_weighting': false, 'recon_iters': 500}"
+    options: dict[str, bool | int | float | str | None | list[bool | int | float | str]] = Field(
+        default_factory=dict,
+        description="the method's config fields, checked against its types and ranges, e.g. "
+        "{'frame_weighting': false, 'recon_iters': 500, 'keep_fp': ['head']}; not method, w_bits or a_bits",
     )
     calibration_rollouts: int = Field(16, ge=1, le=256)
     calibration_chunks: int = Field(7, ge=2, le=32)

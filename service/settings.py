@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     job_attempts: int = Field(3, ge=1, description="runs of a failing job before it is failed")
     job_heartbeat_s: int = Field(10, ge=2, description="a running job silent this long is retried elsewhere")
     job_retry_delay_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry")
+    worker_threads: int = Field(
+        0, ge=0, description="torch threads of a worker (0: torch's default; `qarvd serve`'s: a quarter of the cores)"
+    )
+    worker_nice: int = Field(
+        10, ge=0, le=19, description="a worker lowers its CPU priority by this much: streams on its host come first"
+    )
     worker_redis_grace_s: float = Field(
         60.0, gt=0, description="a worker exits (status 1) after Redis is gone this long"
     )

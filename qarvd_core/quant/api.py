@@ -6,9 +6,11 @@ Configs are frozen dataclasses, one per method, registered by name for the CLI a
 from __future__ import annotations
 
 import copy
+import math
+import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import ClassVar
+from typing import ClassVar, Union, get_args, get_origin, get_type_hints
 
 from torch import nn
 
@@ -87,20 +89,71 @@ def check_act_mode(mode: str) -> None:
         raise ValueError(f"act_mode must be 'static' (one range per layer) or 'dynamic' (per token), got {mode!r}")
 
 
+class ConfigError(ValueError):
+    """A config that cannot be built; `field` names the offending option when one does."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+def _kind(hint) -> str:
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_kind(a) for a in get_args(hint))
+    if get_origin(hint) is tuple:
+        return f"a list of {_KINDS[get_args(hint)[0]].removeprefix('a ').removeprefix('an ')}s"
+    return _KINDS[hint]
+
+
+def _fits(value, hint) -> bool:
+    """JSON-typed `value` against a config field's type: no float for an int, no 0/1 for a bool."""
+    if get_origin(hint) in (Union, types.UnionType):
+        return any(_fits(value, a) for a in get_args(hint))
+    if get_origin(hint) is tuple:
+        return isinstance(value, list | tuple) and all(_fits(v, get_args(hint)[0]) for v in value)
+    if hint is float:  # an integer is a number too
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _numbers(value) -> list:
+    items = value if isinstance(value, list | tuple) else [value]
+    return [v for v in items if isinstance(v, int | float) and not isinstance(v, bool)]
+
+
 def config_from_dict(d: dict) -> QuantConfig:
-    """Build a method's config from {"method": name, ...}; unknown names or fields raise ValueError."""
+    """Build a method's config from {"method": name, ...}, as JSON gives it (lists for tuples).
+
+    Unknown names or fields, values of the wrong type (a float for an integer, 0 for a bool,
+    a number among layer names) and negative numbers raise ConfigError naming the field;
+    each method's own range checks raise it without a field.
+    """
     d = dict(d)
     name = d.pop("method", None)
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}", "method")
     cls = METHODS[name][0]
+    hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
-    extra = set(d) - known
+    extra = sorted(set(d) - known)
     if extra:
-        raise ValueError(f"unknown option(s) {sorted(extra)} for method {name!r}; known: {sorted(known)}")
-    if "keep_fp" in d:
-        d["keep_fp"] = tuple(d["keep_fp"])
-    return cls(**d)
+        raise ConfigError(f"unknown option(s) {extra} for method {name!r}; known: {sorted(known)}", extra[0])
+    for key, value in d.items():
+        if not _fits(value, hints[key]):
+            raise ConfigError(f"{key} must be {_kind(hints[key])}, got {value!r}", key)
+        if any(v < 0 for v in _numbers(value)):
+            raise ConfigError(f"{key} must not be negative, got {value!r}", key)
+        if isinstance(value, list):
+            d[key] = tuple(value)
+    try:
+        return cls(**d)
+    except ValueError as e:  # the method's own range checks, which name their fields in the message
+        raise ConfigError(str(e)) from e
 
 
 def target_linears(model: nn.Module, keep_fp: tuple[str, ...]) -> dict[str, nn.Linear]:

@@ -7,9 +7,10 @@ import json
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from redis.exceptions import RedisError
 
-from qarvd_core.quant import config_from_dict
+from qarvd_core.quant import ConfigError, config_from_dict
 from service.api.deps import get_engine, require_api_key
 from service.engine import Engine, UnknownModel
 from service.jobs.client import IdempotencyConflict, JobClient, is_terminal
@@ -17,6 +18,15 @@ from service.schemas import JobRequest, JobView
 
 router = APIRouter(prefix="/v1/quantization-jobs", tags=["quantization jobs"], dependencies=[Depends(require_api_key)])
 JobId = Path(..., pattern=r"^[0-9a-f]{32}$")
+QUEUE_UNAVAILABLE = "the job queue (Redis) is unreachable; retry in a few seconds"
+QUEUE_RETRY_AFTER_S = 5
+
+
+def queue_unavailable(request: Request, exc: RedisError) -> JSONResponse:
+    """Every job route, while Redis is unreachable: 503 with Retry-After, never a 500."""
+    return JSONResponse(
+        {"detail": QUEUE_UNAVAILABLE}, status_code=503, headers={"Retry-After": str(QUEUE_RETRY_AFTER_S)}
+    )
 
 
 def get_jobs(request: Request) -> JobClient:
@@ -35,10 +45,15 @@ async def submit(
     idempotency_key: str | None = Header(None, max_length=200),
 ) -> dict:
     """Enqueue a calibration/quantization job; the same `Idempotency-Key` and body give the same job."""
+    for key in ("method", "w_bits", "a_bits"):
+        if key in body.options:
+            msg = f"{key} is set at the top level of the request, not in options"
+            raise HTTPException(422, [{"loc": ["body", "options", key], "msg": msg, "type": "value_error"}])
     try:
-        config_from_dict({"method": body.method, "w_bits": body.w_bits, "a_bits": body.a_bits, **body.options})
-    except (ValueError, TypeError) as e:
-        raise HTTPException(422, [{"loc": ["body", "options"], "msg": str(e), "type": "value_error"}]) from e
+        config_from_dict({**body.options, "method": body.method, "w_bits": body.w_bits, "a_bits": body.a_bits})
+    except ConfigError as e:
+        loc = ["body", "options", *([e.field] if e.field else [])]
+        raise HTTPException(422, [{"loc": loc, "msg": str(e), "type": "value_error"}]) from e
     try:
         if engine.registry.base_of(body.base_model) is not None:
             raise HTTPException(
@@ -90,7 +105,11 @@ async def job_events(job_id: str = JobId, jobs: JobClient = Depends(get_jobs)) -
     async def events():
         last = None
         while True:
-            view = await jobs.get(job_id)
+            try:
+                view = await jobs.get(job_id)
+            except RedisError:  # the stream ends cleanly; the client reconnects when it likes
+                yield f"event: error\ndata: {json.dumps({'detail': QUEUE_UNAVAILABLE})}\n\n"
+                return
             text = json.dumps(view)
             if text != last:
                 yield f"data: {text}\n\n"

@@ -22,6 +22,22 @@ from service.jobs.tasks import result_model_id
 
 _TERMINAL = {JobState.succeeded, JobState.failed, JobState.cancelled}
 
+# Takes a job no worker holds out of the queue, atomically: one still queued, or one waiting
+# for a retry (scheduled, and not in the active list). Returns 1 if it did: the job is then
+# the caller's to finish; 0 if a worker has it (or it has ended).
+_UNQUEUE = """
+if redis.call('LREM', KEYS[1], 0, ARGV[1]) > 0 then
+    redis.call('ZREM', KEYS[2], ARGV[1])
+    return 1
+end
+local at = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if at and tonumber(at) > 0 and not redis.call('LPOS', KEYS[3], ARGV[1]) then
+    redis.call('ZREM', KEYS[2], ARGV[1])
+    return 1
+end
+return 0
+"""
+
 
 class IdempotencyConflict(Exception):
     pass
@@ -41,8 +57,10 @@ def _state(job, cancel_requested: bool) -> JobState:
 
 class JobClient:
     def __init__(self, redis_url: str, attempts: int = 3, retry_delay_s: float = 1.0, heartbeat_s: int = 10):
-        self.queue = make_queue(redis_url)
+        # Bounded waits: a Redis that stops answering gives a 503, not a request hanging forever.
+        self.queue = make_queue(redis_url, socket_connect_timeout=5, socket_timeout=10)
         self.redis = self.queue.redis
+        self._unqueue = self.redis.register_script(_UNQUEUE)
         self.attempts, self.retry_delay_s, self.heartbeat_s = attempts, retry_delay_s, heartbeat_s
 
     async def connect(self) -> None:
@@ -85,6 +103,9 @@ class JobClient:
             # Reserved by an idempotent submit that has not enqueued yet: it is queued.
             return self._view(job_id, JobState.queued, pending_request)
         cancel = bool(await self.redis.exists(CANCEL_KEY.format(job=job_id)))
+        if cancel and job.stuck:
+            # Cancelled, and no attempt has beaten for longer than it may: nothing else will end it.
+            await self.queue.finish(job, Status.ABORTED, error="cancelled")
         return self._view(job_id, _state(job, cancel), (job.meta or {}).get("request", {}), job)
 
     def _view(self, job_id: str, state: JobState, request: dict, job=None) -> dict:
@@ -121,8 +142,11 @@ class JobClient:
         if job is None:
             return None
         await self.redis.set(CANCEL_KEY.format(job=job_id), 1, ex=7 * 86400)
-        if job.status in (Status.NEW, Status.QUEUED):
-            await self.queue.abort(job, "cancelled")
+        # Only a job taken out of the queue here is finished here: one a worker took a moment ago
+        # belongs to that worker, which sees the cancel key before it starts work.
+        keys = [self.queue.namespace(k) for k in ("queued", "incomplete", "active")]
+        if await self._unqueue(keys=keys, args=[job.id]):
+            await self.queue.finish(await self.queue.job(job_id), Status.ABORTED, error="cancelled")
         return await self.get(job_id)
 
     async def snapshot(self) -> dict:

@@ -21,6 +21,9 @@ SWEEP_EVERY_S = 5  # SAQ also holds its sweep lock this long: a dead worker's jo
 
 IDEMPOTENCY_KEY = "qarvd:idempotency:{key}"  # -> {"job": id, "body": sha256}
 CANCEL_KEY = "qarvd:cancel:{job}"  # set by DELETE; the worker stops at its next step
+# Incremented by each attempt as it starts: only the attempt holding the latest number owns the
+# job (may heartbeat it, publish its model, finish it); an older one stops at its next step.
+LEASE_KEY = "qarvd:lease:{job}"
 JOB_INDEX = "qarvd:jobs"  # sorted set: job id by submission time
 WORKER_HEARTBEAT = "qarvd:worker:{name}"  # seconds-since-epoch of the worker's last beat
 JOB_STATS = "qarvd:stats:jobs"  # hash: "method|outcome|count" and "method|outcome|seconds", from workers
@@ -55,6 +58,10 @@ class _Queue(RedisQueue):
         return await super().sweep(lock, abort)
 
 
-def make_queue(redis_url: str) -> RedisQueue:
-    """The jobs queue on `redis_url` (redis://, rediss:// or unix:// for the embedded server)."""
-    return _Queue(Redis.from_url(redis_url), name=QUEUE_NAME)
+def make_queue(redis_url: str, **redis_options) -> RedisQueue:
+    """The jobs queue on `redis_url` (redis://, rediss:// or unix:// for the embedded server).
+
+    redis-py retries a command on a fresh connection when a pooled one turns out dead, so the
+    first request after a Redis restart succeeds.
+    """
+    return _Queue(Redis.from_url(redis_url, **redis_options), name=QUEUE_NAME)

@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 
+import torch
 from redis.exceptions import RedisError
 from saq import Worker
 from saq.job import Status
@@ -53,6 +54,10 @@ async def run_worker(settings: Settings) -> int:
     if not settings.redis_url:
         raise ValueError("set QARVD_REDIS_URL (e.g. redis://localhost:6379/0) for a worker")
     settings.artifact_dir.mkdir(parents=True, exist_ok=True)
+    if settings.worker_threads:
+        torch.set_num_threads(settings.worker_threads)
+    if settings.worker_nice:
+        os.nice(settings.worker_nice)  # beside a server, its streams come first
     queue = make_queue(settings.redis_url)
     name = f"{socket.gethostname()}-{os.getpid()}"
 

