@@ -8,12 +8,13 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel
 from redis.exceptions import RedisError
 
 from qarvd_core.config import DTYPES
-from service.api import jobs, models, stream, videos
+from service.api import http, jobs, models, stream, videos
 from service.engine import Engine, ModelRegistry
 from service.jobs.client import JobClient
 from service.metrics import Metrics
@@ -21,6 +22,20 @@ from service.settings import Settings, get_settings
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("qarvd")
+
+
+class PrometheusText(Response):
+    media_type = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text exposition format
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    model: str
+    sessions: int
 
 
 def _log_failure(task: asyncio.Task) -> None:
@@ -69,24 +84,21 @@ def create_app(settings: Settings | None = None, on_shutdown: Callable[[], None]
     registry.in_use = app.state.engine.models_in_use
     app.state.jobs = None
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return JSONResponse({"detail": f"request body over {settings.max_body_bytes} bytes"}, status_code=413)
-        return await call_next(request)
-
+    http.install(app, settings.max_body_bytes, metrics.http_server_errors)
+    json_body = [Depends(http.require_json)]
     app.include_router(stream.router)
     app.include_router(models.router)
-    app.include_router(videos.router)
-    app.include_router(jobs.router)
+    app.include_router(
+        videos.router, dependencies=json_body, responses=http.error_responses(401, 404, *http.BODY_ERRORS)
+    )
+    app.include_router(jobs.router, dependencies=json_body, responses=http.error_responses(401, 503))
     app.add_exception_handler(RedisError, jobs.queue_unavailable)
 
     @app.get("/healthz", tags=["health"])
-    def healthz() -> dict:
-        return {"status": "ok"}
+    def healthz() -> Health:
+        return Health(status="ok")
 
-    @app.get("/readyz", tags=["health"])
+    @app.get("/readyz", tags=["health"], response_model=Readiness, responses={503: {"model": Readiness}})
     def readyz() -> JSONResponse:
         engine: Engine = app.state.engine
         ready = engine.ready
@@ -95,15 +107,15 @@ def create_app(settings: Settings | None = None, on_shutdown: Callable[[], None]
             status_code=200 if ready else 503,
         )
 
-    @app.get("/metrics", tags=["health"])
-    async def prometheus() -> Response:
+    @app.get("/metrics", tags=["health"], response_class=PrometheusText)
+    async def prometheus() -> PrometheusText:
         if app.state.jobs is not None:
             try:
                 metrics.jobs.snapshot = await app.state.jobs.snapshot()
             except Exception:  # Redis unreachable: export the streaming metrics anyway
                 log.exception("job metrics unavailable")
                 metrics.jobs.snapshot = None
-        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PrometheusText(metrics.exposition())
 
     @app.get("/", include_in_schema=False)
     def demo() -> FileResponse:

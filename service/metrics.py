@@ -45,6 +45,9 @@ class Metrics:
         self.client_errors = Counter(
             "qarvd_client_errors", "Malformed or refused client messages", ["kind"], registry=r
         )
+        self.http_server_errors = Counter(
+            "qarvd_http_server_errors", "HTTP responses with a 5xx status", ["status"], registry=r
+        )
         self.drift_psnr = Histogram(
             "qarvd_drift_psnr_db",
             "PSNR of quantized chunks vs FP recomputation",

@@ -49,10 +49,8 @@ ClientMsg = Annotated[StartMsg | ActionMsg | PromptMsg | ControlMsg, Field(discr
 # REST --------------------------------------------------------------------------------
 
 
-class VideoRequest(Strict):
+class VideoRequest(Strict):  # strict: "seed": false is an error, not 0
     model_config = ConfigDict(
-        extra="forbid",
-        strict=False,
         json_schema_extra={
             "examples": [{"model": "tiny-world", "prompt": "islands", "seed": 3, "actions": "right*24,down*24"}]
         },

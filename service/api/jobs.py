@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 
 from qarvd_core.quant import ConfigError, config_from_dict
 from service.api.deps import get_engine, require_api_key
+from service.api.http import BODY_ERRORS, error_responses
 from service.engine import Engine, UnknownModel
 from service.jobs.client import IdempotencyConflict, JobClient, is_terminal
 from service.schemas import JobRequest, JobView
@@ -36,7 +37,7 @@ def get_jobs(request: Request) -> JobClient:
     return jobs
 
 
-@router.post("", status_code=202, response_model=JobView)
+@router.post("", status_code=202, response_model=JobView, responses=error_responses(409, *BODY_ERRORS))
 async def submit(
     body: JobRequest,
     response: Response,
@@ -79,7 +80,7 @@ async def list_jobs(
     return await jobs.list(status, limit, offset)
 
 
-@router.get("/{job_id}", response_model=JobView)
+@router.get("/{job_id}", response_model=JobView, responses=error_responses(404))
 async def get_job(job_id: str = JobId, jobs: JobClient = Depends(get_jobs)) -> dict:
     view = await jobs.get(job_id)
     if view is None:
@@ -87,7 +88,7 @@ async def get_job(job_id: str = JobId, jobs: JobClient = Depends(get_jobs)) -> d
     return view
 
 
-@router.delete("/{job_id}", response_model=JobView)
+@router.delete("/{job_id}", response_model=JobView, responses=error_responses(404))
 async def cancel_job(job_id: str = JobId, jobs: JobClient = Depends(get_jobs)) -> dict:
     """Cancel: a queued job never runs; a running one stops at its next progress step."""
     view = await jobs.cancel(job_id)
@@ -96,7 +97,11 @@ async def cancel_job(job_id: str = JobId, jobs: JobClient = Depends(get_jobs)) -
     return view
 
 
-@router.get("/{job_id}/events")
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}, **error_responses(404)},
+)
 async def job_events(job_id: str = JobId, jobs: JobClient = Depends(get_jobs)) -> StreamingResponse:
     """Server-Sent Events: one `data:` line with the job whenever it changes, until it ends."""
     if await jobs.get(job_id) is None:

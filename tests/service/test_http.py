@@ -1,4 +1,7 @@
 import asyncio
+import base64
+import json
+import secrets
 import time
 
 import httpx
@@ -113,3 +116,122 @@ def test_delete_model_endpoint(artifact_dir, tmp_path):
         assert httpx.delete(s.url + "/v1/models/nope").status_code == 404
     finally:
         s.stop()
+
+
+def _chunked(total: int, prefix: bytes = b""):
+    """A body sent with Transfer-Encoding: chunked (no Content-Length), 64 KiB at a time."""
+    yield prefix
+    for _ in range(0, total, 65536):
+        yield b" " * 65536
+
+
+def _job_count(server) -> int:
+    return len(httpx.get(server.url + "/v1/quantization-jobs", params={"limit": 500}).json())
+
+
+def test_bodies_are_bounded_however_they_are_sent(server):
+    r = httpx.post(
+        server.url + "/v1/videos",
+        content=_chunked(20_000_000, b'{"actions": "right", "pad": "'),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 413 and len(r.content) < 200, r.text[:200]
+    jobs_before = _job_count(server)
+    job = b'{"base_model": "mini", "method": "rtn", "calibration_rollouts": 1, "calibration_chunks": 2}'
+    r = httpx.post(
+        server.url + "/v1/quantization-jobs",
+        content=(part for part in [job[:-1], *_chunked(1_500_000), b"}"]),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 413 and len(r.content) < 200, r.text[:200]
+    assert _job_count(server) == jobs_before
+
+
+def test_validation_errors_quote_only_an_excerpt_of_the_input(server):
+    r = httpx.post(server.url + "/v1/videos", json={"actions": "right", "prompt": "x" * 60_000}, timeout=30)
+    assert r.status_code == 422 and len(r.content) < 2000, len(r.content)
+    (err,) = r.json()["detail"]
+    assert err["loc"] == ["body", "prompt"] and err["type"] and err["msg"] and len(err["input"]) < 120
+    # 422s raised by the routes themselves have the same documented shape: a list of errors.
+    r = httpx.post(server.url + "/v1/videos", json={"actions": "jump"}, timeout=30)
+    assert r.status_code == 422 and {"loc", "msg", "type"} <= set(r.json()["detail"][0])
+
+
+def test_json_routes_refuse_other_content_types(server):
+    """A cross-site HTML form can POST text/plain or a urlencoded body without a CORS preflight."""
+    jobs_before = _job_count(server)
+    job = '{"base_model": "mini", "method": "rtn", "calibration_rollouts": 1, "calibration_chunks": 2}'
+    for route, body in (("/v1/quantization-jobs", job), ("/v1/videos", '{"actions": "right"}')):
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            r = httpx.post(server.url + route, content=body, headers={"content-type": content_type}, timeout=30)
+            assert r.status_code == 415 and "application/json" in r.json()["detail"], (route, content_type)
+    assert _job_count(server) == jobs_before
+
+
+def test_bools_are_not_integers(server):
+    for body in ({"actions": "right", "seed": False}, {"actions": "right", "fps": True}):
+        r = httpx.post(server.url + "/v1/videos", json=body, timeout=30)
+        assert r.status_code == 422 and r.json()["detail"][0]["type"] == "int_type", body
+    job = {"base_model": "mini", "method": "rtn", "calibration_rollouts": 1, "calibration_chunks": 2}
+    for field, value in (("seed", False), ("w_bits", True), ("calibration_rollouts", True)):
+        r = httpx.post(server.url + "/v1/quantization-jobs", json={**job, field: value})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field], (field, r.text[:300])
+    c = StreamClient(server.ws_url)
+    c.send({"type": "start", "seed": False})
+    err = c.next_json("error")
+    assert err["code"] == "bad_message" and "seed" in err["message"]
+    c.close()
+
+
+def test_405_lists_every_allowed_method(server):
+    for method, path, allowed in (
+        ("PUT", "/v1/models/mini", {"GET", "DELETE"}),
+        ("POST", "/v1/quantization-jobs/" + "0" * 32, {"GET", "DELETE"}),
+        ("DELETE", "/healthz", {"GET"}),
+    ):
+        r = httpx.request(method, server.url + path)
+        assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == allowed, (path, r.headers)
+
+
+def test_server_errors_are_counted(artifact_dir):
+    app = create_app(Settings(artifact_dir=artifact_dir, default_model="mini", threads=1))
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)  # no lifespan: no job queue, so job routes answer 503
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/v1/quantization-jobs")).status_code == 503
+            assert (await client.get("/v1/models")).status_code == 200
+            return (await client.get("/metrics")).text
+
+    families = {f.name: f for f in text_string_to_metric_families(asyncio.run(scenario()))}
+    samples = {
+        s.labels["status"]: s.value for s in families["qarvd_http_server_errors"].samples if s.name.endswith("_total")
+    }
+    assert samples == {"503": 1}
+
+
+def test_api_keys_never_reach_the_server_log(make_server):
+    """The key sent every supported way (and in a URL, refused) never appears in the server's output."""
+    key = "qk-" + secrets.token_urlsafe(16)
+    s = make_server(api_keys=json.dumps([key]))
+    encoded = base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+    for headers in ({"Authorization": f"Bearer {key}"}, {"X-API-Key": key}):
+        assert httpx.get(s.url + "/v1/models", headers=headers).status_code == 200
+        c = StreamClient(s.ws_url, additional_headers=headers)
+        assert c.start()["model"] == "mini" and c.frames(1)
+        c.close()
+    c = StreamClient(s.ws_url, subprotocols=["qarvd", "key." + encoded])  # the demo page's way
+    assert c.ws.subprotocol == "qarvd" and c.start()["model"] == "mini" and c.frames(1)
+    c.close()
+    assert StreamClient(s.ws_url, subprotocols=["qarvd", "key.d3Jvbmc"]).close_code() == 1008
+    # A key in the URL is not accepted, and is redacted from the access log all the same.
+    assert httpx.get(s.url + "/v1/models", params={"api_key": key}).status_code == 401
+    assert StreamClient(s.ws_url + f"?api_key={key}").close_code() == 1008
+    r = httpx.get(s.url + "/v1/models")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    s.stop()
+    output = s.output()
+    assert "GET /v1/models" in output and "/v1/stream" in output  # the access log is on
+    assert key not in output and encoded not in output
