@@ -126,7 +126,7 @@ def generate(
 
     import numpy as np
 
-    from qarvd_core.sampling import Stream
+    from qarvd_core.sampling import Stream, action_chunks
     from qarvd_core.video import upscale, write_mp4, write_pngs
     from qarvd_core.world.scripts import parse_actions
     from qarvd_core.world.simulator import BIOME_NAMES
@@ -147,12 +147,11 @@ def generate(
     net = _load(model)
 
     stream = Stream(net, prompt, seed, **sampler_kwargs(action_guidance))
-    Fr = net.args.frames_per_chunk
-    padded = script + [script[-1]] * (-len(script) % Fr)
+    chunks = action_chunks(script, net.args.frames_per_chunk)
     frames, chunk_ms = [], []
-    for k in range(0, len(padded), Fr):
+    for chunk in chunks:
         t0 = time.perf_counter()
-        frames.append(stream.step(padded[k : k + Fr]))
+        frames.append(stream.step(chunk))
         chunk_ms.append((time.perf_counter() - t0) * 1000)
     video = np.concatenate(frames)[: len(script)]
     write_mp4(upscale(video, scale), out, fps=fps)
@@ -163,7 +162,7 @@ def generate(
         if frames_dir.exists():
             frames_dir.rmdir()
         tmp.rename(frames_dir)
-    gen_fps = len(padded) / (sum(chunk_ms) / 1000)
+    gen_fps = len(chunks) * net.args.frames_per_chunk / (sum(chunk_ms) / 1000)
     if json_out:
         typer.echo(
             json.dumps(
@@ -413,6 +412,7 @@ def serve(
     import uvicorn
 
     from service.main import create_app
+    from service.server import Server
     from service.settings import Settings
 
     overrides = {k: v for k, v in {"host": host, "port": port, "default_model": model}.items() if v is not None}
@@ -440,7 +440,7 @@ def serve(
         ws_max_size=max(settings.max_message_bytes * 4, 16384),
     )
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        Server(config).run(sockets=[sock])
     finally:
         if embedded is not None:
             embedded.stop()

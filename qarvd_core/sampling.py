@@ -100,6 +100,42 @@ class _HeldChunk:
     camera: Tensor  # [B, F, 2]: where each frame was seen (a re-commit must not lose the path before it)
 
 
+def _copy_cache(src: KVCache, dst: KVCache, src_rows: slice = slice(None), dst_rows: slice = slice(None)) -> None:
+    """Copy a cache's state (keys, values, camera, lengths), all of it: the one place that lists it."""
+    dst.k[:, dst_rows] = src.k[:, src_rows]
+    dst.v[:, dst_rows] = src.v[:, src_rows]
+    dst.camera[dst_rows] = src.camera[src_rows]
+    dst.n_chunks, dst.committed = src.n_chunks, src.committed
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """A copy of everything a stream's next chunks depend on besides its model (`Stream.snapshot`).
+
+    The prompt's encoding is not part of it: it belongs to the model, so a fork re-encodes it.
+    """
+
+    prompt: str
+    seed: int
+    cache: KVCache
+    generator: Tensor  # the noise generator's state
+    held: tuple[_HeldChunk, ...]  # never modified in place, so sharing them is a copy
+    frame_index: int
+    schedule: tuple[float, ...]
+    action_guidance: float
+
+
+def action_chunks(script: list[str], frames_per_chunk: int) -> list[list[str]]:
+    """A per-frame action script cut into chunks, the last one padded by holding its last action.
+
+    Generate `len(script)` frames by stepping each chunk and keeping the first `len(script)` frames.
+    """
+    if not script:
+        raise ValueError("an action script needs at least one action")
+    padded = script + [script[-1]] * (-len(script) % frames_per_chunk)
+    return [padded[k : k + frames_per_chunk] for k in range(0, len(padded), frames_per_chunk)]
+
+
 class Stream:
     """A live stream: start with a model, prompt and seed; `step(action)` yields one chunk.
 
@@ -145,6 +181,37 @@ class Stream:
             t0 = torch.zeros(chunk.actions.shape, device=self.device)
             self.model(chunk.frames, t0, chunk.actions, self.context, self.cache, commit=True, camera=chunk.camera)
             self._hold(chunk)
+
+    def snapshot(self) -> StreamState:
+        """A copy of this stream's state: stepping the stream afterwards does not change it."""
+        cache = KVCache(self.args, 1, self.device, self.dtype)
+        _copy_cache(self.cache, cache)
+        return StreamState(
+            self.prompt,
+            self.seed,
+            cache,
+            self.generator.get_state(),
+            tuple(self.held),
+            self.frame_index,
+            tuple(self.schedule),
+            self.action_guidance,
+        )
+
+    def fork(self, model: WorldModel | None = None) -> Stream:
+        """An independent stream that continues from this one's state, on `model` (default: the same).
+
+        With the same model, `fork().step(a)` equals `step(a)` bit for bit. With another model
+        (an FP base shadowing a quantized stream) the next chunk is drawn from the same cache,
+        camera and noise, so the two chunks differ only by the models.
+        """
+        state = self.snapshot()
+        twin = Stream(model or self.model, state.prompt, state.seed, action_guidance=state.action_guidance)
+        twin.schedule = list(state.schedule)
+        _copy_cache(state.cache, twin.cache)
+        twin.generator.set_state(state.generator)
+        twin.held = list(state.held)
+        twin.frame_index = state.frame_index
+        return twin
 
     def _hold(self, chunk: _HeldChunk) -> None:
         # Mirror the cache: sink chunks forever, then the newest window chunks.
@@ -248,20 +315,16 @@ def step_streams(streams: list[Stream], actions: list[str | list[str]]) -> list[
     ids = torch.stack([action_ids([a] * Fr if isinstance(a, str) else list(a)) for a in actions]).to(first.device)
     cache = KVCache(first.args, len(streams), first.device, first.dtype)
     for i, s in enumerate(streams):
-        cache.k[:, i : i + 1] = s.cache.k
-        cache.v[:, i : i + 1] = s.cache.v
-    cache.n_chunks, cache.committed = first.cache.n_chunks, first.cache.committed
-    cache.camera = torch.cat([s.cache.camera for s in streams])
+        _copy_cache(s.cache, cache, dst_rows=slice(i, i + 1))
     camera = camera_path(ids, cache.camera)
     context = torch.cat([s.context for s in streams])
     noise = torch.cat([s._noise() for s in streams])
     x0 = denoise_chunk(first.model, cache, context, ids, noise, first.schedule, first.action_guidance)
     out = []
     for i, s in enumerate(streams):
-        s.cache.k.copy_(cache.k[:, i : i + 1])
-        s.cache.v.copy_(cache.v[:, i : i + 1])
-        s.cache.n_chunks, s.cache.committed = cache.n_chunks, s.cache.committed + 1
-        s.cache.camera = cache.camera[i : i + 1].clone()
+        committed = s.cache.committed + 1  # batched streams share a cache length, not a chunk count
+        _copy_cache(cache, s.cache, src_rows=slice(i, i + 1))
+        s.cache.committed = committed
         s._hold(_HeldChunk(x0[i : i + 1], ids[i : i + 1], camera[i : i + 1]))
         s.frame_index += Fr
         out.append(to_uint8(x0[i]))

@@ -40,6 +40,19 @@ class Metrics:
         )
         self.frames_sent = Counter("qarvd_frames_sent", "Frames sent to clients", ["model"], registry=r)
         self.frames_dropped = Counter("qarvd_frames_dropped", "Frames dropped for slow clients", ["model"], registry=r)
+        self.frames_stale = Counter(
+            "qarvd_frames_stale",
+            "Frames dropped because they were older than QARVD_MAX_FRAME_AGE_S when their turn came (also counted "
+            "in qarvd_frames_dropped)",
+            ["model"],
+            registry=r,
+        )
+        self.ws_closes = Counter(
+            "qarvd_ws_closes",
+            "WebSockets closed by the server, by close code (1011: a server failure)",
+            ["code"],
+            registry=r,
+        )
         self.sessions_active = Gauge("qarvd_sessions_active", "Streaming sessions open now", registry=r)
         self.sessions_rejected = Counter("qarvd_sessions_rejected", "Sessions refused", ["reason"], registry=r)
         self.client_errors = Counter(

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     drift_fallback_db: float | None = Field(None, description="below this drift PSNR a session falls back to FP")
     video_max_frames: int = Field(600, ge=1)
     send_buffer_bytes: int | None = Field(None, ge=4096, description="kernel send buffer per connection")
+    max_frame_age_s: float = Field(
+        0.5, gt=0, description="frames older than this when their turn to be sent comes are dropped (counted)"
+    )
+    max_concurrent_videos: int = Field(1, ge=1, description="POST /v1/videos renders at once; past it: 503")
     max_body_bytes: int = Field(65536, ge=1024)
     threads: int = Field(0, ge=0, description="torch threads for generation (0: torch's default)")
     dtype: Literal["fp32", "bf16"] = Field(

@@ -3,14 +3,17 @@
 Credentials and Origin are checked before a session can start; a refused socket is
 closed with 1008 right after the handshake (a close code needs an accepted socket).
 Every client message is validated; a bad one gets an `error` message and the session
-carries on. Frames flow from the engine through the session's bounded queue; a separate
-task sends `stats` every second.
+carries on. No message waits for generation, so the socket is always read and a client
+that goes away ends its session at once. Frames flow from the engine through the
+session's bounded queue and are dropped, not sent, once older than `max_frame_age_s`; a
+separate task sends `stats` every second. Every close the server makes is counted by code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -24,6 +27,7 @@ from service.settings import Settings
 
 router = APIRouter()
 _parse = TypeAdapter(ClientMsg)
+log = logging.getLogger("qarvd")
 
 CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL, CLOSE_RESTART, CLOSE_BUSY = 1008, 1009, 1011, 1012, 1013
 
@@ -95,7 +99,7 @@ async def stream(ws: WebSocket):
     await ws.accept(subprotocol=websocket_subprotocol(ws))
     if refusal is not None:
         metrics.sessions_rejected.labels("auth").inc()
-        await ws.close(CLOSE_POLICY, refusal)
+        await _safe_close(ws, metrics, CLOSE_POLICY, refusal)
         return
     bucket = _Bucket(settings.actions_per_s)
     session: Session | None = None
@@ -112,7 +116,7 @@ async def stream(ws: WebSocket):
             try:
                 session = await engine.open_session(model_id, msg.prompt, msg.seed, msg.format, msg.quality)
             except AtCapacity as e:
-                await ws.close(CLOSE_BUSY, str(e))
+                await _safe_close(ws, metrics, CLOSE_BUSY, str(e))
                 return
             except UnknownModel as e:
                 await _error(ws, metrics, "unknown_model", str(e))
@@ -133,7 +137,7 @@ async def stream(ws: WebSocket):
                 )
             )
             tasks = [
-                asyncio.create_task(_send_frames(ws, session, metrics)),
+                asyncio.create_task(_send_frames(ws, session, settings, metrics)),
                 asyncio.create_task(_send_stats(ws, session, settings)),
             ]
         while True:
@@ -143,25 +147,28 @@ async def stream(ws: WebSocket):
             if isinstance(msg, ActionMsg):
                 engine.set_action(session, msg.action)
             elif isinstance(msg, PromptMsg):
-                await engine.set_prompt(session, msg.prompt)
+                engine.set_prompt(session, msg.prompt)
             elif isinstance(msg, ControlMsg) and msg.type in ("pause", "resume"):
                 engine.set_paused(session, msg.type == "pause")
             elif isinstance(msg, ControlMsg):  # stop
-                await ws.send_text(json.dumps({"type": "ended", "reason": "stopped", **_totals(session)}))
-                await ws.close(1000)
+                await _end(ws, metrics, session, "stopped", 1000)
                 return
             else:
                 await _error(ws, metrics, "already_started", "this session has started; send stop to end it")
     except TimeoutError:
-        await _end(ws, session, "idle", 1000)
+        await _end(ws, metrics, session, "idle", 1000)
     except _TooBig as e:
         metrics.client_errors.labels("too_large").inc()
-        await _safe_close(ws, CLOSE_TOO_BIG, f"message of {e.args[0]} bytes is over {settings.max_message_bytes}")
+        reason = f"message of {e.args[0]} bytes is over {settings.max_message_bytes}"
+        await _safe_close(ws, metrics, CLOSE_TOO_BIG, reason)
     except WebSocketDisconnect:
         pass
     except asyncio.CancelledError:  # server shutting down
-        await _end(ws, session, "server restarting", CLOSE_RESTART)
+        await _end(ws, metrics, session, "server restarting", CLOSE_RESTART)
         raise
+    except Exception as e:
+        log.exception("stream session failed")
+        await _end(ws, metrics, session, f"internal error: {type(e).__name__}", CLOSE_INTERNAL)
     finally:
         for t in tasks:
             t.cancel()
@@ -175,28 +182,37 @@ def _totals(s: Session | None) -> dict:
     return {"frames_generated": s.frames_generated, "frames_sent": s.frames_sent, "frames_dropped": s.frames_dropped}
 
 
-async def _end(ws: WebSocket, session: Session | None, reason: str, code: int) -> None:
+async def _end(ws: WebSocket, metrics: Metrics, session: Session | None, reason: str, code: int) -> None:
+    """An `ended` message with the reason and totals, then the close."""
     try:
         await ws.send_text(json.dumps({"type": "ended", "reason": reason, **_totals(session)}))
     except Exception:  # the client may be gone already
         pass
-    await _safe_close(ws, code, reason)
+    await _safe_close(ws, metrics, code, reason)
 
 
-async def _safe_close(ws: WebSocket, code: int, reason: str) -> None:
+async def _safe_close(ws: WebSocket, metrics: Metrics, code: int, reason: str) -> None:
+    metrics.ws_closes.labels(str(code)).inc()
     try:
-        await ws.close(code, reason[:120])
+        await ws.close(code, reason.encode()[:120].decode(errors="ignore"))  # a close reason is at most 123 bytes
     except Exception:  # already closed
         pass
 
 
-async def _send_frames(ws: WebSocket, s: Session, metrics: Metrics) -> None:
+async def _send_frames(ws: WebSocket, s: Session, settings: Settings, metrics: Metrics) -> None:
     while True:
         item = await s.outbound.get()
-        if item is None:  # the engine failed this session
-            await _end(ws, s, s.failure or "internal error", CLOSE_INTERNAL)
+        if item is None:  # the engine ended this session
+            await _end(ws, metrics, s, s.end_reason, CLOSE_INTERNAL if s.failed else CLOSE_RESTART)
             return
-        await ws.send_bytes(item)
+        # A frame that waited too long (the client reads slowly) shows a world that has moved on:
+        # a newer one is on its way, so this one is dropped.
+        if time.perf_counter() - item.made > settings.max_frame_age_s:
+            s.frames_dropped += 1
+            metrics.frames_dropped.labels(s.model_id).inc()
+            metrics.frames_stale.labels(s.model_id).inc()
+            continue
+        await ws.send_bytes(item.data)
         s.frames_sent += 1
         metrics.frames_sent.labels(s.model_id).inc()
         if not s.first_frame_sent:

@@ -1,4 +1,9 @@
-"""POST /v1/videos: render an action script to an H.264 MP4 (offline, length-limited)."""
+"""POST /v1/videos: render an action script to an H.264 MP4 (offline, length-limited).
+
+The script's length is checked from its counts before it is expanded. The render runs
+through the engine one chunk at a time, between live sessions' chunks, so streams keep
+their frame rate; at most `max_concurrent_videos` renders run at once (503 past it).
+"""
 
 from __future__ import annotations
 
@@ -10,41 +15,46 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import Response
 
-from qarvd_core.sampling import Stream
 from qarvd_core.video import upscale, write_mp4
 from qarvd_core.world.scripts import parse_actions
 from service.api.deps import get_engine, get_settings, require_api_key
-from service.engine import Engine, UnknownModel
+from service.engine import AtCapacity, Engine, UnknownModel
 from service.schemas import VideoRequest
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1/videos", tags=["videos"], dependencies=[Depends(require_api_key)])
 
+# What a client over the render cap is told to wait: about a short render's length.
+RETRY_AFTER_S = 5
 
-def _render(engine: Engine, model_id: str, req: VideoRequest, actions: list[str]) -> bytes:
-    stream = Stream(engine.registry.get(model_id), req.prompt, req.seed)
-    fr = stream.args.frames_per_chunk
-    padded = actions + [actions[-1]] * (-len(actions) % fr)
-    frames = np.concatenate([stream.step(padded[k : k + fr]) for k in range(0, len(padded), fr)])[: len(actions)]
+
+def _mp4(frames: np.ndarray, req: VideoRequest) -> bytes:
     with tempfile.TemporaryDirectory() as d:
-        path = write_mp4(upscale(frames, req.scale), Path(d) / "video.mp4", fps=req.fps)
-        return path.read_bytes()
+        return write_mp4(upscale(frames, req.scale), Path(d) / "video.mp4", fps=req.fps).read_bytes()
 
 
-@router.post("", response_class=Response, responses={200: {"content": {"video/mp4": {}}}})
+@router.post(
+    "",
+    response_class=Response,
+    responses={
+        200: {"content": {"video/mp4": {}}},
+        503: {"description": "as many renders as QARVD_MAX_CONCURRENT_VIDEOS are running; retry after Retry-After"},
+    },
+)
 async def render_video(
     req: VideoRequest, engine: Engine = Depends(get_engine), settings: Settings = Depends(get_settings)
 ) -> Response:
     model_id = req.model or settings.default_model
     try:
-        actions = parse_actions(req.actions)
-        engine.registry.path_of(model_id)
+        actions = parse_actions(req.actions, max_frames=settings.video_max_frames)
     except ValueError as e:
         raise HTTPException(422, str(e)) from e
+    try:
+        frames = await engine.render(model_id, req.prompt, req.seed, actions)
     except UnknownModel as e:
         raise HTTPException(404, str(e)) from e
-    if len(actions) > settings.video_max_frames:
-        raise HTTPException(422, f"{len(actions)} frames is over the limit of {settings.video_max_frames}")
-    # Rendering shares the engine's compute thread, so it never runs beside a live chunk.
-    data = await asyncio.get_running_loop().run_in_executor(engine.executor, _render, engine, model_id, req, actions)
+    except AtCapacity as e:
+        raise HTTPException(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)}) from e
+    # Encoding runs beside the compute thread, not on it: live streams keep their turns.
+    data = await asyncio.to_thread(_mp4, frames, req)
     return Response(data, media_type="video/mp4", headers={"Content-Disposition": 'inline; filename="video.mp4"'})

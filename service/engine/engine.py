@@ -5,6 +5,13 @@ model and cache length, and runs each group as one batched forward pass on a sin
 compute thread, off the event loop. Frames go to each session's small outbound queue,
 where the newest frame wins: a slow client loses frames (counted), never grows memory
 and never slows the other sessions.
+
+Nothing a client sends waits for the compute thread: a prompt switch is recorded and
+applied before the session's next chunk (the newest wins), so a flood of them costs one
+re-cache a chunk at most and the session ends as soon as its client goes. Video renders
+(`render`) are stepped by the same loop one chunk at a time, batched with live sessions
+when they fit and otherwise run while no live session is due, so a long render never
+holds the compute thread for more than a chunk.
 """
 
 from __future__ import annotations
@@ -19,13 +26,14 @@ import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
 from qarvd_core.eval.metrics import psnr
-from qarvd_core.sampling import Stream, step_streams
+from qarvd_core.sampling import Stream, action_chunks, step_streams
 from service.engine.registry import ModelRegistry
 from service.metrics import Metrics
 from service.settings import Settings
@@ -33,6 +41,11 @@ from service.settings import Settings
 
 class AtCapacity(RuntimeError):
     pass
+
+
+# A render not batched with live sessions waits for a moment when none is due, but never
+# longer than this: on a saturated server it still moves on.
+RENDER_MAX_WAIT_S = 1.0
 
 
 def encode_frame(frame: np.ndarray, fmt: str, quality: int) -> bytes:
@@ -48,15 +61,21 @@ def frame_message(header: dict, image: bytes) -> bytes:
     return struct.pack(">I", len(h)) + h + image
 
 
-@dataclass
+class OutFrame(NamedTuple):
+    made: float  # time.perf_counter() when the chunk was generated: frames too old are not sent
+    data: bytes
+
+
+@dataclass(eq=False)
 class Session:
     id: str
     model_id: str
     stream: Stream
     fmt: str
     quality: int
-    outbound: asyncio.Queue
+    outbound: asyncio.Queue  # OutFrame, or None once the engine has ended the session
     action: str = "none"
+    pending_prompt: str | None = None  # applied before the next chunk, on the compute thread
     paused: bool = False
     started: float = field(default_factory=time.perf_counter)
     next_due: float = 0.0
@@ -68,7 +87,20 @@ class Session:
     drift_psnr_db: float | None = None
     fell_back: bool = False
     closed: bool = False
-    failure: str | None = None
+    end_reason: str | None = None  # why the engine ended the session
+    failed: bool = False  # ended by a failure (as opposed to a server shutdown)
+
+
+@dataclass(eq=False)
+class Render:
+    """A video render in progress: the loop steps it one chunk at a time between live chunks."""
+
+    model_id: str
+    stream: Stream
+    chunks: list[list[str]]
+    done: asyncio.Future
+    frames: list[np.ndarray] = field(default_factory=list)
+    waiting_since: float = field(default_factory=time.perf_counter)
 
 
 class Engine:
@@ -77,6 +109,12 @@ class Engine:
         self.metrics = metrics
         self.registry = registry
         self.sessions: dict[str, Session] = {}
+        self.renders: list[Render] = []
+        # Slots taken by sessions and renders still being set up (on the compute thread): admission
+        # counts them, so concurrent starts cannot all see the same free slot.
+        self._opening = 0
+        self._rendering = 0
+        self.closing = False
         # OpenMP gives each thread that runs torch ops its own team of workers, and two teams
         # on the same cores halve the speed (measured: 24 -> 12 frames/s on 2 cores). So every
         # torch op runs on the one compute thread with all the threads; the event loop's
@@ -94,23 +132,35 @@ class Engine:
         self._wake = asyncio.Event()
         self._rng = random.Random(0)
 
+    async def _on_compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
     # Lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Load and warm up the default model (one chunk), then start the step loop."""
-        loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         model_id = self.settings.default_model
-        model = await loop.run_in_executor(self.executor, self.registry.get, model_id)
+        model = await self._on_compute(self.registry.get, model_id)
         # Compiled blocks specialise on the batch size: compile every size the loop can batch now.
         sizes = self.settings.max_sessions if self.settings.compile and self.settings.batch_sessions else 1
         for n in range(1, sizes + 1):
             warm = [Stream(model, "islands", i) for i in range(n)]
-            await loop.run_in_executor(self.executor, step_streams, warm, ["none"] * n)
+            await self._on_compute(step_streams, warm, ["none"] * n)
         self.metrics.model_load.labels(model_id).set(time.perf_counter() - t0)
         self._task = asyncio.create_task(self._loop(), name="qarvd-engine")
         self.ready = True
         self.metrics.ready.set(1)
+
+    async def end_sessions(self, reason: str, timeout: float) -> None:
+        """Refuse new sessions, end every live one with `reason` (its client is told) and wait
+        up to `timeout` seconds for their connections to close."""
+        self.closing = True
+        for s in list(self.sessions.values()):
+            self._end(s, reason, failed=False)
+        deadline = time.perf_counter() + timeout
+        while self.sessions and time.perf_counter() < deadline:
+            await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
         self.ready = False
@@ -125,14 +175,22 @@ class Engine:
 
     # Sessions ------------------------------------------------------------------------
 
+    def _new_stream(self, model_id: str, prompt: str, seed: int) -> Stream:
+        return Stream(self.registry.get(model_id), prompt, seed)
+
     async def open_session(self, model_id: str, prompt: str, seed: int, fmt: str, quality: int) -> Session:
-        if len(self.sessions) >= self.settings.max_sessions:
+        if self.closing:
+            raise AtCapacity("the server is restarting")
+        if len(self.sessions) + self._opening >= self.settings.max_sessions:
             self.metrics.sessions_rejected.labels("capacity").inc()
             raise AtCapacity(f"at capacity ({self.settings.max_sessions} sessions)")
         self.registry.path_of(model_id)  # raises UnknownModel before any work
-        loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(self.executor, self.registry.get, model_id)
-        stream = await loop.run_in_executor(self.executor, Stream, model, prompt, seed)
+        # The slot is taken before the first await and given back if the set-up fails.
+        self._opening += 1
+        try:
+            stream = await self._on_compute(self._new_stream, model_id, prompt, seed)
+        finally:
+            self._opening -= 1
         s = Session(
             uuid.uuid4().hex, model_id, stream, fmt, quality, asyncio.Queue(maxsize=self.settings.outbound_frames)
         )
@@ -142,7 +200,8 @@ class Engine:
         return s
 
     def models_in_use(self) -> set[str]:
-        ids = {s.model_id for s in list(self.sessions.values())} | {self.settings.default_model}
+        live = [*self.sessions.values(), *self.renders]
+        ids = {x.model_id for x in live} | {self.settings.default_model}
         return ids | {b for m in ids if (b := self.registry.base_of(m)) is not None}  # drift shadows
 
     def close_session(self, s: Session) -> None:
@@ -159,17 +218,49 @@ class Engine:
             s.next_due = 0.0
             self._wake.set()
 
-    async def set_prompt(self, s: Session, prompt: str) -> None:
-        await asyncio.get_running_loop().run_in_executor(self.executor, s.stream.set_prompt, prompt)
+    def set_prompt(self, s: Session, prompt: str) -> None:
+        """Switch the scene before the session's next chunk; of several switches meanwhile, the newest wins."""
+        s.pending_prompt = prompt
+
+    def _end(self, s: Session, reason: str, failed: bool) -> None:
+        """Stop stepping the session and tell its sender (a None after the frames queued)."""
+        if s.end_reason is not None:
+            return
+        s.closed, s.end_reason, s.failed = True, reason, failed
+        self._put(s, None)
+
+    # Videos --------------------------------------------------------------------------
+
+    async def render(self, model_id: str, prompt: str, seed: int, script: list[str]) -> np.ndarray:
+        """Frames [len(script), H, W, 3] of a new stream under a per-frame action script.
+
+        Raises AtCapacity past `max_concurrent_videos` renders.
+        """
+        self.registry.path_of(model_id)  # raises UnknownModel before any work
+        if self.closing or self._rendering >= self.settings.max_concurrent_videos:
+            raise AtCapacity(f"{self.settings.max_concurrent_videos} video render(s) running; retry later")
+        self._rendering += 1
+        job = None
+        try:
+            stream = await self._on_compute(self._new_stream, model_id, prompt, seed)
+            chunks = action_chunks(script, stream.args.frames_per_chunk)
+            job = Render(model_id, stream, chunks, asyncio.get_running_loop().create_future())
+            self.renders.append(job)
+            self._wake.set()
+            await job.done
+            return np.concatenate(job.frames)[: len(script)]
+        finally:
+            self._rendering -= 1
+            if job in self.renders:  # cancelled: stop stepping it
+                self.renders.remove(job)
 
     # The step loop ---------------------------------------------------------------------
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            now = time.perf_counter()
-            due = [s for s in self.sessions.values() if not s.paused and not s.closed and s.next_due <= now]
-            if not due:
+            groups = self._due_groups(time.perf_counter())
+            if not groups:
+                now = time.perf_counter()
                 waits = [s.next_due - now for s in self.sessions.values() if not s.paused]
                 self._wake.clear()
                 try:
@@ -177,56 +268,110 @@ class Engine:
                 except TimeoutError:
                     pass
                 continue
-            groups: dict[tuple, list[Session]] = defaultdict(list)
-            for s in due:
-                key = (s.model_id, s.stream.cache.n_chunks) if self.settings.batch_sessions else (s.id,)
-                groups[key].append(s)
-            for group in groups.values():
-                t0 = time.perf_counter()
-                try:
-                    results = await loop.run_in_executor(self.executor, self._compute, group)
-                except Exception as e:  # a compute failure ends these sessions, not the server
-                    for s in group:
-                        s.failure = f"generation failed: {type(e).__name__}: {e}"
-                        self._put(s, None)
-                    continue
-                elapsed = time.perf_counter() - t0
-                self._deliver(group, results, elapsed)
+            for group in groups:
+                await self._step(group)
 
-    def _compute(self, group: list[Session]) -> list[list[bytes]]:
-        """Runs on the compute thread: one batched chunk, drift shadows, encoding."""
-        actions = [s.action for s in group]
-        shadows = [self._shadow_snapshot(s) for s in group]
-        frames = step_streams([s.stream for s in group], actions)
-        for s, snap, fr in zip(group, shadows, frames):
-            if snap is not None:
-                self._finish_shadow(s, snap, fr)
-        return [[encode_frame(f, s.fmt, s.quality) for f in fr] for s, fr in zip(group, frames)]
+    def _due_groups(self, now: float) -> list[list[Session | Render]]:
+        """The sessions due a chunk, grouped into batches, then the renders: each joins a batch
+        of its model and cache length if there is room, else runs alone while no session is
+        due (or once it has waited RENDER_MAX_WAIT_S)."""
+        batch = self.settings.batch_sessions
 
-    def _deliver(self, group: list[Session], results: list[list[bytes]], elapsed: float) -> None:
+        def key(x: Session | Render) -> tuple:
+            return (x.model_id, x.stream.cache.n_chunks) if batch else (id(x),)
+
+        live = [s for s in self.sessions.values() if not s.paused and not s.closed and s.next_due <= now]
+        groups: dict[tuple, list[Session | Render]] = defaultdict(list)
+        for s in live:
+            groups[key(s)].append(s)
+        for r in self.renders:
+            # Compiled blocks are warmed up to max_sessions streams a batch: never more.
+            if key(r) in groups and len(groups[key(r)]) < self.settings.max_sessions:
+                groups[key(r)].append(r)
+            elif not live or now - r.waiting_since >= RENDER_MAX_WAIT_S:
+                groups[("render", *key(r))].append(r)
+        return list(groups.values())
+
+    async def _step(self, group: list[Session | Render]) -> None:
+        actions: list[str | list[str]] = []
+        prompts: list[str | None] = []
+        for x in group:
+            if isinstance(x, Session):
+                actions.append(x.action)
+                prompts.append(x.pending_prompt)
+                x.pending_prompt = None
+            else:
+                actions.append(x.chunks[len(x.frames)])
+                prompts.append(None)
+        t0 = time.perf_counter()
+        try:
+            results = await self._on_compute(self._compute, group, actions, prompts)
+        except Exception as e:  # a compute failure ends these sessions and renders, not the server
+            message = f"generation failed: {type(e).__name__}: {e}"
+            for x in group:
+                if isinstance(x, Session):
+                    self._end(x, message, failed=True)
+                else:
+                    self._finish_render(x, RuntimeError(message))
+            return
+        self._deliver(group, actions, results, time.perf_counter() - t0)
+
+    def _compute(self, group: list[Session | Render], actions: list, prompts: list[str | None]) -> list:
+        """Runs on the compute thread: pending prompts, one batched chunk, drift shadows, encoding."""
+        for x, prompt in zip(group, prompts):
+            if prompt is not None:
+                x.stream.set_prompt(prompt)
+        shadows = [self._shadow(x) if isinstance(x, Session) else None for x in group]
+        frames = step_streams([x.stream for x in group], actions)
+        for x, shadow, action, fr in zip(group, shadows, actions, frames):
+            if shadow is not None:
+                self._finish_shadow(x, *shadow, action, fr)
+        return [
+            [encode_frame(f, x.fmt, x.quality) for f in fr] if isinstance(x, Session) else fr
+            for x, fr in zip(group, frames)
+        ]
+
+    def _deliver(self, group: list[Session | Render], actions: list, results: list, elapsed: float) -> None:
         fr = group[0].stream.args.frames_per_chunk
         period = fr / self.settings.fps_target
         now = time.perf_counter()
         self.metrics.batch_size.observe(len(group))
-        for s, images in zip(group, results):
+        for x, action, result in zip(group, actions, results):
+            if isinstance(x, Render):
+                x.frames.append(result)
+                x.waiting_since = now
+                if len(x.frames) == len(x.chunks):
+                    self._finish_render(x, None)
+                continue
+            s = x
             self.metrics.chunk_latency.labels(s.model_id).observe(elapsed)
             s.last_chunk_ms = elapsed * 1000
             chunk = s.stream.cache.committed - 1
-            for i, img in enumerate(images):
+            for i, img in enumerate(result):
                 self.metrics.frame_latency.labels(s.model_id).observe(elapsed / fr)
                 header = {
                     "frame": s.frames_generated,
                     "chunk": chunk,
-                    "action": s.action,
+                    "action": action,
                     "latency_ms": round(elapsed * 1000 / fr, 2),
                     "ts": time.time(),
                     "index_in_chunk": i,
                 }
                 s.frames_generated += 1
-                self._put(s, frame_message(header, img))
+                self._put(s, OutFrame(now, frame_message(header, img)))
             s.next_due = max(s.next_due + period, now - period)
 
-    def _put(self, s: Session, item: bytes | None) -> None:
+    def _finish_render(self, r: Render, error: Exception | None) -> None:
+        if r in self.renders:
+            self.renders.remove(r)
+        if r.done.done():  # its request was cancelled
+            return
+        if error is None:
+            r.done.set_result(None)
+        else:
+            r.done.set_exception(error)
+
+    def _put(self, s: Session, item: OutFrame | None) -> None:
         """Enqueue for the client; when the queue is full the oldest frame is dropped (counted)."""
         if s.outbound.full():
             s.outbound.get_nowait()
@@ -236,32 +381,25 @@ class Engine:
 
     # Drift shadowing -----------------------------------------------------------------
 
-    def _shadow_snapshot(self, s: Session):
-        """For a sampled chunk of a quantized model: the state to re-run it in FP from."""
+    def _shadow(self, s: Session) -> tuple[str, Stream] | None:
+        """For a sampled chunk of a quantized model: its FP base and a fork of the stream on it."""
         rate = self.settings.drift_sample_rate
         if rate <= 0 or s.fell_back or self._rng.random() >= rate:
             return None
         base_id = self.registry.base_of(s.model_id)
         if base_id is None:
             return None
-        st = s.stream
-        return base_id, st.cache.k.clone(), st.cache.v.clone(), st.cache.n_chunks, st.generator.get_state(), s.action
+        return base_id, s.stream.fork(self.registry.get(base_id))
 
-    def _finish_shadow(self, s: Session, snap, frames: np.ndarray) -> None:
-        base_id, k, v, n_chunks, gen_state, action = snap
-        fp = Stream(self.registry.get(base_id), s.stream.prompt, 0)
-        fp.cache.k.copy_(k)
-        fp.cache.v.copy_(v)
-        fp.cache.n_chunks = n_chunks
-        fp.generator.set_state(gen_state)
+    def _finish_shadow(self, s: Session, base_id: str, fp: Stream, action: str, frames: np.ndarray) -> None:
         ref = fp.step(action)
         s.drift_psnr_db = float(psnr(frames, ref).mean())
         self.metrics.drift_psnr.labels(s.model_id).observe(s.drift_psnr_db)
         limit = self.settings.drift_fallback_db
         if limit is not None and s.drift_psnr_db < limit:
-            # Continue this session on the FP base from the same state.
-            s.stream.model = fp.model
-            s.stream.set_prompt(s.stream.prompt)  # re-caches the held context with the FP model
+            # Continue this session on the FP base from the same state, its held context re-cached in FP.
+            s.stream = s.stream.fork(fp.model)
+            s.stream.set_prompt(s.stream.prompt)
             s.model_id = base_id
             s.fell_back = True
             self.metrics.drift_fallbacks.labels(base_id).inc()
