@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -153,6 +154,22 @@ def test_bad_input_is_422_naming_the_field_and_enqueues_nothing(stack, body, fie
     assert httpx.get(stack.url + "/v1/quantization-jobs").json() == []
 
 
+def test_options_are_checked_against_the_method_and_never_override_the_request(stack):
+    for options, field in [
+        ({"w_bits": 4}, "w_bits"),
+        ({"method": "gptq"}, "method"),
+        ({"keep_fp": [1.5]}, "keep_fp"),
+        ({"percentile": "99"}, "percentile"),
+        ({"recon_iters": 100}, "recon_iters"),  # another method's option
+    ]:
+        r = submit(stack.url, {**FAST, "options": options})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "options", field], (options, r.text)
+    assert submit(stack.url, {**FAST, "seed": False}).status_code == 422
+    assert httpx.get(stack.url + "/v1/quantization-jobs").json() == []
+    ok = submit(stack.url, {**FAST, "options": {"keep_fp": ["head", "patch_embedding"], "percentile": 99.9}})
+    assert ok.status_code == 202, ok.text
+
+
 def test_cancel_queued_never_runs_and_cancel_running_leaves_nothing(stack):
     queued = submit(stack.url, FAST).json()["id"]
     assert httpx.delete(f"{stack.url}/v1/quantization-jobs/{queued}").json()["status"] == "cancelled"
@@ -164,6 +181,31 @@ def test_cancel_queued_never_runs_and_cancel_running_leaves_nothing(stack):
     assert wait_for(stack.url, running, {"cancelled", "succeeded", "failed"}, timeout=60)["status"] == "cancelled"
     assert wait_for(stack.url, queued, {"cancelled"})["attempts"] == 0
     assert quantized_models(stack) == [] and not list(stack.artifacts.glob(".job-*"))
+
+
+def test_cancel_the_moment_a_worker_takes_the_job_ends_cancelled(stack):
+    stack.worker()
+    deadline = time.time() + 60
+    while not stack.db.keys("qarvd:worker:*") and time.time() < deadline:  # dequeuing, so it takes each job at once
+        time.sleep(0.2)
+    jobs = []
+    for _ in range(10):
+        jobs.append(submit(stack.url, FAST).json()["id"])
+        httpx.delete(f"{stack.url}/v1/quantization-jobs/{jobs[-1]}")
+    for job in jobs:
+        view = wait_for(stack.url, job, {"cancelled", "succeeded", "failed"}, timeout=30)
+        assert view["status"] == "cancelled" and view["attempts"] <= 1, view
+    assert quantized_models(stack) == [] and not list(stack.artifacts.glob(".job-*"))
+
+
+def test_cancelled_job_whose_worker_died_ends_cancelled_with_no_worker_left(stack):
+    first = stack.worker()
+    job = submit(stack.url, SLOW).json()["id"]
+    wait_for(stack.url, job, {"running"})
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert httpx.delete(f"{stack.url}/v1/quantization-jobs/{job}").json()["status"] == "running"
+    assert wait_for(stack.url, job, {"cancelled", "succeeded", "failed"}, timeout=30)["status"] == "cancelled"
 
 
 def test_failing_job_ends_failed_with_its_error_after_the_attempts(stack):
@@ -189,6 +231,50 @@ def test_worker_killed_mid_job_another_finishes_it_exactly_once(stack):
     assert quantized_models(stack) == [view["result_model"]]
 
 
+@pytest.mark.timeout(600)
+def test_worker_stopped_mid_job_stops_its_work_and_another_publishes_once(stack):
+    first = stack.worker()
+    job = submit(stack.url, SLOW).json()["id"]
+    deadline = time.time() + 120
+    while httpx.get(f"{stack.url}/v1/quantization-jobs/{job}").json()["stage"] != "calibrating":
+        assert time.time() < deadline, "the job never reached calibration"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGTERM)
+    # The job is handed back at once; the worker exits as soon as its compute thread takes
+    # its next step, not after finishing a calibration no one will use.
+    assert first.wait(timeout=20) == 0
+    assert "stopped its work: handed back" in first.log.read_text()
+    assert quantized_models(stack) == []  # what it had computed was never published
+    stack.worker()
+    view = wait_for(stack.url, job, {"succeeded", "failed"}, timeout=400)
+    assert view["status"] == "succeeded" and view["attempts"] == 2
+    assert quantized_models(stack) == [view["result_model"]] and not list(stack.artifacts.glob(".job-*"))
+
+
+def test_redis_outage_is_503_with_retry_after_and_the_first_request_after_it_succeeds(stack):
+    jobs = f"{stack.url}/v1/quantization-jobs"
+    job = submit(stack.url, FAST).json()["id"]
+    with httpx.stream("GET", f"{jobs}/{job}/events", timeout=60) as events:
+        lines = events.iter_lines()
+        assert next(lines).startswith("data: ")
+        stack.redis.stop()
+        rest = list(lines)  # the stream ends cleanly, saying why, instead of a reset connection
+    assert "event: error" in rest and any("unreachable" in line for line in rest)
+    for r in [
+        httpx.get(jobs, timeout=60),
+        httpx.get(f"{jobs}/{job}", timeout=60),
+        httpx.get(f"{jobs}/{job}/events", timeout=60),
+        submit(stack.url, FAST),
+        httpx.delete(f"{jobs}/{job}", timeout=60),
+    ]:
+        assert r.status_code == 503 and int(r.headers["retry-after"]) > 0 and "unreachable" in r.json()["detail"]
+    stack.redis.start()
+    assert httpx.get(f"{jobs}/{job}", timeout=60).status_code == 200
+    assert httpx.get(jobs, timeout=60).status_code == 200
+    assert submit(stack.url, FAST).status_code == 202
+    assert httpx.delete(f"{jobs}/{job}", timeout=60).json()["status"] == "cancelled"
+
+
 def test_accepted_job_survives_a_redis_restart(stack):
     job = submit(stack.url, FAST).json()["id"]
     stack.redis.stop()  # AOF on: the queue is on disk
@@ -207,3 +293,25 @@ def test_worker_exits_with_status_1_once_redis_is_gone_past_its_grace(stack):
     assert stack.db.keys("qarvd:worker:*"), "worker never heartbeat"
     stack.redis.stop()
     assert w.wait(timeout=30) == 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads process children from /proc")
+def test_killed_server_leaves_no_redis_or_worker_behind(make_server):
+    server = make_server()  # no QARVD_REDIS_URL: its own Redis and worker
+    pid = server.proc.pid
+    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    names = sorted(Path(f"/proc/{c}/comm").read_text().strip() for c in children)
+    assert len(children) == 2 and "redis-server" in names, names  # and the worker
+    server.proc.kill()
+    server.proc.wait()
+    deadline = time.time() + 30
+    while any(map(_alive, children)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(map(_alive, children)), "redis-server or the worker outlived the killed server"
