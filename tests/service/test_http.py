@@ -159,6 +159,14 @@ def test_validation_errors_quote_only_an_excerpt_of_the_input(server):
     assert r.status_code == 422 and {"loc", "msg", "type"} <= set(r.json()["detail"][0])
 
 
+def test_video_script_length_is_checked_before_it_is_expanded(server):
+    """10^8 frames, or a count of 1,980 digits: refused from the counts, never built."""
+    for script in ("none*100000000", "right*3,none*" + "9" * 1980):
+        r = httpx.post(server.url + "/v1/videos", json={"actions": script}, timeout=60)
+        assert r.status_code == 422 and "over the limit of 600" in r.json()["detail"][0]["msg"], r.text[:300]
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
 def test_json_routes_refuse_other_content_types(server):
     """A cross-site HTML form can POST text/plain or a urlencoded body without a CORS preflight."""
     jobs_before = _job_count(server)
