@@ -110,3 +110,41 @@ def test_the_shipped_model_follows_actions_and_recalls_revisited_places():
     r = evaluate(load_model("tiny-world"), None, cfg)
     assert r["action_accuracy"] >= 0.97, r["action_accuracy"]
     assert r["revisit_psnr_db"] >= r["revisit_other_places_psnr_db"] + 10, r
+
+
+def test_fork_continues_bit_for_bit_while_the_camera_moves(make_mini):
+    mini = make_mini(args=replace(MINI, camera_rope=True))
+    s = Stream(mini, "islands", seed=3)
+    for act in ("right", "right", "down", "right", "up"):  # past the window: the cache has rolled
+        s.step(act)
+    s.set_prompt("snow")
+    twin = s.fork()
+    assert twin.cache is not s.cache and twin.generator is not s.generator
+    for act in ("right", "right", "left"):
+        np.testing.assert_array_equal(twin.step(act), s.step(act))
+    assert torch.equal(twin.cache.camera, s.cache.camera) and twin.cache.committed == s.cache.committed
+    twin.step("right")  # the copies are independent
+    assert twin.cache.committed == s.cache.committed + 1 and not torch.equal(twin.cache.camera, s.cache.camera)
+    # Another model object with the same weights (an FP base shadowing a quantized stream, here
+    # lossless) draws the same chunk: the cache, camera, noise and prompt all carry over.
+    shadow = s.fork(make_mini(args=replace(MINI, camera_rope=True)))
+    np.testing.assert_array_equal(shadow.step("right"), s.step("right"))
+
+
+def test_a_snapshot_does_not_move_with_its_stream(mini):
+    s = Stream(mini, "forest", seed=1)
+    s.step("left")
+    state = s.snapshot()
+    k, camera = state.cache.k.clone(), state.cache.camera.clone()
+    s.step("down")
+    assert torch.equal(state.cache.k, k) and torch.equal(state.cache.camera, camera)
+    assert state.cache.committed == 1 and len(state.held) == 1 and state.prompt == "forest"
+
+
+def test_action_chunks_pad_the_last_chunk_with_its_last_action():
+    from qarvd_core.sampling import action_chunks
+
+    assert action_chunks(["left"] * 4 + ["up"], 3) == [["left"] * 3, ["left", "up", "up"]]
+    assert action_chunks(["none"] * 3, 3) == [["none"] * 3]
+    with pytest.raises(ValueError, match="at least one"):
+        action_chunks([], 3)
