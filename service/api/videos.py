@@ -18,6 +18,7 @@ from fastapi.responses import Response
 from qarvd_core.video import upscale, write_mp4
 from qarvd_core.world.scripts import parse_actions
 from service.api.deps import get_engine, get_settings, require_api_key
+from service.api.http import ErrorMessage
 from service.engine import AtCapacity, Engine, UnknownModel
 from service.schemas import VideoRequest
 from service.settings import Settings
@@ -37,8 +38,11 @@ def _mp4(frames: np.ndarray, req: VideoRequest) -> bytes:
     "",
     response_class=Response,
     responses={
-        200: {"content": {"video/mp4": {}}},
-        503: {"description": "as many renders as QARVD_MAX_CONCURRENT_VIDEOS are running; retry after Retry-After"},
+        200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}},
+        503: {
+            "model": ErrorMessage,
+            "description": "as many renders as QARVD_MAX_CONCURRENT_VIDEOS are running; retry after Retry-After",
+        },
     },
 )
 async def render_video(
