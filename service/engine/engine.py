@@ -9,9 +9,10 @@ and never slows the other sessions.
 Nothing a client sends waits for the compute thread: a prompt switch is recorded and
 applied before the session's next chunk (the newest wins), so a flood of them costs one
 re-cache a chunk at most and the session ends as soon as its client goes. Video renders
-(`render`) are stepped by the same loop one chunk at a time, batched with live sessions
-when they fit and otherwise run while no live session is due, so a long render never
-holds the compute thread for more than a chunk.
+(`render`) are stepped by the same loop one chunk at a time: whenever no live session is
+due, and with at most RENDER_SHARE of the compute thread while sessions keep it busy. A
+render is never batched with live sessions (that would slow their chunks), so it costs a
+live session at most one render chunk's wait now and then.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ class AtCapacity(RuntimeError):
     pass
 
 
-# A render not batched with live sessions waits for a moment when none is due, but never
-# longer than this: on a saturated server it still moves on.
-RENDER_MAX_WAIT_S = 1.0
+# A render takes its chunks while no live session is due; on a server whose sessions are
+# always due it still takes this share of the compute thread (and the sessions the rest).
+RENDER_SHARE = 0.15
 
 
 def encode_frame(frame: np.ndarray, fmt: str, quality: int) -> bytes:
@@ -101,6 +102,7 @@ class Render:
     done: asyncio.Future
     frames: list[np.ndarray] = field(default_factory=list)
     waiting_since: float = field(default_factory=time.perf_counter)
+    last_chunk_s: float = 0.0
 
 
 class Engine:
@@ -272,9 +274,9 @@ class Engine:
                 await self._step(group)
 
     def _due_groups(self, now: float) -> list[list[Session | Render]]:
-        """The sessions due a chunk, grouped into batches, then the renders: each joins a batch
-        of its model and cache length if there is room, else runs alone while no session is
-        due (or once it has waited RENDER_MAX_WAIT_S)."""
+        """Batches of the sessions due a chunk, of one model and cache length each; then the
+        renders due a chunk (all of them while no session is due, else those that have waited
+        long enough to keep their RENDER_SHARE)."""
         batch = self.settings.batch_sessions
 
         def key(x: Session | Render) -> tuple:
@@ -285,10 +287,7 @@ class Engine:
         for s in live:
             groups[key(s)].append(s)
         for r in self.renders:
-            # Compiled blocks are warmed up to max_sessions streams a batch: never more.
-            if key(r) in groups and len(groups[key(r)]) < self.settings.max_sessions:
-                groups[key(r)].append(r)
-            elif not live or now - r.waiting_since >= RENDER_MAX_WAIT_S:
+            if not live or now - r.waiting_since >= r.last_chunk_s * (1 / RENDER_SHARE - 1):
                 groups[("render", *key(r))].append(r)
         return list(groups.values())
 
@@ -339,7 +338,7 @@ class Engine:
         for x, action, result in zip(group, actions, results):
             if isinstance(x, Render):
                 x.frames.append(result)
-                x.waiting_since = now
+                x.waiting_since, x.last_chunk_s = now, elapsed
                 if len(x.frames) == len(x.chunks):
                     self._finish_render(x, None)
                 continue
