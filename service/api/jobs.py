@@ -18,6 +18,18 @@ from service.jobs.client import IdempotencyConflict, JobClient, is_terminal
 from service.schemas import JobRequest, JobView
 
 router = APIRouter(prefix="/v1/quantization-jobs", tags=["quantization jobs"], dependencies=[Depends(require_api_key)])
+# One Server-Sent Event: its `data` is the job, as JSON (OpenAPI before 3.2 describes each event).
+_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/JobView"},
+        }
+    },
+}
 JobId = Path(..., pattern=r"^[0-9a-f]{32}$")
 QUEUE_UNAVAILABLE = "the job queue (Redis) is unreachable; retry in a few seconds"
 QUEUE_RETRY_AFTER_S = 5
@@ -100,7 +112,7 @@ async def cancel_job(job_id: str = JobId, jobs: JobClient = Depends(get_jobs)) -
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}, **error_responses(404)},
+    responses={200: {"content": {"text/event-stream": {"schema": _EVENT}}}, **error_responses(404)},
 )
 async def job_events(job_id: str = JobId, jobs: JobClient = Depends(get_jobs)) -> StreamingResponse:
     """Server-Sent Events: one `data:` line with the job whenever it changes, until it ends."""
