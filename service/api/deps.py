@@ -48,11 +48,11 @@ def _subprotocol_key(headers) -> str | None:
 
 
 def presented_key(headers) -> str | None:
-    """An API key from `Authorization: Bearer KEY`, `X-API-Key`, or (WebSockets) a `key.` subprotocol."""
+    """An API key from `Authorization: Bearer KEY` or `X-API-Key`."""
     auth = headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
-    return headers.get("x-api-key") or _subprotocol_key(headers)
+    return headers.get("x-api-key")
 
 
 def websocket_subprotocol(ws: WebSocket) -> str | None:
@@ -82,7 +82,7 @@ def require_api_key(request: Request) -> None:
 
 def websocket_allowed(ws: WebSocket, settings: Settings) -> str | None:
     """None if the socket may proceed, else the reason to refuse it (close 1008)."""
-    if not key_is_valid(settings, presented_key(ws.headers)):
+    if not key_is_valid(settings, presented_key(ws.headers) or _subprotocol_key(ws.headers)):
         return "missing or invalid API key"
     origin = ws.headers.get("origin")
     if settings.allowed_origins and origin not in settings.allowed_origins:
