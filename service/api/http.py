@@ -23,6 +23,8 @@ EXCERPT_CHARS = 100
 
 
 class ErrorMessage(BaseModel):
+    """Every error but 422 (whose `detail` is a list of errors)."""
+
     detail: str
 
 
@@ -33,7 +35,6 @@ _DESCRIPTIONS = {
     409: "Conflicts with the current state",
     413: "Request body over QARVD_MAX_BODY_BYTES",
     415: "The body is not JSON: send Content-Type: application/json",
-    429: "Too many requests of this kind at once; retry later",
     503: "A dependency is unavailable; retry later",
 }
 
@@ -46,7 +47,7 @@ def error_responses(*codes: int) -> dict[int | str, dict]:
     return out
 
 
-# Routes that take a JSON body.
+# What a route that takes a JSON body may also answer.
 BODY_ERRORS = (400, 413, 415)
 
 
