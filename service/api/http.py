@@ -192,7 +192,7 @@ def install(app: FastAPI, max_body_bytes: int, server_errors: Counter) -> None:
     redact_secrets_in_server_logs()
 
 
-_SECRET_QUERY = re.compile(r"((?:api_key|access_token|token|key)=)[^&\s\"]*", re.IGNORECASE)
+_SECRET_QUERY = re.compile(r"\b((?:api_key|access_token|token|key)=)[^&\s\"]*", re.IGNORECASE)
 
 
 class _RedactQuerySecrets(logging.Filter):
