@@ -155,11 +155,12 @@ class Engine:
         self.metrics.ready.set(1)
 
     async def end_sessions(self, reason: str, timeout: float) -> None:
-        """Refuse new sessions, end every live one with `reason` (its client is told) and wait
-        up to `timeout` seconds for their connections to close."""
+        """Refuse new sessions and renders, end every live one with `reason` (its client is
+        told) and wait up to `timeout` seconds for their connections to close."""
         self.closing = True
         for s in list(self.sessions.values()):
             self._end(s, reason, failed=False)
+        self._cancel_renders(reason)
         deadline = time.perf_counter() + timeout
         while self.sessions and time.perf_counter() < deadline:
             await asyncio.sleep(0.02)
@@ -167,6 +168,7 @@ class Engine:
     async def stop(self) -> None:
         self.ready = False
         self.metrics.ready.set(0)
+        self._cancel_renders("the server is shutting down")
         if self._task is not None:
             self._task.cancel()
             try:
@@ -239,7 +241,9 @@ class Engine:
         Raises AtCapacity past `max_concurrent_videos` renders.
         """
         self.registry.path_of(model_id)  # raises UnknownModel before any work
-        if self.closing or self._rendering >= self.settings.max_concurrent_videos:
+        if self.closing:
+            raise AtCapacity("the server is restarting; retry later")
+        if self._rendering >= self.settings.max_concurrent_videos:
             raise AtCapacity(f"{self.settings.max_concurrent_videos} video render(s) running; retry later")
         self._rendering += 1
         job = None
@@ -263,7 +267,7 @@ class Engine:
             groups = self._due_groups(time.perf_counter())
             if not groups:
                 now = time.perf_counter()
-                waits = [s.next_due - now for s in self.sessions.values() if not s.paused]
+                waits = [s.next_due - now for s in self.sessions.values() if not s.paused and not s.closed]
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=min(waits, default=1.0))
@@ -359,6 +363,10 @@ class Engine:
                 s.frames_generated += 1
                 self._put(s, OutFrame(now, frame_message(header, img)))
             s.next_due = max(s.next_due + period, now - period)
+
+    def _cancel_renders(self, reason: str) -> None:
+        for r in list(self.renders):
+            self._finish_render(r, AtCapacity(f"{reason}; retry later"))
 
     def _finish_render(self, r: Render, error: Exception | None) -> None:
         if r in self.renders:
