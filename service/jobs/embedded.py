@@ -110,7 +110,6 @@ class EmbeddedQueue:
             "QARVD_REDIS_URL": self.url,
             "QARVD_ARTIFACT_DIR": str(settings.artifact_dir),
             "QARVD_WORKER_THREADS": str(worker_threads),
-            "QARVD_WORKER_NICE": str(settings.worker_nice),
             # Set before the worker's OpenMP starts: its threads sleep when idle, not spin.
             "OMP_NUM_THREADS": str(worker_threads),
             "OMP_WAIT_POLICY": "PASSIVE",

@@ -51,6 +51,7 @@ def stack(artifact_dir, tmp_path):
     def worker(**settings) -> subprocess.Popen:
         """A worker process; its log is in `.log`."""
         env = {**os.environ, "QARVD_REDIS_URL": redis.url, "QARVD_ARTIFACT_DIR": str(arts), "OMP_NUM_THREADS": "1"}
+        env["QARVD_WORKER_NICE"] = "0"  # on a busy test machine a niced worker could wait minutes
         env.update({f"QARVD_{k.upper()}": str(v) for k, v in settings.items()})
         log = tmp_path / f"worker-{len(workers)}.log"
         with open(log, "wb") as out:
@@ -246,6 +247,25 @@ def test_worker_stopped_mid_job_stops_its_work_and_another_publishes_once(stack)
     assert "stopped its work: handed back" in first.log.read_text()
     assert quantized_models(stack) == []  # what it had computed was never published
     stack.worker()
+    view = wait_for(stack.url, job, {"succeeded", "failed"}, timeout=400)
+    assert view["status"] == "succeeded" and view["attempts"] == 2
+    assert quantized_models(stack) == [view["result_model"]] and not list(stack.artifacts.glob(".job-*"))
+
+
+@pytest.mark.timeout(600)
+def test_attempt_whose_job_was_taken_over_stops_and_the_job_still_ends_once(stack):
+    first = stack.worker()
+    job = submit(stack.url, SLOW).json()["id"]
+    deadline = time.time() + 120
+    while httpx.get(f"{stack.url}/v1/quantization-jobs/{job}").json()["stage"] != "calibrating":
+        assert time.time() < deadline, "the job never reached calibration"
+        time.sleep(0.2)
+    stack.db.incr(f"qarvd:lease:{job}")  # what a newer attempt does as it starts, e.g. after a Redis restart
+    deadline = time.time() + 30
+    while "stopped its work: lost" not in first.log.read_text():
+        assert time.time() < deadline, "the superseded attempt kept computing"
+        time.sleep(0.2)
+    # It wrote nothing to the job: the job's silence gets it swept and run again, once.
     view = wait_for(stack.url, job, {"succeeded", "failed"}, timeout=400)
     assert view["status"] == "succeeded" and view["attempts"] == 2
     assert quantized_models(stack) == [view["result_model"]] and not list(stack.artifacts.glob(".job-*"))

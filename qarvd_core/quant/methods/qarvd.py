@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -150,8 +151,11 @@ def reconstruct(
     cfg: QArvdConfig,
     tokens_per_call: int,
     generator: torch.Generator,
+    report: Callable[[float], None] | None = None,
 ) -> float:
     """Layer-wise AdaRound with a learned activation step size; returns the final loss.
+
+    `report(fraction done)` is called every few steps (it may raise, to cancel).
 
     Loss per step: mean over channels of sum over rows of w_row * (Q-layer(x) - FP-layer(x))^2,
     scaled to a forward pass's token count, plus the rounding regulariser once warm-up ends
@@ -171,6 +175,8 @@ def reconstruct(
     warm = int(0.2 * cfg.recon_iters)
     loss = torch.tensor(0.0)
     for it in range(cfg.recon_iters):
+        if report is not None and it % 10 == 0:
+            report(it / cfg.recon_iters)
         rows = torch.randint(0, len(x), (min(cfg.recon_rows, len(x)),), generator=generator)
         xb, target = x[rows], target_all[rows]
         pred = 0 if b_fp is None else b_fp
@@ -298,6 +304,10 @@ def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress:
             _gptq_round(layer, w, x, row_w, act_aware=config.rounding_init == "gptq-act")
         if config.recon_iters == 0:
             continue
-        summary[name]["recon_loss"] = reconstruct(layer, w, b, x, row_w, config, model.args.chunk_tokens, gen)
+
+        def report(fraction: float, i: int = i) -> None:
+            progress("calibrating", (i + fraction) / len(layers))
+
+        summary[name]["recon_loss"] = reconstruct(layer, w, b, x, row_w, config, model.args.chunk_tokens, gen, report)
         bar.set_postfix(layer=name)
     return {"layers": summary, "frame_weights": weights, "chunk_sensitivity": errors}
