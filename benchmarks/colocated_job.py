@@ -104,7 +104,7 @@ def main() -> None:
         t_end = time.monotonic()
         stream.running = False
         stream.join()
-        r["job_status"] = view["status"]
+        r["job_status"], r["job_attempts"] = view["status"], view["attempts"]
         r["job_seconds"] = round(t_end - (started or t_submit), 1)
         r["job_result_model"] = view["result_model"]
         r["fps_during_job"] = stream.rate(started or t_submit, t_end)

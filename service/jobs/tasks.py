@@ -187,7 +187,7 @@ async def quantize_job(ctx: dict, *, request: dict) -> dict:
         result = await asyncio.get_running_loop().run_in_executor(
             None, run_quantization, request, job.key, Path(ctx["artifact_dir"]), attempt
         )
-    except asyncio.CancelledError:  # the worker is stopping and SAQ hands the job back
+    except asyncio.CancelledError:  # the worker is stopping (SAQ hands the job back) or SAQ aborts it
         attempt.stop = attempt.stop or "handed back"
         raise
     except Cancelled:

