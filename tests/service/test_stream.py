@@ -40,7 +40,8 @@ def wait_for_sessions(server, n: int, timeout: float) -> float:
 def tw_server(tmp_path_factory):
     """The shipped tiny-world (camera_rope on), `tw-near-fp` (tiny-world with one layer at W8A8:
     an FP model in all but name, so its drift shadow is the model shadowing itself) and a
-    `broken` model whose weights cannot load. Kernel buffers at their defaults."""
+    `broken` model whose weights cannot load. Kernel buffers at their defaults; a long outbound
+    queue (seconds of frames), so a slow reader's queue holds frames past the age limit."""
     d = tmp_path_factory.mktemp("tw-artifacts")
     base = load_model("tiny-world")
     keep = tuple(name for name in target_linears(base, ()) if name != "blocks.5.ffn.2")
@@ -60,6 +61,7 @@ def tw_server(tmp_path_factory):
         data_dir=tempfile.mkdtemp(prefix="qarvd-data-"),
         actions_per_s="1000",
         drift_sample_rate="1.0",
+        outbound_frames="24",
     )
     yield s
     s.stop()
@@ -271,10 +273,10 @@ def test_a_reader_that_stops_gets_fresh_frames_when_it_reads_again(tw_server):
             got.append((time.time() - parse_frame(m)[0]["ts"], len(m)))
     # Old frames are only those that were in the buffers between the two programs (the client's
     # socket and queue, about 4 KiB and a frame each in the server's socket and transport: about
-    # ten of these frames); after them every frame is fresh. Kernel buffers at their defaults
-    # would have held all the frames of those 6 s.
-    stale = [n for age, n in got if age > 1.5]
-    assert sum(stale) <= 40 * 1024 and all(age <= 1.5 for age, _ in got[len(stale) :]), got
+    # ten of these frames); kernel buffers at their defaults would have held all the frames of
+    # those 6 s. After them every frame is fresh: the queue's frames past 0.5 s are dropped.
+    stale = [n for age, n in got if age > 1.0]
+    assert sum(stale) <= 40 * 1024 and all(age <= 1.0 for age, _ in got[len(stale) :]), got
     slow.send({"type": "stop"})
     assert slow.next_json("ended", timeout=30)["frames_dropped"] > 0
     assert metric(tw_server, "qarvd_frames_stale_total", model="tiny-world") > 0
