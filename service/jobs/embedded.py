@@ -94,7 +94,8 @@ def thread_budgets(settings: Settings, cores: int | None = None) -> tuple[int, i
     Two torch processes that each start a thread per core spin against each other and both
     slow about tenfold; split the cores instead, a quarter (at least one) to the worker.
     """
-    cores = cores or len(os.sched_getaffinity(0))
+    if cores is None:  # the cores this process may run on (Linux), else all of them
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     worker = settings.worker_threads or max(1, cores // 4)
     engine = settings.threads or max(1, cores - worker)
     return engine, worker
