@@ -7,6 +7,8 @@ import json
 import time
 import uuid
 
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from saq.job import Status
 
 from service.jobs.constants import (
@@ -57,8 +59,10 @@ def _state(job, cancel_requested: bool) -> JobState:
 
 class JobClient:
     def __init__(self, redis_url: str, attempts: int = 3, retry_delay_s: float = 1.0, heartbeat_s: int = 10):
-        # Bounded waits: a Redis that stops answering gives a 503, not a request hanging forever.
-        self.queue = make_queue(redis_url, socket_connect_timeout=5, socket_timeout=10)
+        # Bounded waits: a Redis that stops answering gives a 503 within seconds, not a request
+        # hanging; retries on a fresh connection carry the first request after a Redis restart.
+        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1)
+        self.queue = make_queue(redis_url, socket_connect_timeout=2, socket_timeout=3, retry=retry)
         self.redis = self.queue.redis
         self._unqueue = self.redis.register_script(_UNQUEUE)
         self.attempts, self.retry_delay_s, self.heartbeat_s = attempts, retry_delay_s, heartbeat_s
