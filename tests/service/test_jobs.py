@@ -100,6 +100,13 @@ def wait_for(url, job_id, states, timeout=120):
     raise TimeoutError(f"job {job_id} stayed {view['status']}")
 
 
+def wait_for_stage(url, job_id, stage, timeout=120):
+    deadline = time.time() + timeout
+    while httpx.get(f"{url}/v1/quantization-jobs/{job_id}", timeout=10).json()["stage"] != stage:
+        assert time.time() < deadline, f"the job never reached {stage}"
+        time.sleep(0.2)
+
+
 def quantized_models(stack) -> list[str]:
     return sorted(p.stem for p in stack.artifacts.glob("mini:*.safetensors"))
 
@@ -237,10 +244,7 @@ def test_worker_killed_mid_job_another_finishes_it_exactly_once(stack):
 def test_worker_stopped_mid_job_stops_its_work_and_another_publishes_once(stack):
     first = stack.worker()
     job = submit(stack.url, SLOW).json()["id"]
-    deadline = time.time() + 120
-    while httpx.get(f"{stack.url}/v1/quantization-jobs/{job}").json()["stage"] != "calibrating":
-        assert time.time() < deadline, "the job never reached calibration"
-        time.sleep(0.2)
+    wait_for_stage(stack.url, job, "calibrating")
     first.send_signal(signal.SIGTERM)
     # The job is handed back at once; the worker exits as soon as its compute thread takes
     # its next step, not after finishing a calibration no one will use.
@@ -257,10 +261,7 @@ def test_worker_stopped_mid_job_stops_its_work_and_another_publishes_once(stack)
 def test_attempt_whose_job_was_taken_over_stops_and_the_job_still_ends_once(stack):
     first = stack.worker()
     job = submit(stack.url, SLOW).json()["id"]
-    deadline = time.time() + 120
-    while httpx.get(f"{stack.url}/v1/quantization-jobs/{job}").json()["stage"] != "calibrating":
-        assert time.time() < deadline, "the job never reached calibration"
-        time.sleep(0.2)
+    wait_for_stage(stack.url, job, "calibrating")
     stack.db.incr(f"qarvd:lease:{job}")  # what a newer attempt does as it starts, e.g. after a Redis restart
     deadline = time.time() + 30
     while "stopped its work: lost" not in first.log.read_text():
