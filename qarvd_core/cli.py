@@ -260,7 +260,7 @@ def bench(
 @app.command()
 def quantize(
     model: str = typer.Option("tiny-world", help="base model: name or weights path"),
-    method: str = typer.Option("qarvd", help="quantization method (see `qarvd methods`)"),
+    method: str = typer.Option("qarvd", help="quantization method: qarvd, rtn, smoothquant, gptq or vidit-q"),
     w_bits: int = typer.Option(8, help="weight bits, 2..8"),
     a_bits: int = typer.Option(8, help="activation bits, 2..8"),
     out: Path = typer.Option(..., help="output checkpoint NAME.safetensors (NAME.json is written beside it)"),

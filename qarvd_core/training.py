@@ -1,6 +1,6 @@
 """Training recipe for the world presets: diffusion forcing on simulator clips.
 
-What keeps long autoregressive rollouts stable here (see DESIGN §3):
+What keeps long autoregressive rollouts stable here:
 - clips as long as the model's whole attention span (sink + window + current chunk);
 - an independent flow time per chunk, a third of them near-clean (what a committed cache
   chunk looks like), so the model learns both to denoise and to use clean context;

@@ -1,1 +1,1 @@
-"""Evaluation and benchmarking of world models (DESIGN §6)."""
+"""Evaluation and benchmarking of world models."""

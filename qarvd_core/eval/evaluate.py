@@ -1,4 +1,4 @@
-"""`qarvd eval`: quality of a model on held-out scenarios (DESIGN §6).
+"""`qarvd eval`: quality of a model on held-out scenarios.
 
 Against a reference model (the paper's "-FP" protocol), both models roll out the same
 held-out worlds with identical prompts, actions and noise seeds, and frames are compared
@@ -61,7 +61,7 @@ def evaluate(
     progress=lambda stage: None,
     revisit_examples: list | None = None,
 ) -> dict:
-    """The metrics of DESIGN §6 as a dict; `revisit_examples`, if given, receives a few revisit
+    """The metrics as a dict; `revisit_examples`, if given, receives a few revisit
     pairs as (simulator frame i, simulator frame j, generated i, generated j) for a person to judge."""
     a = model.args
     cases = scenarios(cfg.split, cfg.scenarios, cfg.frames)

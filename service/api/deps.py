@@ -9,7 +9,6 @@ import hmac
 from fastapi import HTTPException, Request, WebSocket
 
 from service.engine import Engine
-from service.metrics import Metrics
 from service.settings import Settings
 
 
@@ -19,10 +18,6 @@ def get_settings(request: Request) -> Settings:
 
 def get_engine(request: Request) -> Engine:
     return request.app.state.engine
-
-
-def get_metrics(request: Request) -> Metrics:
-    return request.app.state.metrics
 
 
 # Browsers cannot set headers on a WebSocket, so the demo offers the subprotocols

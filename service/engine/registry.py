@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +47,6 @@ class ModelRegistry:
         self.dtype, self.compile_blocks, self.max_autotune = dtype, compile_blocks, max_autotune
         self._loaded: OrderedDict[str, WorldModel] = OrderedDict()
         self._lock = threading.Lock()
-        self.load_seconds: dict[str, float] = {}
 
     def path_of(self, model_id: str) -> Path:
         # Ids are names, never paths: the pattern has no '/' and cannot start with '.'.
@@ -93,10 +91,8 @@ class ModelRegistry:
         """The loaded model, loading it on first use."""
         with self._lock:
             if model_id not in self._loaded:
-                t0 = time.perf_counter()
                 model = load_model(str(self.path_of(model_id)), dtype=self.dtype)
                 self._loaded[model_id] = model.compile_blocks(self.max_autotune) if self.compile_blocks else model
-                self.load_seconds[model_id] = time.perf_counter() - t0
                 self._evict(keep=model_id)
             self._loaded.move_to_end(model_id)
             return self._loaded[model_id]

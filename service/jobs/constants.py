@@ -1,4 +1,4 @@
-"""Job states, stages, queue name and Redis keys: the one place they are spelled.
+"""Job states, queue name and Redis keys: the one place they are spelled.
 
 Why SAQ: jobs carry a heartbeat, and SAQ's sweeper retries an active job only when its
 heartbeat stops (a killed worker), never because it runs long; it has aborts (cancel),
@@ -35,9 +35,6 @@ class JobState(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
-
-
-STAGES = ("queued", "collecting", "sensitivity", "calibrating", "evaluating", "saving", "done")
 
 
 class _Queue(RedisQueue):
