@@ -168,11 +168,15 @@ class QuantLinear(nn.Module):
     def prepare_compile(self, frozen: bool) -> None:
         """Called by `WorldModel.compile_blocks` before compiling. `frozen` (inductor's freezing and
         max-autotune): deploy mode on CPU then runs oneDNN's int8 linear on a prepacked weight, which
-        inductor turns into an AMX GEMM with the rescale fused in; otherwise `_int_mm`."""
+        inductor turns into an AMX GEMM with the rescale fused in, where that kernel is exact
+        (`kernels.onednn_int8_is_exact`); otherwise `_int_mm`."""
         d = self._deploy_tensors()
         for key in ("packed", "zeros", "w_zero_scaled", "act"):
             d.pop(key, None)
-        if not (frozen and self.mode == "deploy" and self.act_mode != "none" and self.qweight.device.type == "cpu"):
+        on_cpu = self.qweight.device.type == "cpu"
+        if not (
+            frozen and self.mode == "deploy" and self.act_mode != "none" and on_cpu and kernels.onednn_int8_is_exact()
+        ):
             return
         s = self.a_spec
         d["packed"] = kernels.onednn_pack(d["w"])

@@ -8,6 +8,7 @@ from qarvd_core.quant.kernels import (
     int8_linear_static,
     int_mm,
     int_mm_padded,
+    onednn_int8_is_exact,
     onednn_pack,
 )
 
@@ -44,6 +45,7 @@ def test_padded_int_mm_meets_shape_rules_and_slices_back_exactly():
     assert torch.equal(out.long(), _exact(a, w))
 
 
+@pytest.mark.skipif(not onednn_int8_is_exact(), reason="oneDNN's int8 GEMM saturates without VNNI; it is not used here")
 @pytest.mark.parametrize("act", ["static", "dynamic"])
 @pytest.mark.parametrize("asym_w", [False, True])
 def test_onednn_int8_linear_equals_the_int_mm_path(act, asym_w):

@@ -5,6 +5,7 @@ import torch
 
 from qarvd_core.quant import CalibrationSet, QArvdConfig, RTNConfig, config_from_dict, quantize, set_mode
 from qarvd_core.quant.calibration import collect_inputs
+from qarvd_core.quant.kernels import onednn_int8_is_exact
 from qarvd_core.quant.linear import DualScaleQuantLinear, QuantLinear
 from qarvd_core.quant.methods import GPTQConfig, SmoothQuantConfig, ViDiTQConfig
 from qarvd_core.quant.methods.gptq import gptq_codes
@@ -254,7 +255,9 @@ def test_symmetric_weights_have_no_zero_point_term_and_are_saved(mini_weights, t
     for m in layers:
         m.prepare_compile(frozen=True)
     # No zero point, so no row sum of the quantized input: the quantize stays pointwise when compiled.
-    assert all(m.w_zero.abs().max() == 0 and m._deploy_cache["w_zero_scaled"] is None for m in layers)
+    assert all(m.w_zero.abs().max() == 0 and m._deploy_cache.get("w_zero_scaled") is None for m in layers)
+    # Frozen compiles take oneDNN's int8 linear only where it is exact (VNNI/AMX), else `_int_mm`.
+    assert all(("packed" in m._deploy_cache) == onednn_int8_is_exact() for m in layers)
     asym = quantize(mini, RTNConfig(), CAL, progress=False)
     assert any(m.w_zero.abs().max() > 0 for m in asym.modules() if isinstance(m, QuantLinear))
 
