@@ -189,12 +189,12 @@ def main() -> None:
     ap.add_argument("--scenarios", type=int, default=8)
     ap.add_argument("--frames", type=int, default=48)
     ap.add_argument("--split", default="heldout", choices=["heldout", "calibration"], help="calibration: to choose")
-    ap.add_argument("--calib-rollouts", type=int, default=CalibrationSet.rollouts, help="4 before session 5")
+    ap.add_argument("--calib-rollouts", type=int, default=CalibrationSet.rollouts, help="calibration worlds")
     ap.add_argument(
         "--calib-tokens",
         type=int,
         default=CalibrationSet.tokens_per_pass,
-        help="rows kept per pass (64 before session 5)",
+        help="rows kept per layer per pass",
     )
     ap.add_argument("--calib-seed", type=int, default=0, help="1+: worlds the calibration split's eval never sees")
     ap.add_argument("--out", default="benchmarks/results/quant_quality_w4a8")

@@ -196,7 +196,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="timing rounds, variants interleaved (ratios: medians)")
     a = ap.parse_args()
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    calib = CalibrationSet(rollouts=2, chunks=4, tokens_per_pass=64)  # as measured before session 5
+    calib = CalibrationSet(rollouts=2, chunks=4, tokens_per_pass=64)  # small: speed does not depend on it
     results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "models": {}}
     results["sessions"] = a.sessions
     title = f"# Deploy-mode speed and size ({results['threads']} threads, torch {torch.__version__}"

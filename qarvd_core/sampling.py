@@ -20,11 +20,10 @@ from qarvd_core.world.simulator import ACTIONS, BIOME_NAMES
 DEFAULT_STEPS = 4
 DEFAULT_SHIFT = 1.5
 # Action guidance on the first denoising step: x0 = x0(a) + g * (x0(a) - x0(none)), at the
-# price of one extra forward pass per chunk (6 instead of 5). The camera-less tiny-world needed
-# it (it sometimes repeated its last frame instead of moving: FP action accuracy 0.854 at g=0,
-# 0.935 at g=0.5 on the calibration split). With camera_rope the shipped model follows actions
-# at 1.000 with g=0 on the same split, so it is off by default; the option stays for models
-# that need it.
+# price of one extra forward pass per chunk (6 instead of 5). Off by default: with camera_rope
+# the shipped tiny-world follows actions at 1.000 with g=0 on 32 calibration worlds, and g=0.5
+# adds nothing (docs/results.md). It is for models that repeat their last frame instead of
+# moving; on a quantized model it also amplifies the quantization error.
 DEFAULT_ACTION_GUIDANCE = 0.0
 
 

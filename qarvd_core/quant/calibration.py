@@ -22,8 +22,9 @@ from qarvd_core.world.scripts import Scenario, scenarios
 class CalibrationSet:
     """Which calibration scenarios to roll out (never the held-out split)."""
 
-    # 16 worlds x 16 tokens per pass keep as many rows as 4 x 64 but from more places: on calibration
-    # worlds the calibration never saw, W4A8 GPTQ gained 3.8 dB and Q-ARVD 1.0 dB (README, Results).
+    # 16 worlds x 16 tokens per pass keep as many rows as 4 x 64 but from more places, which is
+    # worth 3.8 dB to W4A8 GPTQ and 1.0 dB to Q-ARVD on worlds the calibration never saw
+    # (docs/results.md, calibration diversity).
     rollouts: int = 16
     chunks: int = 7  # the official setting: 21 frames = 7 chunks of 3
     tokens_per_pass: int = 16  # rows kept per layer per forward pass and stream

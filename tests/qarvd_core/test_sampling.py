@@ -104,8 +104,8 @@ def test_the_shipped_model_follows_actions_and_recalls_revisited_places():
     from qarvd_core.config import load_model
     from qarvd_core.eval.evaluate import EvalConfig, evaluate
 
-    # 8 calibration worlds with the sampler's defaults: 1.000, and revisits 29.4 dB against
-    # 13.4 dB for other places, when written (the camera-less model: 0.960 and 18.9 vs 14.6).
+    # 8 calibration worlds with the sampler's defaults measure 1.000, and revisits 29.4 dB
+    # against 13.4 dB for other places: the bounds leave room for thread-count differences.
     cfg = EvalConfig(scenarios=8, frames=48, drift_frames=0, split="calibration")
     r = evaluate(load_model("tiny-world"), None, cfg)
     assert r["action_accuracy"] >= 0.97, r["action_accuracy"]
