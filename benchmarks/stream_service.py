@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from qarvd_core.config import DTYPES, load_model
+from qarvd_core.checkpoint import DTYPES, load_model
 from qarvd_core.eval.bench import bench_stream
 from service.client import StreamClient
 from service.process import ServerProcess

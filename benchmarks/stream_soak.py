@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qarvd_core.config import save_weights
+from qarvd_core.checkpoint import save_weights
 from qarvd_core.model import ModelArgs, WorldModel
 from service.client import StreamClient
 from service.process import ServerProcess

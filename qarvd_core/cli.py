@@ -84,7 +84,7 @@ def train(
 
 
 def _load(model: str, dtype: str = "fp32"):
-    from qarvd_core.config import DTYPES, load_model
+    from qarvd_core.checkpoint import DTYPES, load_model
 
     if dtype not in DTYPES:
         fail(f"unknown dtype {dtype!r}; choose {' or '.join(DTYPES)}")
@@ -272,11 +272,11 @@ def quantize(
     """Quantize a model and write a versioned checkpoint usable wherever a model name is."""
     import json
 
+    from qarvd_core.checkpoint import save_quantized
     from qarvd_core.eval.evaluate import EvalConfig
     from qarvd_core.eval.evaluate import evaluate as run_eval
     from qarvd_core.quant import CalibrationSet, config_from_dict
     from qarvd_core.quant import quantize as run_quantize
-    from qarvd_core.quant.serialization import save_quantized
 
     options = {"method": method, "w_bits": w_bits, "a_bits": a_bits}
     for item in option:
@@ -312,14 +312,14 @@ def quantize(
 @app.command()
 def inspect(path: Path = typer.Argument(..., help="a quantized checkpoint (.safetensors)")):
     """Print a quantized checkpoint's manifest readably."""
-    from qarvd_core.config import read_manifest
+    from qarvd_core.checkpoint import is_quantized_manifest, read_manifest
     from qarvd_core.quant.linear import ACT_MODES
 
     try:
         m = read_manifest(path)
     except ValueError as e:
         fail(str(e))
-    if m.get("format") != "qarvd-quantized":
+    if not is_quantized_manifest(m):
         fail(f"{path} is not a quantized checkpoint")
     q = m["quantization"]
     cfg = q["config"]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from qarvd_core.config import load_model, read_manifest, resolve_weights, save_weights
+from qarvd_core.checkpoint import load_model, read_manifest, resolve_weights, save_weights
 from qarvd_core.model import ModelArgs, WorldModel
 from qarvd_core.sampling import flow_schedule
 from qarvd_core.world.scripts import POLICIES, SPLITS, random_walk

@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
-from qarvd_core.config import DTYPES
+from qarvd_core.checkpoint import DTYPES
 from service.api import http, jobs, models, stream, videos
 from service.engine import Engine, ModelRegistry
 from service.jobs.client import JobClient

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qarvd_core.config import save_weights
+from qarvd_core.checkpoint import save_weights
 from qarvd_core.model import ModelArgs, WorldModel
 
 # Tests use one thread: the suite must share two cores with whatever else runs.
@@ -33,7 +33,7 @@ def mini():
 def mini_weights(tmp_path):
     """A miniature model saved like a shipped one; returns (path, model as loaded back in fp32)."""
     path = save_weights(mini_model(), tmp_path / "mini.safetensors", preset=None)
-    from qarvd_core.config import load_model
+    from qarvd_core.checkpoint import load_model
 
     return path, load_model(str(path))
 

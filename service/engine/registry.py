@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from qarvd_core.config import WEIGHTS_DIR, load_model, read_manifest, shipped_models
+from qarvd_core.checkpoint import WEIGHTS_DIR, is_quantized_manifest, load_model, read_manifest, shipped_models
 from qarvd_core.model import WorldModel
 from service.schemas import ModelInfo
 
@@ -68,7 +68,7 @@ class ModelRegistry:
         path = self.path_of(model_id)
         m = read_manifest(path)
         common = {"id": model_id, "sha256": m["sha256"], "size_bytes": path.stat().st_size}
-        if m.get("format") == "qarvd-quantized":
+        if is_quantized_manifest(m):
             cfg = m["quantization"]["config"]
             return ModelInfo(
                 kind="quantized",
@@ -85,7 +85,7 @@ class ModelRegistry:
     def base_of(self, model_id: str) -> str | None:
         """The FP base model id of a quantized model (None for a base model)."""
         m = read_manifest(self.path_of(model_id))
-        return m["base_model"]["id"] if m.get("format") == "qarvd-quantized" else None
+        return m["base_model"]["id"] if is_quantized_manifest(m) else None
 
     def get(self, model_id: str) -> WorldModel:
         """The loaded model, loading it on first use."""

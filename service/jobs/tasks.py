@@ -26,11 +26,10 @@ from redis.exceptions import RedisError, WatchError
 from saq.job import Status
 from saq.utils import now
 
-from qarvd_core.config import load_model
+from qarvd_core.checkpoint import load_model, load_quantized, save_quantized
 from qarvd_core.eval.evaluate import EvalConfig, evaluate
 from qarvd_core.quant import CalibrationSet, config_from_dict, quantize
 from qarvd_core.quant.api import Progress
-from qarvd_core.quant.serialization import load_quantized, save_quantized
 from service.engine.registry import ModelRegistry
 from service.jobs.constants import CANCEL_KEY, HEARTBEAT_EVERY_S, LEASE_KEY
 

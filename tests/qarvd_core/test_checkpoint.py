@@ -1,6 +1,6 @@
 import pytest
 
-from qarvd_core.config import load_model, read_manifest, resolve_weights, sha256_of, shipped_models
+from qarvd_core.checkpoint import load_model, read_manifest, resolve_weights, sha256_of, shipped_models
 from qarvd_core.model import ModelArgs
 
 

@@ -101,7 +101,7 @@ def test_action_guidance_moves_only_moving_frames(mini):
 
 
 def test_the_shipped_model_follows_actions_and_recalls_revisited_places():
-    from qarvd_core.config import load_model
+    from qarvd_core.checkpoint import load_model
     from qarvd_core.eval.evaluate import EvalConfig, evaluate
 
     # 8 calibration worlds with the sampler's defaults measure 1.000, and revisits 29.4 dB

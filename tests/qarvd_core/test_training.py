@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from qarvd_core.config import load_model
+from qarvd_core.checkpoint import load_model
 from qarvd_core.model import ModelArgs
 from qarvd_core.training import TrainConfig, make_batch, make_clip, train
 from qarvd_core.world.simulator import ACTION_MOTION

@@ -6,9 +6,8 @@ import tempfile
 
 import pytest
 
-from qarvd_core.config import save_weights
+from qarvd_core.checkpoint import save_quantized, save_weights
 from qarvd_core.quant import CalibrationSet, RTNConfig, quantize
-from qarvd_core.quant.serialization import save_quantized
 from service.process import ServerProcess
 
 

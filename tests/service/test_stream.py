@@ -10,10 +10,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed
 
-from qarvd_core.config import load_model
+from qarvd_core.checkpoint import load_model, save_quantized
 from qarvd_core.quant import CalibrationSet, RTNConfig, quantize
 from qarvd_core.quant.api import target_linears
-from qarvd_core.quant.serialization import save_quantized
 from service.client import StreamClient, parse_frame
 from service.process import ServerProcess
 

@@ -3,6 +3,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from qarvd_core.checkpoint import load_quantized, save_quantized
 from qarvd_core.quant import CalibrationSet, QArvdConfig, RTNConfig, config_from_dict, quantize, set_mode
 from qarvd_core.quant.calibration import collect_inputs
 from qarvd_core.quant.kernels import onednn_int8_is_exact
@@ -11,7 +12,6 @@ from qarvd_core.quant.methods import GPTQConfig, SmoothQuantConfig, ViDiTQConfig
 from qarvd_core.quant.methods.gptq import gptq_codes
 from qarvd_core.quant.methods.qarvd import find_outlier_columns, frame_weights_from
 from qarvd_core.quant.primitives import QuantSpec, fake_quant, minmax_weight, scale_zero_from_range
-from qarvd_core.quant.serialization import load_quantized, save_quantized
 from qarvd_core.sampling import rollout
 
 CAL = CalibrationSet(rollouts=2, chunks=3, tokens_per_pass=32)

@@ -3,9 +3,8 @@ import json
 import pytest
 import torch
 
-from qarvd_core.config import load_model, save_weights
+from qarvd_core.checkpoint import load_model, load_quantized, save_quantized, save_weights
 from qarvd_core.quant import CalibrationSet, QArvdConfig, quantize
-from qarvd_core.quant.serialization import load_quantized, save_quantized
 from qarvd_core.sampling import rollout
 
 ARGS = (["forest"], [["left"] * 6], [3])
