@@ -47,6 +47,14 @@ class ModelArgs:
     rope_theta: float = 10000.0
     eps: float = 1e-6
     camera_rope: bool = False  # spatial RoPE positions follow the camera (world, not screen, positions)
+    # How the head's output and the time input are read. The tiny presets predict x0 with each
+    # patch's outputs channel-major and clamp x0 to the [-1, 1] pixel range; Wan checkpoints
+    # predict flow velocity with channels last in each patch, build the timestep sinusoid in
+    # float64 and work in an unbounded latent space.
+    prediction: str = "x0"  # "x0", or "flow": the head predicts v and x0 = x_t - t * v
+    patch_channels_last: bool = False  # a patch's outputs are (ph, pw, C) (Wan) rather than (C, ph, pw)
+    fp64_timestep: bool = False  # the timestep sinusoid in float64, as Wan builds it
+    clamp_x0: bool = True  # clamp predicted x0 to [-1, 1] while sampling (pixel space)
 
     def __post_init__(self):
         if self.camera_rope and not self.n_actions:
@@ -55,6 +63,8 @@ class ModelArgs:
             raise ValueError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
         if self.frame_height % self.patch_size or self.frame_width % self.patch_size:
             raise ValueError("frame size must be a multiple of patch_size")
+        if self.prediction not in ("x0", "flow"):
+            raise ValueError(f"prediction must be 'x0' or 'flow', got {self.prediction!r}")
 
     @property
     def head_dim(self) -> int:
@@ -106,6 +116,10 @@ PRESETS: dict[str, dict] = {
         n_actions=0,
         window_chunks=6,
         sink_chunks=1,
+        prediction="flow",
+        patch_channels_last=True,
+        fp64_timestep=True,
+        clamp_x0=False,
     ),
 }
 
@@ -137,7 +151,7 @@ def camera_path(actions: Tensor, start: Tensor | None = None) -> Tensor:
 
 
 def rope_freqs(args: ModelArgs, first_frame: int, T: int, camera: Tensor | None = None) -> Tensor:
-    """(cos, sin) [B, T * tokens_per_frame, head_dim // 2, 2] for frames first_frame .. first_frame + T - 1.
+    """(cos, sin) [B, T * tokens_per_frame, head_dim // 2, 2] in float64 for frames first_frame .. + T - 1.
 
     `camera` [B, T, 2] (x, y in patches) shifts each frame's spatial grid to world positions;
     without it the positions are the screen's and B is 1. Angles are computed in float64, so
@@ -160,7 +174,7 @@ def rope_freqs(args: ModelArgs, first_frame: int, T: int, camera: Tensor | None 
         ],
         dim=-1,
     ).reshape(B, T * gh * gw, -1)
-    return torch.stack([ang.cos(), ang.sin()], dim=-1).float()
+    return torch.stack([ang.cos(), ang.sin()], dim=-1)
 
 
 @functools.lru_cache(maxsize=64)
@@ -169,9 +183,14 @@ def _screen_freqs(args: ModelArgs, first_frame: int, T: int) -> Tensor:
     return rope_freqs(args, first_frame, T, torch.zeros(1, T, 2, dtype=torch.long))
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype norms and rotations run in: at least float32 (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate consecutive pairs of x's last dim by angles given as cos/sin [..., last // 2]."""
-    xf = x.float().unflatten(-1, (-1, 2))
+    xf = x.to(compute_dtype(x.dtype)).unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
@@ -262,7 +281,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        xf = x.to(compute_dtype(x.dtype))
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -365,11 +384,20 @@ class Head(nn.Module):
         return self.head((self.norm(x).view(B, T, -1, D) * (1 + scale) + shift).view(B, L, D))
 
 
-def timestep_embedding(t: Tensor, dim: int) -> Tensor:
-    """Sinusoidal embedding of flow time t in [0, 1] (scaled to Wan's 0..1000)."""
+def timestep_embedding(t: Tensor, dim: int, fp64: bool = False) -> Tensor:
+    """Sinusoidal embedding [cos, sin] of flow time t in [0, 1] at Wan's timestep 1000 t.
+
+    The timestep is computed in float32, as a FlowMatch scheduler's `sigmas * 1000`; `fp64`
+    then builds the sinusoid in float64 like Wan (angles up to 1000 rad lose ~1e-4 in float32).
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = (t.float() * 1000)[..., None] * freqs
+    steps = t.float() * 1000
+    if fp64:
+        freqs = torch.pow(10000, -torch.arange(half, device=t.device, dtype=torch.float64) / half)
+        args = steps.double()[..., None] * freqs
+    else:
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = steps[..., None] * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -446,11 +474,16 @@ class WorldModel(nn.Module):
     def encode_prompt(self, prompt_ids: Tensor) -> Tensor:
         """Biome ids [B] -> cross-attention context [B, text_len, dim]."""
         a = self.args
-        text = self.prompt_encoder(prompt_ids).view(-1, a.text_len, a.text_dim)
+        return self.embed_text(self.prompt_encoder(prompt_ids).view(-1, a.text_len, a.text_dim))
+
+    def embed_text(self, text: Tensor) -> Tensor:
+        """Text-encoder states [B, text_len, text_dim] (Wan: UMT5, zeros past the prompt) -> context."""
         return self.text_embedding(text)
 
     def _frame_embedding(self, t: Tensor, actions: Tensor | None) -> Tensor:
-        e = self.time_embedding(timestep_embedding(t, self.args.freq_dim).to(self.patch_embedding.weight.dtype))
+        a = self.args
+        sinusoid = timestep_embedding(t, a.freq_dim, a.fp64_timestep)
+        e = self.time_embedding(sinusoid.to(self.patch_embedding.weight.dtype))
         if actions is not None and self.args.n_actions:
             # Actions drive the per-frame adaLN directly: frame i is generated under action i.
             e = e + self.action_embedding(actions)
@@ -498,6 +531,9 @@ class WorldModel(nn.Module):
     ) -> Tensor:
         """x [B, T, C, H, W] noisy frames, t [B, T] flow times, actions [B, T] -> x0 [B, T, C, H, W].
 
+        A flow-predicting model's velocity v becomes x0 = x - t * v, computed in float64 as
+        Self-Forcing does, so the sampler always works with x0.
+
         Without a cache, T frames are processed as T / frames_per_chunk block-causal chunks
         (training, reference). With a cache, x is one chunk placed after the cached ones;
         `commit=True` also writes its keys/values into the cache (the clean t=0 re-run).
@@ -520,19 +556,26 @@ class WorldModel(nn.Module):
         elif camera is None:
             camera = camera_path(actions, None if cache is None else cache.camera)
         if cache is None:
-            freqs = rope_freqs(a, 0, T, camera).to(x.device)
+            freqs = rope_freqs(a, 0, T, camera).to(x.device, compute_dtype(x.dtype))
             chunk_of = torch.arange(T * N, device=x.device) // a.chunk_tokens
             mask = chunk_of[:, None] >= chunk_of[None, :]  # block-causal
             slot = None
         else:
             if T != a.frames_per_chunk:
                 raise ValueError("cached generation takes exactly one chunk at a time")
-            freqs = rope_freqs(a, cache.time_offset, T, camera).to(x.device)
+            freqs = rope_freqs(a, cache.time_offset, T, camera).to(x.device, compute_dtype(x.dtype))
             slot, mask = cache.slot()
         for i, block in enumerate(self.blocks):
             h = block(h, e0, context, freqs, mask, None if cache is None else (cache.k[i], cache.v[i], slot))
         if cache is not None and commit:
             cache.advance(None if camera is None else camera[:, -1])
         out = self.head(h, e)  # [B, T*N, C*p*p]
-        out = out.view(B, T, gh, gw, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
-        return out.reshape(B, T, C, H, W)
+        if a.patch_channels_last:
+            out = out.view(B, T, gh, gw, p, p, C).permute(0, 1, 6, 2, 4, 3, 5)
+        else:
+            out = out.view(B, T, gh, gw, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
+        out = out.reshape(B, T, C, H, W)
+        if a.prediction == "flow":
+            sigma = t.double()[:, :, None, None, None]
+            out = (x.double() - sigma * out.double()).to(x.dtype)
+        return out
