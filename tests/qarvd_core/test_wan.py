@@ -1,0 +1,439 @@
+"""Wan checkpoints: every published layout loads strictly, bad files are refused clearly, and our
+forward reproduces Wan's: against diffusers' WanTransformer3DModel on the same weights and
+against an independent float64 implementation of the equations written here.
+
+All on a tiny random model of the real layout (2 blocks, head dim 32).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from qarvd_core.model import KVCache, ModelArgs, WorldModel
+from qarvd_core.wan import diffusers_name, is_card, load_card_model, load_checkpoint, read_card
+
+TINY = replace(
+    ModelArgs.from_name("wan2.1-1.3b-causal"),
+    dim=64,
+    n_layers=2,
+    n_heads=2,
+    ffn_dim=128,
+    in_channels=4,
+    frame_height=4,
+    frame_width=6,
+    text_dim=24,
+    text_len=7,
+    window_chunks=2,
+    sink_chunks=1,
+)
+# Self-Forcing's four timesteps (1000, 750, 500, 250 warped at shift 5) as flow times.
+SELF_FORCING_T = [1.0, 0.9375, 0.8333333, 0.625]
+
+
+def random_state(args: ModelArgs = TINY, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random Wan weights with outputs of unit scale: linear weights ~ 1/sqrt(fan_in), norms near 1,
+    modulations ~ 1/sqrt(dim) as Wan initialises them."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, ref in WorldModel(args).state_dict().items():
+        if key.endswith("modulation"):
+            v = torch.randn(ref.shape, generator=g) / math.sqrt(args.dim)
+        elif ref.ndim == 1 and "norm" in key:
+            v = 1 + 0.1 * torch.randn(ref.shape, generator=g)
+        elif ref.ndim == 1:
+            v = 0.1 * torch.randn(ref.shape, generator=g)
+        else:
+            v = torch.randn(ref.shape, generator=g) / math.sqrt(ref[0].numel())
+        state[key] = v
+    return state
+
+
+def tiny_model(state=None, args: ModelArgs = TINY) -> WorldModel:
+    model = WorldModel(args)
+    model.load_state_dict(random_state(args) if state is None else state)
+    return model.eval()
+
+
+def inputs(args: ModelArgs = TINY, chunks: int = 1, B: int = 2, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    T = chunks * args.frames_per_chunk
+    x = torch.randn(B, T, args.in_channels, args.frame_height, args.frame_width, generator=g)
+    t = torch.tensor(SELF_FORCING_T)[torch.randint(0, 4, (B, T), generator=g)]
+    text = torch.randn(B, args.text_len, args.text_dim, generator=g)
+    text[:, 4:] = 0  # UMT5 states are zero past the prompt
+    return x, t, text
+
+
+def forward(model: WorldModel, x, t, text):
+    with torch.no_grad():
+        return model(x, t, None, model.embed_text(text))
+
+
+def assert_loads_as(path, state, **kw):
+    model = load_checkpoint(WorldModel(TINY), path, **kw)
+    loaded = model.state_dict()
+    assert loaded.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(loaded[k], v), k
+    return model
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def _wrapped(state, prefix):
+    """Keys as FSDP + activation checkpointing + torch.compile write them inside a DDP wrapper."""
+    return {
+        prefix + k.replace("blocks.0.", "blocks.0._checkpoint_wrapped_module._orig_mod."): v for k, v in state.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["safetensors", "pt", "self-forcing", "causvid", "wrapped", "explicit-key"],
+)
+def test_every_checkpoint_layout_loads_strictly(tmp_path, layout):
+    state = random_state()
+    other = random_state(seed=5)
+    path = tmp_path / ("w.safetensors" if layout == "safetensors" else "w.pt")
+    kw = {}
+    if layout == "safetensors":
+        save_file(state, str(path))
+    elif layout == "pt":
+        torch.save(state, path)
+    elif layout == "self-forcing":  # EMA preferred over the raw generator; the critic is ignored
+        model_keys = {f"model.{k}": v for k, v in state.items()}
+        torch.save({"generator_ema": model_keys, "generator": other, "critic": {"x": torch.zeros(1)}}, path)
+    elif layout == "causvid":
+        torch.save({"generator": {f"model.{k}": v for k, v in state.items()}}, path)
+    elif layout == "wrapped":
+        torch.save({"generator": _wrapped(state, "module.model._fsdp_wrapped_module.")}, path)
+    else:  # the card names the entry
+        torch.save({"generator_ema": other, "generator": {f"model.{k}": v for k, v in state.items()}}, path)
+        kw["weights_key"] = "generator"
+    assert_loads_as(path, state, **kw)
+
+
+def test_diffusers_names_load_through_diffusers_own_conversion_table(tmp_path):
+    convert = pytest.importorskip("diffusers.loaders.single_file_utils").convert_wan_transformer_to_diffusers
+    state = random_state()
+    theirs = convert(dict(state))  # diffusers' mapping from Wan's names to its own
+    assert set(theirs) == {diffusers_name(k) for k in state}
+    save_file(theirs, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    assert_loads_as(tmp_path / "diffusion_pytorch_model.safetensors", state)
+
+
+def test_longlive_lora_merges_into_the_linear_layers(tmp_path):
+    rank, alpha = 4, 8.0
+    state = random_state()
+    torch.save({"generator": {f"model.{k}": v for k, v in state.items()}}, tmp_path / "base.pt")
+    g = torch.Generator().manual_seed(3)
+    adapted = [f"blocks.{i}.{m}" for i in range(2) for m in ("self_attn.q", "cross_attn.v", "ffn.0", "ffn.2")]
+    lora = {}
+    for layer in adapted:
+        out_f, in_f = state[f"{layer}.weight"].shape
+        lora[f"base_model.model.{layer}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * 0.1
+        lora[f"base_model.model.{layer}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.1
+    torch.save({"generator_lora": lora, "critic_lora": {}}, tmp_path / "lora.pt")
+    model = load_checkpoint(
+        WorldModel(TINY), tmp_path / "base.pt", lora=tmp_path / "lora.pt", lora_rank=rank, lora_alpha=alpha
+    )
+    base = tiny_model(state)
+    for layer in adapted:
+        a, b = lora[f"base_model.model.{layer}.lora_A.weight"], lora[f"base_model.model.{layer}.lora_B.weight"]
+        x = torch.randn(5, a.shape[1], generator=g)
+        with torch.no_grad():
+            expected = base.get_submodule(layer)(x) + alpha / rank * (x @ a.T @ b.T)
+            got = model.get_submodule(layer)(x)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    untouched = "blocks.0.self_attn.k.weight"
+    assert torch.equal(model.state_dict()[untouched], state[untouched])
+
+    with pytest.raises(ValueError, match=r"lora_A \[4, 64\].*rank 8"):
+        load_checkpoint(WorldModel(TINY), tmp_path / "base.pt", lora=tmp_path / "lora.pt", lora_rank=8, lora_alpha=8.0)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_mismatched_checkpoints_are_refused_with_the_key_shapes_and_what_to_do(tmp_path):
+    state = random_state()
+    missing = dict(state)
+    del missing["blocks.1.ffn.2.bias"]
+    torch.save(missing, tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match=r"1 missing keys \(blocks\.1\.ffn\.2\.bias\).*Check that the card"):
+        load_checkpoint(WorldModel(TINY), tmp_path / "missing.pt")
+
+    torch.save({**state, "blocks.0.self_attn.extra": torch.zeros(1)}, tmp_path / "extra.pt")
+    with pytest.raises(ValueError, match=r"1 unexpected keys \(blocks\.0\.self_attn\.extra\)"):
+        load_checkpoint(WorldModel(TINY), tmp_path / "extra.pt")
+
+    bigger = random_state(replace(TINY, dim=96, n_heads=3))
+    save_file(bigger, str(tmp_path / "bigger.safetensors"))
+    with pytest.raises(ValueError, match=r"patch_embedding\.weight: file \[96, 4, 1, 2, 2\], model \[64, 4, 1, 2, 2\]"):
+        load_checkpoint(WorldModel(TINY), tmp_path / "bigger.safetensors")
+
+
+def test_damaged_or_foreign_files_are_refused_clearly(tmp_path):
+    state = random_state()
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save(state, tmp_path / "w.pt")
+    for name in ("w.safetensors", "w.pt"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut-{name}").write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match="damaged; copy it again"):
+            load_checkpoint(WorldModel(TINY), tmp_path / f"cut-{name}")
+
+    torch.save({"generator": state, "config": ModelArgs()}, tmp_path / "objects.pt")  # a pickled dataclass
+    with pytest.raises(ValueError, match="Python objects besides tensors.*weights_only"):
+        load_checkpoint(WorldModel(TINY), tmp_path / "objects.pt")
+
+    torch.save({"step": torch.tensor(3), "optimizer": {"lr": torch.tensor(1.0)}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="neither a state dict nor a training checkpoint.*'step', 'optimizer'"):
+        load_checkpoint(WorldModel(TINY), tmp_path / "other.pt")
+
+    with pytest.raises(ValueError, match="no checkpoint file"):
+        load_checkpoint(WorldModel(TINY), tmp_path / "absent.pt")
+
+
+# ----------------------------------------------------------------------------- model cards
+
+
+def _write_card(tmp_path, **fields):
+    card = {
+        "format": "qarvd-wan-card",
+        "preset": "wan2.1-1.3b-causal",
+        "args": {k: getattr(TINY, k) for k in ("dim", "n_layers", "n_heads", "ffn_dim", "in_channels", "text_dim")},
+        "transformer": "checkpoints/self_forcing_dmd.pt",
+        "vae": "Wan2.1-T2V-1.3B-Diffusers/vae",
+        "text_encoder": "Wan2.1-T2V-1.3B-Diffusers/text_encoder",
+        "tokenizer": "Wan2.1-T2V-1.3B-Diffusers/tokenizer",
+        "recipe": "self-forcing",
+        **fields,
+    }
+    path = tmp_path / "self-forcing.json"
+    path.write_text(json.dumps(card))
+    return path
+
+
+def test_a_model_card_names_the_files_and_loads_the_model(tmp_path):
+    state = random_state()
+    (tmp_path / "checkpoints").mkdir()
+    checkpoint = tmp_path / "checkpoints/self_forcing_dmd.pt"
+    torch.save({"generator_ema": {f"model.{k}": v for k, v in state.items()}}, checkpoint)
+    path = _write_card(tmp_path, args={**json.loads(_write_card(tmp_path).read_text())["args"], "text_len": 7})
+    assert is_card(path) and not is_card(checkpoint)
+    card = read_card(path)
+    assert card.vae == tmp_path / "Wan2.1-T2V-1.3B-Diffusers/vae" and card.recipe == "self-forcing"
+    model = load_card_model(path, dtype=torch.bfloat16)
+    assert model.card == card and model.args.prediction == "flow" and model.args.patch_channels_last
+    assert next(model.parameters()).dtype == torch.bfloat16
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k].to(torch.bfloat16)), k
+
+
+def test_bad_model_cards_say_what_is_wrong(tmp_path):
+    with pytest.raises(ValueError, match="unknown recipe 'fast'.*self-forcing"):
+        read_card(_write_card(tmp_path, recipe="fast"))
+    with pytest.raises(ValueError, match="bad args"):
+        read_card(_write_card(tmp_path, args={"width": 3}))
+    with pytest.raises(ValueError, match="no checkpoint file at .*self_forcing_dmd.pt"):
+        load_card_model(_write_card(tmp_path))
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps({"format": "qarvd-wan-card", "preset": "wan2.1-1.3b-causal"}))
+    with pytest.raises(ValueError, match="lacks transformer, vae, text_encoder, tokenizer, recipe"):
+        read_card(path)
+
+
+# ----------------------------------------------------------------------------- parity with diffusers
+
+
+def _diffusers_twin(tmp_path):
+    """diffusers' WanTransformer3DModel with random weights, and our model loaded from its file."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=TINY.n_heads,
+        attention_head_dim=TINY.head_dim,
+        in_channels=TINY.in_channels,
+        out_channels=TINY.in_channels,
+        text_dim=TINY.text_dim,
+        freq_dim=TINY.freq_dim,
+        ffn_dim=TINY.ffn_dim,
+        num_layers=TINY.n_layers,
+        cross_attn_norm=True,
+        eps=TINY.eps,
+    ).eval()
+    ours = random_state()  # unit-scale weights, written into diffusers' model under its names
+    theirs = {diffusers_name(k): v for k, v in ours.items()}
+    ref.load_state_dict(theirs, strict=True)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "diffusers.safetensors"))
+    model = load_checkpoint(WorldModel(TINY), tmp_path / "diffusers.safetensors").eval()
+    return ref, model
+
+
+def _diffusers_x0(ref, x, t, text, mask=None):
+    """x0 from diffusers' velocity, with per-token timesteps 1000 t; `mask` [L, L] is given to its
+    self-attention through the attention-processor interface (its model is bidirectional)."""
+    if mask is not None:
+        for block in ref.blocks:
+            inner = block.attn1.processor
+
+            def masked(attn, hidden, encoder_hidden=None, attention_mask=None, rotary_emb=None, inner=inner):
+                return inner(attn, hidden, encoder_hidden, mask, rotary_emb)
+
+            block.attn1.processor = masked
+    B, T = t.shape
+    tokens = TINY.tokens_per_frame
+    timestep = (t.float() * 1000).repeat_interleave(tokens, dim=1)  # [B, T * tokens]
+    with torch.no_grad():
+        v = ref(x.transpose(1, 2), timestep, text, return_dict=False)[0].transpose(1, 2)
+    return (x.double() - t.double()[:, :, None, None, None] * v.double()).float(), v
+
+
+def test_one_chunk_with_per_frame_timesteps_matches_diffusers(tmp_path):
+    ref, model = _diffusers_twin(tmp_path)
+    x, t, text = inputs(chunks=1)
+    expected, v = _diffusers_x0(ref, x, t, text)  # one chunk: full attention, no mask needed
+    assert 0.3 < v.std() < 3  # unit-scale outputs
+    got = forward(model, x, t, text)
+    assert (got - expected).abs().max() <= 1e-4
+
+
+def test_several_chunks_block_causally_match_diffusers_with_a_block_causal_mask(tmp_path):
+    ref, model = _diffusers_twin(tmp_path)
+    x, t, text = inputs(chunks=3)
+    chunk = torch.arange(x.shape[1] * TINY.tokens_per_frame) // TINY.chunk_tokens
+    expected, _ = _diffusers_x0(ref, x, t, text, mask=chunk[:, None] >= chunk[None, :])
+    got = forward(model, x, t, text)
+    assert (got - expected).abs().max() <= 1e-4
+    # The mask matters: without it, the first chunks see the later ones.
+    unmasked, _ = _diffusers_x0(_diffusers_twin(tmp_path)[0], x, t, text)
+    assert (got[:, :3] - unmasked[:, :3]).abs().max() > 1e-2
+
+
+def test_streaming_with_a_cache_equals_the_full_sequence_pass():
+    """Self-Forcing's pattern: clean chunks committed at t = 0, then a chunk denoised against them."""
+    model = tiny_model()
+    x, t, text = inputs(chunks=3)
+    t[:, :6] = 0  # the context chunks are clean
+    context = model.embed_text(text)
+    Fr = TINY.frames_per_chunk
+    with torch.no_grad():
+        full = model(x, t, None, context)
+        cache = KVCache(TINY, 2)
+        for k in range(2):
+            model(x[:, k * Fr : (k + 1) * Fr], t[:, k * Fr : (k + 1) * Fr], None, context, cache=cache, commit=True)
+        first = model(x[:, 2 * Fr :], t[:, 2 * Fr :], None, context, cache=cache)
+        again = model(x[:, 2 * Fr :], t[:, 2 * Fr :], None, context, cache=cache)  # a denoising pass keeps the cache
+    assert (first - full[:, 2 * Fr :]).abs().max() <= 1e-5
+    assert torch.equal(first, again)
+
+
+# ----------------------------------------------------------------------------- float64 reference
+
+
+def _reference_wan(sd, x, t, text, fpc):
+    """Wan's forward in float64 from its equations: x0 [B, T, C, H, W] for block-causal chunks of
+    `fpc` frames. `sd` holds Wan's weights by name; nothing here uses qarvd's or diffusers' modules."""
+    sd = {k: v.double() for k, v in sd.items()}
+    x, text = x.double(), text.double()
+    B, T, C, H, W = x.shape
+    p, D, nh = 2, sd["patch_embedding.bias"].shape[0], TINY.n_heads
+    hd, gh, gw = D // nh, H // p, W // p
+    N = gh * gw
+
+    def lin(h, name):
+        return h @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
+
+    def layer_norm(h, name=None):
+        h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-6)
+        return h if name is None else h * sd[f"{name}.weight"] + sd[f"{name}.bias"]
+
+    def rms_norm(h, name):
+        return h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * sd[f"{name}.weight"]
+
+    def gelu_tanh(h):
+        return 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+
+    def silu(h):
+        return h / (1 + torch.exp(-h))
+
+    # Patches in (frame, row, column) order, each flattened as (channel, dy, dx) like the conv kernel.
+    patches = x.reshape(B, T, C, gh, p, gw, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, T * N, C * p * p)
+    h = patches @ sd["patch_embedding.weight"].reshape(D, -1).T + sd["patch_embedding.bias"]
+
+    steps = (t.float() * 1000).double()  # the scheduler's float32 timesteps
+    half = TINY.freq_dim // 2
+    angle = steps[..., None] * 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+    e = lin(silu(lin(torch.cat([angle.cos(), angle.sin()], -1), "time_embedding.0")), "time_embedding.2")
+    e0 = lin(silu(e), "time_projection.1").view(B, T, 6, D)
+    ctx = lin(gelu_tanh(lin(text, "text_embedding.0")), "text_embedding.2")
+
+    # RoPE: head dims split time / height / width, consecutive pairs rotated as complex numbers.
+    dh = 2 * (hd // 6)
+    dt = hd - 2 * dh
+    pos = torch.stack(torch.meshgrid(torch.arange(T), torch.arange(gh), torch.arange(gw), indexing="ij"), -1)
+    pos = pos.reshape(T * N, 3).double()
+    axes = enumerate((dt, dh, dh))
+    angles = torch.cat([pos[:, i, None] * 10000.0 ** (-torch.arange(0, d, 2).double() / d) for i, d in axes], -1)
+    rot = torch.polar(torch.ones_like(angles), angles)  # [L, hd / 2]
+
+    def rope(q):  # [B, L, nh, hd]
+        qc = torch.view_as_complex(q.reshape(*q.shape[:-1], hd // 2, 2).contiguous())
+        return torch.view_as_real(qc * rot[None, :, None]).flatten(-2)
+
+    chunk = torch.arange(T * N) // (fpc * N)
+    causal = chunk[:, None] >= chunk[None, :]
+
+    def attention(q, k, v, mask=None):  # [B, L, nh, hd] each
+        s = torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(hd)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        return torch.einsum("bhlm,bmhd->blhd", torch.softmax(s, -1), v).reshape(B, q.shape[1], D)
+
+    def per_frame(h):
+        return h.view(B, T, N, D)
+
+    for i in range(TINY.n_layers):
+        b = f"blocks.{i}"
+        shift1, scale1, gate1, shift2, scale2, gate2 = (sd[f"{b}.modulation"][None] + e0).unbind(2)  # [B, T, D]
+        y = (per_frame(layer_norm(h)) * (1 + scale1[:, :, None]) + shift1[:, :, None]).view(B, T * N, D)
+        q = rope(rms_norm(lin(y, f"{b}.self_attn.q"), f"{b}.self_attn.norm_q").view(B, -1, nh, hd))
+        k = rope(rms_norm(lin(y, f"{b}.self_attn.k"), f"{b}.self_attn.norm_k").view(B, -1, nh, hd))
+        v = lin(y, f"{b}.self_attn.v").view(B, -1, nh, hd)
+        y = lin(attention(q, k, v, causal), f"{b}.self_attn.o")
+        h = h + (per_frame(y) * gate1[:, :, None]).view(B, T * N, D)
+        y = layer_norm(h, f"{b}.norm3")
+        q = rms_norm(lin(y, f"{b}.cross_attn.q"), f"{b}.cross_attn.norm_q").view(B, -1, nh, hd)
+        k = rms_norm(lin(ctx, f"{b}.cross_attn.k"), f"{b}.cross_attn.norm_k").view(B, -1, nh, hd)
+        v = lin(ctx, f"{b}.cross_attn.v").view(B, -1, nh, hd)
+        h = h + lin(attention(q, k, v), f"{b}.cross_attn.o")
+        y = (per_frame(layer_norm(h)) * (1 + scale2[:, :, None]) + shift2[:, :, None]).view(B, T * N, D)
+        y = lin(gelu_tanh(lin(y, f"{b}.ffn.0")), f"{b}.ffn.2")
+        h = h + (per_frame(y) * gate2[:, :, None]).view(B, T * N, D)
+
+    shift, scale = (sd["head.modulation"][None] + e[:, :, None]).unbind(2)  # [B, T, D]
+    out = lin((per_frame(layer_norm(h)) * (1 + scale[:, :, None]) + shift[:, :, None]).view(B, T * N, D), "head.head")
+    # Each patch's outputs are (dy, dx, channel): channels last.
+    v = out.view(B, T, gh, gw, p, p, C).permute(0, 1, 6, 2, 4, 3, 5).reshape(B, T, C, H, W)
+    return x - t.double()[:, :, None, None, None] * v
+
+
+def test_forward_matches_a_float64_reference_written_from_the_equations():
+    state = random_state()
+    model = tiny_model(state).double()
+    x, t, text = inputs(chunks=3)
+    expected = _reference_wan(state, x, t, text, TINY.frames_per_chunk)
+    with torch.no_grad():
+        got = model(x.double(), t, None, model.embed_text(text.double()))
+    assert got.dtype == torch.float64
+    assert (got - expected).abs().max() <= 1e-6
+    assert (expected - x.double()).abs().mean() > 0.1  # the velocity is not negligible
