@@ -5,7 +5,7 @@
 #   docker build -t qarvd:cpu --build-arg VARIANT=cpu .   # python:3.11-slim, torch CPU wheels
 #
 # Stages: base-<variant> (Python 3.11 + an empty venv) -> torch-<variant> (pinned torch)
-# -> builder (`pip install .`, runtime dependencies only, no dev extras) -> runtime (the venv,
+# -> builder (`pip install ".[serve]"`, the server's dependencies, no dev extras) -> runtime (the venv,
 # a non-root user). Only the stages of the chosen VARIANT are built (BuildKit).
 ARG VARIANT=cuda
 
@@ -48,7 +48,7 @@ RUN if [ "$REQUIRE_WEIGHTS" = "1" ] && ! ls qarvd_core/weights/*.safetensors >/d
       exit 1; \
     fi
 # torch is already satisfied, so pip keeps the pinned build instead of pulling another.
-RUN pip install . \
+RUN pip install ".[serve]" \
  && python -c "import torch, qarvd_core, service.main; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 
 # ---- runtime -------------------------------------------------------------------------------

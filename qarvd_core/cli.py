@@ -2,18 +2,86 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import shutil
-import socket
+from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, version
 from pathlib import Path
 
+import click
 import typer
+from typer.core import TyperGroup
 
 # `generate` holds the whole video in memory (x scale^2 once upscaled): ten minutes at 16 frames/s.
 GENERATE_MAX_FRAMES = 9600
 
+
+def fail(message: str) -> None:
+    """One clear message on stderr and exit code 2."""
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(2)
+
+
+@functools.cache
+def plugin_commands() -> dict[str, EntryPoint]:
+    """Commands installed packages add to `qarvd` (the service's `serve` and `worker`): entry points
+    in the group `qarvd.commands`, each naming a typer command function and the extra it needs."""
+    return {ep.name: ep for ep in entry_points(group="qarvd.commands")}
+
+
+def missing_packages(ep: EntryPoint) -> list[str]:
+    """The distributions that the entry point's extras require and that are not installed."""
+    wanted = [req for req in ep.dist.requires or [] if any(_is_in_extra(req, extra) for extra in ep.extras)]
+    missing = []
+    for req in wanted:
+        name = re.match(r"[A-Za-z0-9._-]+", req).group()
+        try:
+            version(name)
+        except PackageNotFoundError:
+            missing.append(name)
+    return missing
+
+
+def _is_in_extra(requirement: str, extra: str) -> bool:
+    marker = requirement.partition(";")[2]
+    return re.search(rf"""extra\s*==\s*["']{re.escape(extra)}["']""", marker) is not None
+
+
+def load_plugin(ep: EntryPoint) -> click.Command:
+    """The entry point's command, or, without its extra's packages, one that says how to install them."""
+    missing = missing_packages(ep)
+    if not missing:
+        one = typer.Typer(add_completion=False)
+        one.command(ep.name)(ep.load())
+        return typer.main.get_command(one)
+    hint = (
+        f"`qarvd {ep.name}` needs packages that are not installed ({', '.join(missing)}): "
+        f'pip install "{ep.dist.name}[{",".join(ep.extras)}]"'
+    )
+    one = typer.Typer(add_completion=False, rich_markup_mode=None)  # "[serve]" is not markup
+    anything = {"ignore_unknown_options": True, "allow_extra_args": True}  # explain, whatever the options
+    one.command(ep.name, help=hint, context_settings=anything)(lambda: fail(hint))
+    return typer.main.get_command(one)
+
+
+class Commands(TyperGroup):
+    """The core's commands, then the plugins', each plugin imported only when it is listed or run."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), *(n for n in plugin_commands() if n not in self.commands)]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in plugin_commands():
+            self.add_command(load_plugin(plugin_commands()[name]), name)
+        return super().get_command(ctx, name)
+
+
 app = typer.Typer(
-    help="qarvd: a streaming world model, quantized with Q-ARVD.", no_args_is_help=True, pretty_exceptions_enable=False
+    cls=Commands,
+    help="qarvd: a streaming world model, quantized with Q-ARVD.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
 )
 
 
@@ -30,12 +98,6 @@ def guidance_option():
 
 def sampler_kwargs(action_guidance: float | None) -> dict:
     return {} if action_guidance is None else {"action_guidance": action_guidance}
-
-
-def fail(message: str) -> None:
-    """One clear message on stderr and exit code 2."""
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -400,64 +462,3 @@ def analyze_outliers(
             typer.echo(f"{r['layer']:32s} {r['outliers']:4d} / {r['in']}")
     typer.echo(f"{result['dual_scale_layers']} of {result['total_layers']} block layers get dual scales")
     typer.echo("wrote " + ", ".join(map(str, paths)))
-
-
-@app.command()
-def serve(
-    host: str = typer.Option(None, help="bind address (default QARVD_HOST or 127.0.0.1)"),
-    port: int = typer.Option(None, help="port (default QARVD_PORT or 8000)"),
-    model: str = typer.Option(None, help="default model (default QARVD_DEFAULT_MODEL or tiny-world)"),
-):
-    """Run the API server: WebSocket streams, videos, models, metrics, and the demo at /."""
-    import uvicorn
-
-    from service.main import create_app
-    from service.server import Server
-    from service.settings import Settings
-
-    overrides = {k: v for k, v in {"host": host, "port": port, "default_model": model}.items() if v is not None}
-    settings = Settings(**overrides)
-    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if settings.send_buffer_bytes:
-        # Accepted sockets inherit it: a client that stops reading is felt after this many bytes.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.send_buffer_bytes)
-    try:
-        sock.bind((settings.host, settings.port))
-    except OSError as e:
-        fail(f"cannot listen on {settings.host}:{settings.port}: {e.strerror}")
-    embedded = None
-    if not settings.redis_url:
-        from service.jobs.embedded import EmbeddedQueue
-
-        embedded = EmbeddedQueue(settings)
-        settings = settings.model_copy(update={"redis_url": embedded.url, "threads": embedded.engine_threads})
-    typer.echo(f"qarvd: demo at http://{settings.host}:{settings.port}/  (model {settings.default_model})", err=True)
-    config = uvicorn.Config(
-        create_app(settings, on_shutdown=embedded.stop if embedded else None),
-        log_level="info",
-        timeout_graceful_shutdown=5,
-        ws_max_size=max(settings.max_message_bytes * 4, 16384),
-    )
-    try:
-        Server(config).run(sockets=[sock])
-    finally:
-        if embedded is not None:
-            embedded.stop()
-
-
-@app.command()
-def worker():
-    """Run quantization jobs from the Redis queue (QARVD_REDIS_URL); any number, any host."""
-    import asyncio
-    import logging
-
-    from service.jobs.worker import run_worker
-    from service.settings import Settings
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        status = asyncio.run(run_worker(Settings()))
-    except ValueError as e:
-        fail(str(e))
-    raise typer.Exit(status)

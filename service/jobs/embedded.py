@@ -115,7 +115,7 @@ class EmbeddedQueue:
             "OMP_NUM_THREADS": str(worker_threads),
             "OMP_WAIT_POLICY": "PASSIVE",
         }
-        self.worker = start_child([sys.executable, "-m", "qarvd_core", "worker"], env=env)
+        self.worker = start_child([sys.executable, "-m", "service", "worker"], env=env)
         self.stopped = False
 
     def stop(self) -> None:

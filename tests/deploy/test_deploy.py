@@ -416,8 +416,8 @@ def test_dockerfile(dockerfile):
     assert all("torch==2.13.0" in ln for ln in torch_installs)
     assert {ln.split("--index-url")[1].split()[0].rsplit("/", 1)[1] for ln in torch_installs} == {"cu128", "cpu"}
     pip_installs = [ln for ln in lines if "pip install" in ln]
-    assert any(re.search(r"pip install \.(\s|$)", ln) for ln in pip_installs)
-    assert not any("[dev]" in ln or ".[" in ln or "pytest" in ln for ln in pip_installs)
+    assert any(re.search(r'pip install "\.\[serve\]"(\s|$)', ln) for ln in pip_installs)
+    assert not any("[dev" in ln or ",dev" in ln or "pytest" in ln for ln in pip_installs)
     users = [ln.split()[1] for ln in lines if ln.upper().startswith("USER ")]
     assert users and users[-1].split(":")[0] not in {"root", "0"}
     assert users[-1].split(":")[0] == "10001"  # numeric, for runAsNonRoot
@@ -436,7 +436,7 @@ def test_dockerignore_keeps_the_package():
 
 def test_dockerfile_install_steps_work_in_a_plain_venv(dockerfile, tmp_path):
     """The image's install, replayed without the base image: the CPU variant's torch pin, then
-    the builder stage's COPY set, `pip install .` and its import check, then its entrypoint
+    the builder stage's COPY set, `pip install ".[serve]"` and its import check, then its entrypoint
     serving the shipped model from the installed (not editable) package."""
     lines = [ln.strip() for ln in dockerfile.splitlines()]
     torch_pin = next(ln for ln in lines if "pip install torch==" in ln and ln.endswith("/cpu"))
@@ -452,7 +452,7 @@ def test_dockerfile_install_steps_work_in_a_plain_venv(dockerfile, tmp_path):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     env = {**os.environ, "PATH": f"{venv}/bin:{os.environ['PATH']}", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     env.pop("VIRTUAL_ENV", None)
-    install = next(ln for ln in lines if re.search(r"RUN pip install \.( |$)", ln)).removeprefix("RUN ")
+    install = next(ln for ln in lines if re.search(r'RUN pip install "\.\[serve\]"( |$)', ln)).removeprefix("RUN ")
     for step in (torch_pin, install):
         r = subprocess.run(step + " -q", shell=True, cwd=src, env=env, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, r.stdout + r.stderr

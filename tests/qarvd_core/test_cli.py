@@ -1,11 +1,13 @@
 import json
 import os
+from importlib.metadata import Distribution
 
+import click.testing
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from qarvd_core.cli import app
+from qarvd_core.cli import app, load_plugin
 from qarvd_core.video import read_mp4
 
 runner = CliRunner()
@@ -140,9 +142,30 @@ def test_bench_max_autotune_needs_compile(mini_weights):
 
 
 def test_every_command_has_help():
-    for cmd in ("train", "generate", "eval", "bench"):
+    for cmd in ("train", "generate", "eval", "bench", "serve", "worker"):
         r = runner.invoke(app, [cmd, "--help"])
         assert r.exit_code == 0 and "Usage" in r.output
+    assert "--port" in runner.invoke(app, ["serve", "--help"]).output  # the service's own command
+
+
+def test_a_command_whose_extra_is_not_installed_says_how_to_install_it(tmp_path):
+    """What `qarvd serve` does where only the core is installed: a `qarvd.commands` entry point
+    whose extra's packages are missing explains itself instead of failing on an import."""
+    info = tmp_path / "demo_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: demo-plugin\nVersion: 1.0\nProvides-Extra: web\n"
+        'Requires-Dist: numpy>=1\nRequires-Dist: no-such-dist-for-qarvd>=1; extra == "web"\n'
+    )
+    (info / "entry_points.txt").write_text("[qarvd.commands]\nweb = no_such_module:web [web]\n")
+    (ep,) = Distribution.at(info).entry_points
+    command, run = load_plugin(ep), click.testing.CliRunner()  # a click command, not a typer app
+    r = run.invoke(command, ["--help"])
+    help_text = " ".join(r.output.split())
+    assert r.exit_code == 0 and '(no-such-dist-for-qarvd): pip install "demo-plugin[web]"' in help_text
+    assert "numpy" not in help_text  # installed, and not the extra's
+    r = run.invoke(command, ["--port", "1"])
+    assert r.exit_code == 2 and "error: `qarvd web` needs packages that are not installed" in r.output
 
 
 def test_bench_batched_sessions_count_every_sessions_frames(mini_weights, tmp_path):
