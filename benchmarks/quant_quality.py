@@ -17,6 +17,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -137,12 +140,38 @@ def _gap(results: dict, name: str, anchor: str | None) -> str:
     return "{:+.2f} [{:+.2f}, {:+.2f}]".format(*paired_gap(a, b))
 
 
-def write_report(results: dict, meta: dict, out: Path) -> None:
+def plot_per_chunk(results: dict, title: str, command: str, path: Path) -> None:
+    """PSNR per chunk, one line per method, each in its own colour (tab20's ten dark hues, then
+    its ten light ones dashed), the legend beside the axes and the command that made it on top."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    palette = plt.get_cmap("tab20").colors
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (name, r) in enumerate(results.items()):
+        ax.plot(
+            r["psnr_db_per_chunk"],
+            color=palette[(2 * i) % 20 + (i // 10) % 2],
+            ls=("-", "--", ":", "-.")[(i // 10) % 4],
+            marker="o",
+            ms=3,
+            lw=2.5 if name == QARVD else 1.4,
+            label=textwrap.fill(name, 48),
+        )
+    ax.set(xlabel="chunk (3 frames)", ylabel="PSNR dB vs FP", title=title)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    fig.tight_layout()
+    # Above the title: a long legend may reach below the axes.
+    fig.text(0.0, 1.0, textwrap.fill(command, 110), fontsize=6.5, family="monospace", va="bottom")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_report(results: dict, meta: dict, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     ref = next(iter(results.values()))["reference_action_accuracy"] if results else None
     baselines = [n for n in results if n in BASELINES or n in SAME_BITS_PEERS]
@@ -169,15 +198,9 @@ def write_report(results: dict, meta: dict, out: Path) -> None:
         )
     if QARVD in results:
         md += ["", "Frame weights (S1): " + " ".join(f"{w:.2f}" for w in results[QARVD]["frame_weights"] or [])]
+    md[1:1] = ["", f"Made by `{meta['command']}`."]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, r in results.items():
-        ax.plot(r["psnr_db_per_chunk"], marker="o", ms=3, label=name, lw=2.5 if name == QARVD else 1.2)
-    ax.set(xlabel="chunk", ylabel="PSNR dB vs FP", title=md[0][2:])
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+    plot_per_chunk(results, md[0][2:], meta["command"], out.with_suffix(".png"))
 
 
 def main() -> None:
@@ -204,6 +227,7 @@ def main() -> None:
     calib = CalibrationSet(rollouts=a.calib_rollouts, tokens_per_pass=a.calib_tokens, seed=a.calib_seed)
     eval_cfg = EvalConfig(scenarios=a.scenarios, frames=a.frames, drift_frames=0, split=a.split)
     meta = {
+        "command": shlex.join(["python", "benchmarks/quant_quality.py", *sys.argv[1:]]),
         "model": a.model,
         "w_bits": a.w_bits,
         "a_bits": a.a_bits,
