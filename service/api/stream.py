@@ -1,4 +1,4 @@
-"""WS /v1/stream: one interactive session (the protocol is summarised in the README's service section).
+"""WS /v1/stream: one interactive session (the protocol, for client writers: docs/protocol.md).
 
 Credentials and Origin are checked before a session can start; a refused socket is
 closed with 1008 right after the handshake (a close code needs an accepted socket).
