@@ -35,6 +35,22 @@ def flow_schedule(steps: int = DEFAULT_STEPS, shift: float = DEFAULT_SHIFT) -> l
     return [float(shift * v / (1 + (shift - 1) * v)) for v in s]
 
 
+def flowmatch_schedule(steps: list[int], shift: float, train_steps: int = 1000) -> list[float]:
+    """Flow times of a step list on the 1000-step FlowMatch schedule Wan models are distilled on.
+
+    The scheduler (sigma_min 0, extra_one_step) has sigmas linspace(1, 0, train_steps + 1)[:-1]
+    shifted to shift*s / (1 + (shift-1)*s), in float32; step k is its sigma at index
+    train_steps - k (0 is clean), so Self-Forcing's 1000, 750, 500, 250 at shift 5 become
+    1, 0.9375, 0.8333, 0.625. The values are those float32 sigmas exactly, so a model's
+    timestep 1000 t is the scheduler's timestep bit for bit.
+    """
+    if not steps or any(not 0 <= k <= train_steps for k in steps):
+        raise ValueError(f"steps must be a non-empty list within [0, {train_steps}], got {steps}")
+    s = torch.linspace(1.0, 0.0, train_steps + 1)[:-1]
+    sigmas = torch.cat([shift * s / (1 + (shift - 1) * s), torch.zeros(1)])
+    return [float(sigmas[train_steps - k]) for k in steps]
+
+
 def to_uint8(frames: Tensor) -> np.ndarray:
     """[..., C, H, W] in [-1, 1] -> [..., H, W, C] uint8."""
     x = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -84,7 +100,8 @@ def denoise_chunk(
         if guide and i == 0:
             still = model(x, tt, torch.full_like(actions, ACTIONS.index("none")), context, cache=cache)
             x0 = x0 + action_guidance * (x0 - still)
-        x0 = x0.clamp(-1, 1)
+        if model.args.clamp_x0:  # pixel space; latents are unbounded
+            x0 = x0.clamp(-1, 1)
         t_next = schedule[i + 1] if i + 1 < len(schedule) else 0.0
         eps = (x - (1 - t) * x0) / t
         x = (1 - t_next) * x0 + t_next * eps

@@ -34,8 +34,8 @@ from torch import Tensor
 from qarvd_core.model import ModelArgs, WorldModel
 
 CARD_FORMAT = "qarvd-wan-card"
-# Training-checkpoint entries holding a generator's weights, in order of preference: the EMA
-# weights are the ones Self-Forcing's inference uses (`--use_ema`).
+# Training-checkpoint entries holding a generator's weights, in order of preference when a
+# checkpoint is loaded without a recipe (EMA first, as Self-Forcing's README runs inference).
 GENERATOR_KEYS = ("generator_ema", "generator")
 LORA_KEY = "generator_lora"
 # Wrapper modules that insert a name segment anywhere in a key, and prefixes of the outermost
@@ -255,7 +255,8 @@ class ModelCard:
     JSON fields: `format` ("qarvd-wan-card"), `preset` (a qarvd preset) and optional `args`
     (fields overriding it), `transformer` (the checkpoint file), optional `weights_key`,
     optional `lora` {file, rank, alpha}, `vae` and `text_encoder` (diffusers-style folders, e.g.
-    `Wan2.1-T2V-1.3B-Diffusers/vae`), `tokenizer`, and `recipe` (the sampler settings' name).
+    `Wan2.1-T2V-1.3B-Diffusers/vae`), `tokenizer`, and `recipe` (a name in RECIPES; its weights_key
+    is the default).
     """
 
     path: Path
@@ -266,10 +267,23 @@ class ModelCard:
     vae: Path
     text_encoder: Path
     tokenizer: Path
-    recipe: str
+    recipe: Recipe
 
 
-RECIPES = ("self-forcing", "causvid", "longlive")
+@dataclass(frozen=True)
+class Recipe:
+    """How a project runs its checkpoint: which weights its inference loads and its denoising
+    steps on the 1000-step FlowMatch schedule (`sampling.flowmatch_schedule`)."""
+
+    weights_key: str
+    steps: tuple[int, ...]
+    shift: float
+
+
+RECIPES = {
+    "self-forcing": Recipe("generator_ema", (1000, 750, 500, 250), 5.0),
+    "longlive": Recipe("generator", (1000, 750, 500, 250), 5.0),
+}
 
 
 def is_card(path: Path | str) -> bool:
@@ -289,7 +303,7 @@ def read_card(path: Path | str) -> ModelCard:
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read the model card {path}: {e}") from e
     if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
-        raise ValueError(f"{path} is not a model card (it needs \"format\": \"{CARD_FORMAT}\")")
+        raise ValueError(f'{path} is not a model card (it needs "format": "{CARD_FORMAT}")')
     required = ("preset", "transformer", "vae", "text_encoder", "tokenizer", "recipe")
     absent = [k for k in required if k not in card]
     if absent:
@@ -311,12 +325,12 @@ def read_card(path: Path | str) -> ModelCard:
         path=path,
         args=args,
         transformer=here / card["transformer"],
-        weights_key=card.get("weights_key"),
+        weights_key=card.get("weights_key", RECIPES[card["recipe"]].weights_key),
         lora=lora,
         vae=here / card["vae"],
         text_encoder=here / card["text_encoder"],
         tokenizer=here / card["tokenizer"],
-        recipe=card["recipe"],
+        recipe=RECIPES[card["recipe"]],
     )
 
 

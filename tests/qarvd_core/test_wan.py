@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from qarvd_core.model import KVCache, ModelArgs, WorldModel
-from qarvd_core.wan import diffusers_name, is_card, load_card_model, load_checkpoint, read_card
+from qarvd_core.sampling import denoise_chunk, flowmatch_schedule
+from qarvd_core.wan import RECIPES, diffusers_name, is_card, load_card_model, load_checkpoint, read_card
 
 TINY = replace(
     ModelArgs.from_name("wan2.1-1.3b-causal"),
@@ -230,12 +231,33 @@ def test_a_model_card_names_the_files_and_loads_the_model(tmp_path):
     path = _write_card(tmp_path, args={**json.loads(_write_card(tmp_path).read_text())["args"], "text_len": 7})
     assert is_card(path) and not is_card(checkpoint)
     card = read_card(path)
-    assert card.vae == tmp_path / "Wan2.1-T2V-1.3B-Diffusers/vae" and card.recipe == "self-forcing"
+    assert card.vae == tmp_path / "Wan2.1-T2V-1.3B-Diffusers/vae" and card.recipe == RECIPES["self-forcing"]
+    assert card.weights_key == "generator_ema"  # the recipe's default
     model = load_card_model(path, dtype=torch.bfloat16)
     assert model.card == card and model.args.prediction == "flow" and model.args.patch_channels_last
     assert next(model.parameters()).dtype == torch.bfloat16
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k].to(torch.bfloat16)), k
+
+
+def test_a_longlive_card_merges_its_lora(tmp_path):
+    state = random_state()
+    (tmp_path / "checkpoints").mkdir()
+    base = {f"model.{k}": v for k, v in state.items()}
+    torch.save({"generator": base, "generator_ema": {}}, tmp_path / "checkpoints/self_forcing_dmd.pt")
+    a, b = torch.randn(2, 64), torch.randn(64, 2)
+    torch.save(
+        {
+            "generator_lora": {
+                "base_model.model.blocks.1.self_attn.o.lora_A.weight": a,
+                "base_model.model.blocks.1.self_attn.o.lora_B.weight": b,
+            }
+        },
+        tmp_path / "lora.pt",
+    )
+    path = _write_card(tmp_path, recipe="longlive", lora={"file": "lora.pt", "rank": 2, "alpha": 4})
+    merged = load_card_model(path).state_dict()["blocks.1.self_attn.o.weight"]
+    torch.testing.assert_close(merged, state["blocks.1.self_attn.o.weight"] + 2 * b @ a)
 
 
 def test_bad_model_cards_say_what_is_wrong(tmp_path):
@@ -271,9 +293,8 @@ def _diffusers_twin(tmp_path):
         cross_attn_norm=True,
         eps=TINY.eps,
     ).eval()
-    ours = random_state()  # unit-scale weights, written into diffusers' model under its names
-    theirs = {diffusers_name(k): v for k, v in ours.items()}
-    ref.load_state_dict(theirs, strict=True)
+    convert = pytest.importorskip("diffusers.loaders.single_file_utils").convert_wan_transformer_to_diffusers
+    ref.load_state_dict(convert(random_state()), strict=True)  # unit-scale weights, renamed by diffusers
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "diffusers.safetensors"))
     model = load_checkpoint(WorldModel(TINY), tmp_path / "diffusers.safetensors").eval()
     return ref, model
@@ -437,3 +458,32 @@ def test_forward_matches_a_float64_reference_written_from_the_equations():
     assert got.dtype == torch.float64
     assert (got - expected).abs().max() <= 1e-6
     assert (expected - x.double()).abs().mean() > 0.1  # the velocity is not negligible
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+def test_flowmatch_schedule_is_the_schedulers_float32_sigmas():
+    """Self-Forcing: FlowMatchScheduler(shift=5, sigma_min=0, extra_one_step=True) over 1000 steps,
+    its step list [1000, 750, 500, 250] warped through the scheduler's timesteps."""
+    shift = 5.0
+    sigmas = torch.linspace(1.0, 0.0, 1001, dtype=torch.float32)[:-1]
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    timesteps = torch.cat([sigmas * 1000, torch.zeros(1)])
+    warped = timesteps[1000 - torch.tensor([1000, 750, 500, 250])]
+    t = flowmatch_schedule([1000, 750, 500, 250], shift)
+    assert torch.equal(torch.tensor(t) * 1000, warped)  # the model's timesteps, bit for bit
+    torch.testing.assert_close(torch.tensor(t), torch.tensor([1.0, 0.9375, 5 / 6, 0.625]))
+    assert flowmatch_schedule([1000, 0], 8.0) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="within"):
+        flowmatch_schedule([1001], shift)
+
+
+def test_latent_models_are_not_clamped_while_sampling():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 3, TINY.in_channels, TINY.frame_height, TINY.frame_width, generator=g)
+    context = model.embed_text(torch.randn(1, TINY.text_len, TINY.text_dim, generator=g))
+    schedule = flowmatch_schedule(list(RECIPES["self-forcing"].steps), RECIPES["self-forcing"].shift)
+    x0 = denoise_chunk(model, KVCache(TINY, 1), context, torch.zeros(1, 3, dtype=torch.long), noise, schedule)
+    assert x0.abs().max() > 1.5
