@@ -16,6 +16,8 @@ import struct
 import typing
 from pathlib import Path
 
+import pytest
+
 from service.engine.engine import frame_message
 from service.schemas import ClientMsg
 
@@ -177,17 +179,9 @@ def frame_header_fields() -> set[str]:
 # The checks --------------------------------------------------------------------------
 
 
-def test_every_client_message_and_field_is_documented_and_nothing_else():
-    code = client_messages()
-    doc = table("Client messages")
-    assert set(code) == set(doc)
-    for t, names in code.items():
-        assert fields(doc[t].split("|")[0]) == names, t
-
-
-def test_every_server_message_and_field_is_documented_and_nothing_else():
-    code = server_messages()
-    doc = table("Server messages")
+@pytest.mark.parametrize("title, in_code", [("Client messages", client_messages), ("Server messages", server_messages)])
+def test_every_message_and_field_is_documented_and_nothing_else(title, in_code):
+    code, doc = in_code(), table(title)
     assert set(code) == set(doc)
     for t, names in code.items():
         assert fields(doc[t].split("|")[0]) == names, t
@@ -221,7 +215,7 @@ def test_the_frame_layout_is_the_one_the_server_packs_and_the_clients_parse():
 
     from PIL import Image
 
-    from service.client import parse_frame
+    from tests.support.client import parse_frame
 
     buf = BytesIO()
     Image.new("RGB", (4, 4)).save(buf, format="PNG")
