@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 import httpx
+from harness import ServerProcess, StreamClient
 
-from service.client import StreamClient
 from service.jobs.embedded import thread_budgets
-from service.process import ServerProcess
 from service.settings import Settings
 
 

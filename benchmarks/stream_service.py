@@ -19,11 +19,10 @@ from pathlib import Path
 
 import httpx
 import torch
+from harness import ServerProcess, StreamClient
 
 from qarvd_core.checkpoint import DTYPES, load_model
 from qarvd_core.eval.bench import bench_stream
-from service.client import StreamClient
-from service.process import ServerProcess
 
 
 def rss_mb(pid: int) -> float:

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import ServerProcess, StreamClient
 
 from qarvd_core.checkpoint import save_weights
 from qarvd_core.model import ModelArgs, WorldModel
-from service.client import StreamClient
-from service.process import ServerProcess
 
 MINI = ModelArgs(dim=32, n_layers=1, n_heads=2, ffn_dim=64, text_dim=16)
 

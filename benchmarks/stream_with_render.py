@@ -18,9 +18,7 @@ from pathlib import Path
 
 import httpx
 import torch
-
-from service.client import StreamClient
-from service.process import ServerProcess
+from harness import ServerProcess, StreamClient
 
 SCRIPT = "right*150,down*150,left*150,up*150"  # 600 frames
 

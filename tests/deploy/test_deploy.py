@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from service.process import ServerProcess
+from tests.support.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

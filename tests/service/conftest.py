@@ -8,7 +8,7 @@ import pytest
 
 from qarvd_core.checkpoint import save_quantized, save_weights
 from qarvd_core.quant import CalibrationSet, RTNConfig, quantize
-from service.process import ServerProcess
+from tests.support.process import ServerProcess
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from qarvd_core.video import read_mp4
-from service.client import StreamClient
 from service.main import create_app
 from service.settings import Settings
+from tests.support.client import StreamClient
 
 
 def test_models_list_and_lookup(server):
@@ -97,7 +97,7 @@ def test_demo_page_is_served(server):
 def test_delete_model_endpoint(artifact_dir, tmp_path):
     import shutil
 
-    from service.process import ServerProcess
+    from tests.support.process import ServerProcess
 
     arts = tmp_path / "a"
     shutil.copytree(artifact_dir, arts)

@@ -15,10 +15,10 @@ import httpx
 import pytest
 from redis import Redis as RedisClient
 
-from service.client import StreamClient
 from service.jobs.embedded import RedisServer, thread_budgets
-from service.process import ServerProcess
 from service.settings import Settings
+from tests.support.client import StreamClient
+from tests.support.process import ServerProcess
 
 FAST = {
     "base_model": "mini",

@@ -13,8 +13,8 @@ from websockets.exceptions import ConnectionClosed
 from qarvd_core.checkpoint import load_model, save_quantized
 from qarvd_core.quant import CalibrationSet, RTNConfig, quantize
 from qarvd_core.quant.api import target_linears
-from service.client import StreamClient, parse_frame
-from service.process import ServerProcess
+from tests.support.client import StreamClient, parse_frame
+from tests.support.process import ServerProcess
 
 
 def metric(server, name: str, **labels) -> float:

@@ -1,4 +1,4 @@
-"""A small synchronous client for the WebSocket stream protocol (tests, benchmarks, scripts)."""
+"""A small synchronous client for the WebSocket stream protocol (tests and benchmarks)."""
 
 from __future__ import annotations
 
