@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shlex
 import shutil
 from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, version
 from pathlib import Path
@@ -15,6 +16,21 @@ from typer.core import TyperGroup
 
 # `generate` holds the whole video in memory (x scale^2 once upscaled): ten minutes at 16 frames/s.
 GENERATE_MAX_FRAMES = 9600
+
+
+def command_line(ctx: typer.Context) -> str:
+    """The running command as one would type it again: its path and the options not at their default."""
+    words = ["qarvd", *ctx.command_path.split()[1:]]
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if value is None or value == p.default or not p.opts:
+            continue
+        if isinstance(value, bool):
+            words += [p.opts[0]] if value else p.secondary_opts[:1]
+        else:
+            for v in value if isinstance(value, list | tuple) else [value]:
+                words += [p.opts[0], str(v)]
+    return shlex.join(words)
 
 
 def fail(message: str) -> None:
@@ -241,6 +257,7 @@ def generate(
 
 @app.command("eval")
 def evaluate_cmd(
+    ctx: typer.Context,
     model: str = typer.Option(..., help="model to evaluate: name or weights path"),
     reference: str | None = typer.Option(None, help="reference model (e.g. the FP model) for PSNR/SSIM"),
     json_path: Path = typer.Option(..., "--json", help="output JSON; .md table and .png plots go beside it"),
@@ -263,7 +280,7 @@ def evaluate_cmd(
     )
     examples: list = []
     result = evaluate(net, ref, cfg, lambda stage: typer.echo(f"eval: {stage}", err=True), revisit_examples=examples)
-    result["model"], result["reference"] = model, reference
+    result["model"], result["reference"], result["command"] = model, reference, command_line(ctx)
     title = f"qarvd eval: {model}" + (f" vs {reference}" if reference else "")
     paths = write_report(result, json_path, title, examples)
     typer.echo(json_path.with_suffix(".md").read_text())
@@ -419,6 +436,7 @@ app.add_typer(analyze_app, name="analyze")
 
 @analyze_app.command("sensitivity")
 def analyze_sensitivity(
+    ctx: typer.Context,
     model: str = typer.Option("tiny-world", help="model name or weights path"),
     w_bits: int = typer.Option(4, help="weight bits"),
     a_bits: int = typer.Option(8, help="activation bits"),
@@ -438,7 +456,7 @@ def analyze_sensitivity(
     result = sensitivity(
         _load(model), w_bits, a_bits, CalibrationSet(rollouts=min(rollouts, 4), chunks=chunks), rollouts
     )
-    result["model"] = model
+    result["model"], result["command"] = model, command_line(ctx)
     paths = write_json_and_plot(result, json_path, "sensitivity")
     typer.echo("chunk MSE     " + " ".join(f"{e:.2e}" for e in result["chunk_mse"]))
     typer.echo("frame weights " + " ".join(f"{w:.3f}" for w in result["frame_weights"]))
@@ -447,6 +465,7 @@ def analyze_sensitivity(
 
 @analyze_app.command("outliers")
 def analyze_outliers(
+    ctx: typer.Context,
     model: str = typer.Option("tiny-world", help="model name or weights path"),
     json_path: Path = typer.Option(Path("outliers.json"), "--json", help="output JSON (PNG beside it)"),
 ):
@@ -455,7 +474,7 @@ def analyze_outliers(
 
     _check_writable(json_path, "result")
     result = outlier_map(_load(model))
-    result["model"] = model
+    result["model"], result["command"] = model, command_line(ctx)
     paths = write_json_and_plot(result, json_path, "outliers")
     for r in result["layers"]:
         if r["outliers"]:

@@ -208,7 +208,8 @@ def write_report(result: dict, json_path: Path, title: str, revisit_examples: li
             ("SSIM vs reference", result["ssim_mean"]),
             ("reference action accuracy", result["reference_action_accuracy"]),
         ]
-    md = [f"# {title}", "", "| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
+    made_by = [f"Made by `{result['command']}`.", ""] if result.get("command") else []
+    md = [f"# {title}", "", *made_by, "| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
     md_path = json_path.with_suffix(".md")
     md_path.write_text("\n".join(md) + "\n")
 
@@ -223,8 +224,10 @@ def write_report(result: dict, json_path: Path, title: str, revisit_examples: li
         axes[2].plot(result["psnr_db_per_chunk"], marker="o")
         axes[2].set(xlabel="chunk", ylabel="PSNR dB", title="PSNR vs reference per chunk")
     fig.tight_layout()
+    if result.get("command"):
+        fig.text(0.0, 1.0, result["command"], fontsize=7, family="monospace", va="bottom")
     png = json_path.with_suffix(".png")
-    fig.savefig(png, dpi=100)
+    fig.savefig(png, dpi=100, bbox_inches="tight")
     plt.close(fig)
     written = [json_path, md_path, png]
     if revisit_examples:

@@ -75,9 +75,11 @@ def write_json_and_plot(result: dict, json_path: Path, kind: str) -> list[Path]:
         im = ax.imshow(grid, cmap="viridis", aspect="auto")
         ax.set(yticks=range(len(types)), yticklabels=types, xlabel="block", title="C2: outlier input columns")
         for (i, j), v in np.ndenumerate(grid):
-            ax.text(j, i, int(v), ha="center", va="center", color="w", fontsize=8)
+            ax.text(j, i, int(v), ha="center", va="center", color="k" if v > grid.max() / 2 else "w", fontsize=8)
         fig.colorbar(im)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    if result.get("command"):
+        fig.text(0.0, 1.0, result["command"], fontsize=7, family="monospace", va="bottom")
+    fig.savefig(png, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return [json_path, png]
