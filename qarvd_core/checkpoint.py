@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from qarvd_core.model import ModelArgs, WorldModel
 from qarvd_core.quant.api import config_from_dict, swap_module
 from qarvd_core.quant.linear import DualScaleQuantLinear, QuantLinear, set_compute_dtype, set_mode
+from qarvd_core.wan import is_card, load_card_model
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the dtypes load_model runs in, by CLI/setting name
@@ -88,8 +89,11 @@ def load_model(
 
     Quantized checkpoints load in `quant_mode` ('deploy': integer GEMMs; 'simulate': fake
     quant); `dtype` is then the dtype of everything around the quantized layers (norms,
-    attention, kept layers), and their scales stay fp32.
+    attention, kept layers), and their scales stay fp32. A Wan model card (qarvd_core/wan.py)
+    loads the checkpoint it names.
     """
+    if is_card(name_or_path):
+        return load_card_model(name_or_path, dtype, device)
     weights = resolve_weights(name_or_path)
     manifest = read_manifest(weights)
     if is_quantized_manifest(manifest):

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from qarvd_core.checkpoint import load_model
 from qarvd_core.model import KVCache, ModelArgs, WorldModel
 from qarvd_core.sampling import denoise_chunk, flowmatch_schedule
 from qarvd_core.wan import RECIPES, diffusers_name, is_card, load_card_model, load_checkpoint, read_card
@@ -233,7 +234,7 @@ def test_a_model_card_names_the_files_and_loads_the_model(tmp_path):
     card = read_card(path)
     assert card.vae == tmp_path / "Wan2.1-T2V-1.3B-Diffusers/vae" and card.recipe == RECIPES["self-forcing"]
     assert card.weights_key == "generator_ema"  # the recipe's default
-    model = load_card_model(path, dtype=torch.bfloat16)
+    model = load_model(str(path), dtype=torch.bfloat16)  # load_model takes a card where it takes a weights path
     assert model.card == card and model.args.prediction == "flow" and model.args.patch_channels_last
     assert next(model.parameters()).dtype == torch.bfloat16
     for k, v in model.state_dict().items():
