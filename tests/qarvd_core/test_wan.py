@@ -488,3 +488,38 @@ def test_latent_models_are_not_clamped_while_sampling():
     schedule = flowmatch_schedule(list(RECIPES["self-forcing"].steps), RECIPES["self-forcing"].shift)
     x0 = denoise_chunk(model, KVCache(TINY, 1), context, torch.zeros(1, 3, dtype=torch.long), noise, schedule)
     assert x0.abs().max() > 1.5
+
+
+# ----------------------------------------------------------------------------- VAE
+
+
+def test_streaming_vae_decode_equals_one_shot_decode():
+    diffusers = pytest.importorskip("diffusers")
+    from qarvd_core.wan_vae import StreamDecoder
+
+    torch.manual_seed(0)
+    z = 4
+    vae = diffusers.AutoencoderKLWan(
+        base_dim=8,
+        z_dim=z,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],  # Wan's 4x in time, 8x in space
+        latents_mean=[0.1 * i for i in range(z)],
+        latents_std=[1 + 0.2 * i for i in range(z)],
+    ).eval()
+    latents = torch.randn(1, 9, z, 4, 6)  # normalised, as the transformer makes them
+    shape = (1, z, 1, 1, 1)
+    raw = latents.transpose(1, 2) * torch.tensor(vae.config.latents_std).view(shape)
+    raw = raw + torch.tensor(vae.config.latents_mean).view(shape)
+    with torch.no_grad():
+        one_shot = vae.decode(raw).sample.transpose(1, 2)
+        restarted = vae.decode(raw[:, :, 3:6]).sample.transpose(1, 2)  # decode() clears its cache
+    decoder = StreamDecoder(vae)
+    chunks = [decoder.decode(latents[:, k : k + 3]) for k in range(0, 9, 3)]
+    assert [c.shape[1] for c in chunks] == [9, 12, 12] and one_shot.shape[1] == 33
+    assert torch.equal(torch.cat(chunks, 1), one_shot)
+    assert 0.1 < one_shot.std() and (one_shot.abs() == 1).float().mean() < 0.01  # not saturated
+    assert restarted.shape[1] == 9  # without the cache, the second chunk starts a new video
+    decoder.reset()
+    assert torch.equal(decoder.decode(latents[:, :3]), chunks[0])
