@@ -161,6 +161,25 @@ def test_longlive_lora_merges_into_the_linear_layers(tmp_path):
         load_checkpoint(WorldModel(TINY), tmp_path / "base.pt", lora=tmp_path / "lora.pt", lora_rank=8, lora_alpha=8.0)
 
 
+def test_the_wan_preset_has_the_published_1_3b_layout():
+    """Self-Forcing's file holds 825 keys for 30 blocks; the shapes are Wan2.1-T2V-1.3B's. Built on
+    the meta device, so nothing is allocated."""
+    with torch.device("meta"):
+        ours = {
+            k: tuple(v.shape) for k, v in WorldModel(ModelArgs.from_name("wan2.1-1.3b-causal")).state_dict().items()
+        }
+    assert len(ours) == 825
+    assert ours["patch_embedding.weight"] == (1536, 16, 1, 2, 2) and ours["text_embedding.0.weight"] == (1536, 4096)
+    assert ours["time_projection.1.weight"] == (9216, 1536) and ours["blocks.29.modulation"] == (1, 6, 1536)
+    assert ours["blocks.0.ffn.0.weight"] == (8960, 1536) and ours["head.head.weight"] == (64, 1536)
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):  # Wan2.1-T2V-1.3B-Diffusers' transformer config
+        ref = diffusers.WanTransformer3DModel(
+            num_attention_heads=12, attention_head_dim=128, text_dim=4096, ffn_dim=8960, num_layers=30
+        ).state_dict()
+    assert {diffusers_name(k): shape for k, shape in ours.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+
+
 # ----------------------------------------------------------------------------- refusals
 
 
