@@ -14,7 +14,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-# `generate` holds the whole video in memory (x scale^2 once upscaled): ten minutes at 16 frames/s.
+# `generate` holds the whole video in memory: ten minutes at 16 frames/s.
 GENERATE_MAX_FRAMES = 9600
 
 
@@ -204,8 +204,8 @@ def generate(
 
     import numpy as np
 
-    from qarvd_core.sampling import Stream, action_chunks
-    from qarvd_core.video import upscale, write_mp4, write_pngs
+    from qarvd_core.sampling import ScriptRender, Stream
+    from qarvd_core.video import write_mp4, write_pngs
     from qarvd_core.world.scripts import parse_actions
     from qarvd_core.world.simulator import BIOME_NAMES
 
@@ -225,14 +225,14 @@ def generate(
     net = _load(model)
 
     stream = Stream(net, prompt, seed, **sampler_kwargs(action_guidance))
-    chunks = action_chunks(script, net.args.frames_per_chunk)
-    frames, chunk_ms = [], []
-    for chunk in chunks:
+    render = ScriptRender(script, net.args.frames_per_chunk)
+    chunk_ms = []
+    while not render.done:
         t0 = time.perf_counter()
-        frames.append(stream.step(chunk))
+        render.add(stream.step(render.next_actions()))
         chunk_ms.append((time.perf_counter() - t0) * 1000)
-    video = np.concatenate(frames)[: len(script)]
-    write_mp4(upscale(video, scale), out, fps=fps)
+    video = render.video()
+    write_mp4(video, out, fps=fps, scale=scale)
     if frames_dir is not None:
         tmp = frames_dir.with_name(f".{frames_dir.name}.part")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -240,7 +240,7 @@ def generate(
         if frames_dir.exists():
             frames_dir.rmdir()
         tmp.rename(frames_dir)
-    gen_fps = len(chunks) * net.args.frames_per_chunk / (sum(chunk_ms) / 1000)
+    gen_fps = len(render.chunks) * net.args.frames_per_chunk / (sum(chunk_ms) / 1000)
     if json_out:
         typer.echo(
             json.dumps(

@@ -136,20 +136,42 @@ class StreamState:
     cache: KVCache
     generator: Tensor  # the noise generator's state
     held: tuple[_HeldChunk, ...]  # never modified in place, so sharing them is a copy
-    frame_index: int
     schedule: tuple[float, ...]
     action_guidance: float
 
 
-def action_chunks(script: list[str], frames_per_chunk: int) -> list[list[str]]:
-    """A per-frame action script cut into chunks, the last one padded by holding its last action.
+class ScriptRender:
+    """Frames for a per-frame action script, made one chunk at a time: the one home of a
+    script's padding and trimming, for `qarvd generate` and the server's video renders.
 
-    Generate `len(script)` frames by stepping each chunk and keeping the first `len(script)` frames.
+    The script is cut into chunks, the last one padded by holding its last action; step a
+    stream with each `next_actions()`, `add` what it made, and `video()` is one frame per
+    script action (the padding's frames cut off).
     """
-    if not script:
-        raise ValueError("an action script needs at least one action")
-    padded = script + [script[-1]] * (-len(script) % frames_per_chunk)
-    return [padded[k : k + frames_per_chunk] for k in range(0, len(padded), frames_per_chunk)]
+
+    def __init__(self, script: list[str], frames_per_chunk: int):
+        if not script:
+            raise ValueError("an action script needs at least one action")
+        padded = script + [script[-1]] * (-len(script) % frames_per_chunk)
+        self.length = len(script)
+        self.chunks = [padded[k : k + frames_per_chunk] for k in range(0, len(padded), frames_per_chunk)]
+        self._frames: list[np.ndarray] = []
+
+    @property
+    def done(self) -> bool:
+        return len(self._frames) == len(self.chunks)
+
+    def next_actions(self) -> list[str]:
+        return self.chunks[len(self._frames)]
+
+    def add(self, frames: np.ndarray) -> None:
+        self._frames.append(frames)
+
+    def video(self) -> np.ndarray:
+        """Frames [len(script), H, W, 3] uint8, once `done`."""
+        if not self.done:
+            raise ValueError(f"{len(self._frames)} of {len(self.chunks)} chunks made")
+        return np.concatenate(self._frames)[: self.length]
 
 
 class Stream:
@@ -182,7 +204,6 @@ class Stream:
         self.generator = torch.Generator().manual_seed(self.seed)
         self.cache.reset()
         self.held: list[_HeldChunk] = []
-        self.frame_index = 0
         self.set_prompt(prompt or self.prompt)
 
     @torch.no_grad()
@@ -208,7 +229,6 @@ class Stream:
             cache,
             self.generator.get_state(),
             tuple(self.held),
-            self.frame_index,
             tuple(self.schedule),
             self.action_guidance,
         )
@@ -226,7 +246,6 @@ class Stream:
         _copy_cache(state.cache, twin.cache)
         twin.generator.set_state(state.generator)
         twin.held = list(state.held)
-        twin.frame_index = state.frame_index
         return twin
 
     def _hold(self, chunk: _HeldChunk) -> None:
@@ -257,7 +276,6 @@ class Stream:
             self.model, self.cache, self.context, ids, self._noise(), self.schedule, self.action_guidance
         )
         self._hold(_HeldChunk(x0, ids, camera))
-        self.frame_index += Fr
         return to_uint8(x0[0])
 
 
@@ -342,6 +360,5 @@ def step_streams(streams: list[Stream], actions: list[str | list[str]]) -> list[
         _copy_cache(cache, s.cache, src_rows=slice(i, i + 1))
         s.cache.committed = committed
         s._hold(_HeldChunk(x0[i : i + 1], ids[i : i + 1], camera[i : i + 1]))
-        s.frame_index += Fr
         out.append(to_uint8(x0[i]))
     return out

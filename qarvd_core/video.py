@@ -1,10 +1,11 @@
 """Writing generated frames: H.264 MP4 through PyAV, lossless PNG frames through Pillow.
 
-Both write to a temporary name and rename on success, so a failed run leaves nothing behind.
+Files are written to a temporary name and renamed on success, so a failed run leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -13,35 +14,39 @@ import numpy as np
 from PIL import Image
 
 
-def upscale(frames: np.ndarray, scale: int) -> np.ndarray:
-    """Nearest-neighbour upscaling of [T, H, W, 3] frames (keeps pixel-art edges crisp)."""
-    if scale == 1:
-        return frames
-    return frames.repeat(scale, axis=1).repeat(scale, axis=2)
+def encode_mp4(frames, fps: int = 16, scale: int = 1) -> bytes:
+    """An iterable of [H, W, 3] uint8 frames as H.264 (yuv420p) MP4 bytes at `fps`.
 
-
-def write_mp4(frames, path: Path, fps: int = 16, crf: int = 18) -> Path:
-    """Encode an iterable of [H, W, 3] uint8 frames as H.264 (yuv420p) at `fps`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.part")
-    count = 0
-    try:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = None
-            for frame in frames:
-                if stream is None:
-                    stream = container.add_stream("libx264", rate=fps)
-                    # yuv420p needs even sizes; all presets are multiples of 8.
-                    stream.height, stream.width = frame.shape[:2]
-                    stream.pix_fmt = "yuv420p"
-                    stream.options = {"crf": str(crf), "preset": "veryfast"}
-                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                    container.mux(packet)
-                count += 1
+    Each frame is upscaled by `scale` (nearest neighbour: pixel-art edges stay crisp) as it
+    is encoded, so only one upscaled frame is ever in memory.
+    """
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = None
+        for frame in frames:
+            frame = frame.repeat(scale, axis=0).repeat(scale, axis=1)
             if stream is None:
-                raise ValueError("no frames to write")
-            for packet in stream.encode():
+                stream = container.add_stream("libx264", rate=fps)
+                # yuv420p needs even sizes; all presets are multiples of 8.
+                stream.height, stream.width = frame.shape[:2]
+                stream.pix_fmt = "yuv420p"
+                stream.options = {"crf": "18", "preset": "veryfast"}
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)
+        if stream is None:
+            raise ValueError("no frames to write")
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def write_mp4(frames, path: Path, fps: int = 16, scale: int = 1) -> Path:
+    """`encode_mp4` to a file, written under a temporary name and renamed."""
+    path = Path(path)
+    data = encode_mp4(frames, fps, scale)
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -13,12 +13,12 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
-from qarvd_core.checkpoint import DTYPES
 from service.api import http, jobs, models, stream, videos
-from service.engine import Engine, ModelRegistry
+from service.engine import Engine
 from service.jobs.client import JobClient
 from service.metrics import Metrics
 from service.settings import Settings, get_settings
+from service.store import ModelStore
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("qarvd")
@@ -73,15 +73,7 @@ def create_app(settings: Settings | None = None, on_shutdown: Callable[[], None]
     metrics = Metrics()
     app.state.settings = settings
     app.state.metrics = metrics
-    registry = ModelRegistry(
-        settings.artifact_dir,
-        settings.max_loaded_models,
-        dtype=DTYPES[settings.dtype],
-        compile_blocks=settings.compile,
-        max_autotune=settings.compile_max_autotune,
-    )
-    app.state.engine = Engine(settings, metrics, registry)
-    registry.in_use = app.state.engine.models_in_use
+    app.state.engine = Engine(settings, metrics, ModelStore(settings.artifact_dir))
     app.state.jobs = None
 
     http.install(app, settings.max_body_bytes, metrics.http_server_errors)

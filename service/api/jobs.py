@@ -68,7 +68,7 @@ async def submit(
         loc = ["body", "options", *([e.field] if e.field else [])]
         raise HTTPException(422, [{"loc": loc, "msg": str(e), "type": "value_error"}]) from e
     try:
-        if engine.registry.base_of(body.base_model) is not None:
+        if engine.model(body.base_model).kind == "quantized":
             raise HTTPException(
                 422, [{"loc": ["body", "base_model"], "msg": "already quantized; use its base", "type": "value_error"}]
             )

@@ -1,12 +1,14 @@
-"""GET /v1/models, GET /v1/models/{id}: the registry, read side."""
+"""GET /v1/models, GET /v1/models/{id}, DELETE /v1/models/{id}: the model store, through the engine."""
 
 from __future__ import annotations
+
+from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, HTTPException, Path
 
 from service.api.deps import get_engine, require_api_key
 from service.api.http import error_responses
-from service.engine import Engine, ModelInUse, UnknownModel
+from service.engine import DeleteRefused, Engine, ModelRecord, UnknownModel
 from service.schemas import ModelInfo
 
 router = APIRouter(
@@ -14,15 +16,22 @@ router = APIRouter(
 )
 
 
+def model_info(record: ModelRecord) -> ModelInfo:
+    """The wire form: everything but where the files are."""
+    fields = asdict(record)
+    del fields["path"]
+    return ModelInfo(**fields)
+
+
 @router.get("", response_model=list[ModelInfo])
 def list_models(engine: Engine = Depends(get_engine)) -> list[ModelInfo]:
-    return [engine.registry.info(i) for i in engine.registry.ids()]
+    return [model_info(r) for r in engine.models()]
 
 
 @router.get("/{model_id}", response_model=ModelInfo, responses=error_responses(404))
 def get_model(model_id: str = Path(..., max_length=128), engine: Engine = Depends(get_engine)) -> ModelInfo:
     try:
-        return engine.registry.info(model_id)
+        return model_info(engine.model(model_id))
     except UnknownModel as e:
         raise HTTPException(404, str(e)) from e
 
@@ -31,8 +40,8 @@ def get_model(model_id: str = Path(..., max_length=128), engine: Engine = Depend
 def delete_model(model_id: str = Path(..., max_length=128), engine: Engine = Depends(get_engine)) -> None:
     """Remove a quantized model that no session is using."""
     try:
-        engine.registry.delete(model_id)
+        engine.delete_model(model_id)
     except UnknownModel as e:
         raise HTTPException(404, str(e)) from e
-    except ModelInUse as e:
+    except DeleteRefused as e:
         raise HTTPException(409, str(e)) from e

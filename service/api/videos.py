@@ -7,15 +7,9 @@ their frame rate; at most `max_concurrent_videos` renders run at once (503 past 
 
 from __future__ import annotations
 
-import asyncio
-import tempfile
-from pathlib import Path
-
-import numpy as np
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import Response
 
-from qarvd_core.video import upscale, write_mp4
 from qarvd_core.world.scripts import parse_actions
 from service.api.deps import get_engine, get_settings, require_api_key
 from service.api.http import ErrorMessage
@@ -27,11 +21,6 @@ router = APIRouter(prefix="/v1/videos", tags=["videos"], dependencies=[Depends(r
 
 # What a client over the render cap is told to wait: about a short render's length.
 RETRY_AFTER_S = 5
-
-
-def _mp4(frames: np.ndarray, req: VideoRequest) -> bytes:
-    with tempfile.TemporaryDirectory() as d:
-        return write_mp4(upscale(frames, req.scale), Path(d) / "video.mp4", fps=req.fps).read_bytes()
 
 
 @router.post(
@@ -54,11 +43,9 @@ async def render_video(
     except ValueError as e:
         raise HTTPException(422, str(e)) from e
     try:
-        frames = await engine.render(model_id, req.prompt, req.seed, actions)
+        data = await engine.render_video(model_id, req.prompt, req.seed, actions, req.fps, req.scale)
     except UnknownModel as e:
         raise HTTPException(404, str(e)) from e
     except AtCapacity as e:
         raise HTTPException(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)}) from e
-    # Encoding runs beside the compute thread, not on it: live streams keep their turns.
-    data = await asyncio.to_thread(_mp4, frames, req)
     return Response(data, media_type="video/mp4", headers={"Content-Disposition": 'inline; filename="video.mp4"'})

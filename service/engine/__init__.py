@@ -1,6 +1,6 @@
-"""The engine: loaded models and live sessions, stepped in batches off the event loop."""
+"""The engine client: sessions, video renders and models, as the routes see them."""
 
 from service.engine.engine import AtCapacity, Engine, Session
-from service.engine.registry import ModelInUse, ModelRegistry, UnknownModel
+from service.store import DeleteRefused, ModelRecord, UnknownModel
 
-__all__ = ["AtCapacity", "Engine", "ModelInUse", "ModelRegistry", "Session", "UnknownModel"]
+__all__ = ["AtCapacity", "DeleteRefused", "Engine", "ModelRecord", "Session", "UnknownModel"]

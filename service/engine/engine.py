@@ -1,5 +1,10 @@
 """The streaming engine: sessions, a step loop that batches them, drift shadowing, pacing.
 
+The routes' one way in to generation and models: open a session and act on it
+(`open_session`, `set_action`, `set_prompt`, `set_paused`, `close_session`), render a
+video (`render_video`), and list, describe and delete models (`models`, `model`,
+`delete_model`).
+
 One engine serves every model. Its loop finds the sessions due a chunk, groups them by
 model and cache length, and runs each group as one batched forward pass on a single
 compute thread, off the event loop. Frames go to each session's small outbound queue,
@@ -33,11 +38,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from qarvd_core.checkpoint import DTYPES
 from qarvd_core.eval.metrics import psnr
-from qarvd_core.sampling import Stream, action_chunks, step_streams
-from service.engine.registry import ModelRegistry
+from qarvd_core.sampling import ScriptRender, Stream, step_streams
+from qarvd_core.video import encode_mp4
+from service.engine.loaded import LoadedModels
 from service.metrics import Metrics
 from service.settings import Settings
+from service.store import ModelRecord, ModelStore
 
 
 class AtCapacity(RuntimeError):
@@ -98,18 +106,25 @@ class Render:
 
     model_id: str
     stream: Stream
-    chunks: list[list[str]]
+    script: ScriptRender
     done: asyncio.Future
-    frames: list[np.ndarray] = field(default_factory=list)
     waiting_since: float = field(default_factory=time.perf_counter)
     last_chunk_s: float = 0.0
 
 
 class Engine:
-    def __init__(self, settings: Settings, metrics: Metrics, registry: ModelRegistry):
+    def __init__(self, settings: Settings, metrics: Metrics, store: ModelStore):
         self.settings = settings
         self.metrics = metrics
-        self.registry = registry
+        self._store = store
+        self._models = LoadedModels(
+            store,
+            settings.max_loaded_models,
+            in_use=self.models_in_use,
+            dtype=DTYPES[settings.dtype],
+            compile_blocks=settings.compile,
+            max_autotune=settings.compile_max_autotune,
+        )
         self.sessions: dict[str, Session] = {}
         self.renders: list[Render] = []
         # Slots taken by sessions and renders still being set up (on the compute thread): admission
@@ -123,7 +138,7 @@ class Engine:
         # thread is held to one, so it never starts a team of its own.
         self.threads = settings.threads or torch.get_num_threads()
         torch.set_num_threads(1)
-        self.executor = ThreadPoolExecutor(
+        self._executor = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="qarvd-compute",
             initializer=torch.set_num_threads,
@@ -135,7 +150,7 @@ class Engine:
         self._rng = random.Random(0)
 
     async def _on_compute(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # Lifecycle -----------------------------------------------------------------------
 
@@ -143,7 +158,7 @@ class Engine:
         """Load and warm up the default model (one chunk), then start the step loop."""
         t0 = time.perf_counter()
         model_id = self.settings.default_model
-        model = await self._on_compute(self.registry.get, model_id)
+        model = await self._on_compute(self._models.get, model_id)
         # Compiled blocks specialise on the batch size: compile every size the loop can batch now.
         sizes = self.settings.max_sessions if self.settings.compile and self.settings.batch_sessions else 1
         for n in range(1, sizes + 1):
@@ -175,12 +190,12 @@ class Engine:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)
 
     # Sessions ------------------------------------------------------------------------
 
     def _new_stream(self, model_id: str, prompt: str, seed: int) -> Stream:
-        return Stream(self.registry.get(model_id), prompt, seed)
+        return Stream(self._models.get(model_id), prompt, seed)
 
     async def open_session(self, model_id: str, prompt: str, seed: int, fmt: str, quality: int) -> Session:
         if self.closing:
@@ -188,7 +203,7 @@ class Engine:
         if len(self.sessions) + self._opening >= self.settings.max_sessions:
             self.metrics.sessions_rejected.labels("capacity").inc()
             raise AtCapacity(f"at capacity ({self.settings.max_sessions} sessions)")
-        self.registry.path_of(model_id)  # raises UnknownModel before any work
+        self._store.path_of(model_id)  # raises UnknownModel before any work
         # The slot is taken before the first await and given back if the set-up fails.
         self._opening += 1
         try:
@@ -206,7 +221,7 @@ class Engine:
     def models_in_use(self) -> set[str]:
         live = [*self.sessions.values(), *self.renders]
         ids = {x.model_id for x in live} | {self.settings.default_model}
-        return ids | {b for m in ids if (b := self.registry.base_of(m)) is not None}  # drift shadows
+        return ids | {b for m in ids if (b := self._store.record(m).base) is not None}  # drift shadows
 
     def close_session(self, s: Session) -> None:
         s.closed = True
@@ -240,7 +255,7 @@ class Engine:
 
         Raises AtCapacity past `max_concurrent_videos` renders.
         """
-        self.registry.path_of(model_id)  # raises UnknownModel before any work
+        self._store.path_of(model_id)  # raises UnknownModel before any work
         if self.closing:
             raise AtCapacity("the server is restarting; retry later")
         if self._rendering >= self.settings.max_concurrent_videos:
@@ -249,16 +264,42 @@ class Engine:
         job = None
         try:
             stream = await self._on_compute(self._new_stream, model_id, prompt, seed)
-            chunks = action_chunks(script, stream.args.frames_per_chunk)
-            job = Render(model_id, stream, chunks, asyncio.get_running_loop().create_future())
+            job = Render(
+                model_id,
+                stream,
+                ScriptRender(script, stream.args.frames_per_chunk),
+                asyncio.get_running_loop().create_future(),
+            )
             self.renders.append(job)
             self._wake.set()
             await job.done
-            return np.concatenate(job.frames)[: len(script)]
+            return job.script.video()
         finally:
             self._rendering -= 1
             if job in self.renders:  # cancelled: stop stepping it
                 self.renders.remove(job)
+
+    async def render_video(
+        self, model_id: str, prompt: str, seed: int, script: list[str], fps: int, scale: int
+    ) -> bytes:
+        """`render` as H.264 MP4 bytes, each frame upscaled by `scale`."""
+        frames = await self.render(model_id, prompt, seed, script)
+        # Encoding runs beside the compute thread, not on it: live streams keep their turns.
+        return await asyncio.to_thread(encode_mp4, frames, fps, scale)
+
+    # Models --------------------------------------------------------------------------
+
+    def models(self) -> list[ModelRecord]:
+        return [self._store.record(i) for i in self._store.ids()]
+
+    def model(self, model_id: str) -> ModelRecord:
+        """Raises UnknownModel."""
+        return self._store.record(model_id)
+
+    def delete_model(self, model_id: str) -> None:
+        """Remove a quantized model that no session or render is using; raises UnknownModel or DeleteRefused."""
+        self._store.delete(model_id, in_use=self.models_in_use())
+        self._models.unload(model_id)
 
     # The step loop ---------------------------------------------------------------------
 
@@ -304,7 +345,7 @@ class Engine:
                 prompts.append(x.pending_prompt)
                 x.pending_prompt = None
             else:
-                actions.append(x.chunks[len(x.frames)])
+                actions.append(x.script.next_actions())
                 prompts.append(None)
         t0 = time.perf_counter()
         try:
@@ -341,9 +382,9 @@ class Engine:
         self.metrics.batch_size.observe(len(group))
         for x, action, result in zip(group, actions, results):
             if isinstance(x, Render):
-                x.frames.append(result)
+                x.script.add(result)
                 x.waiting_since, x.last_chunk_s = now, elapsed
-                if len(x.frames) == len(x.chunks):
+                if x.script.done:
                     self._finish_render(x, None)
                 continue
             s = x
@@ -393,10 +434,10 @@ class Engine:
         rate = self.settings.drift_sample_rate
         if rate <= 0 or s.fell_back or self._rng.random() >= rate:
             return None
-        base_id = self.registry.base_of(s.model_id)
+        base_id = self._store.record(s.model_id).base
         if base_id is None:
             return None
-        return base_id, s.stream.fork(self.registry.get(base_id))
+        return base_id, s.stream.fork(self._models.get(base_id))
 
     def _finish_shadow(self, s: Session, base_id: str, fp: Stream, action: str, frames: np.ndarray) -> None:
         ref = fp.step(action)

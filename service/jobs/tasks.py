@@ -9,7 +9,7 @@ holding the latest number owns the job. One that lost it (its worker is stopping
 restarted and the job was re-queued or taken by another worker) stops at its next step and
 never writes to the job again. The checkpoint is written and verified in the attempt's own
 temporary directory and moved into the artifact directory, manifest last, only after
-checking the lease once more: the registry never sees a partial or corrupt model, and a
+checking the lease once more: the model store never lists a partial or corrupt model, and a
 retried job registers exactly one model however often it runs.
 """
 
@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
-from pathlib import Path
 
 from redis.exceptions import RedisError, WatchError
 from saq.job import Status
@@ -30,8 +28,8 @@ from qarvd_core.checkpoint import load_model, load_quantized, save_quantized
 from qarvd_core.eval.evaluate import EvalConfig, evaluate
 from qarvd_core.quant import CalibrationSet, config_from_dict, quantize
 from qarvd_core.quant.api import Progress
-from service.engine.registry import ModelRegistry
 from service.jobs.constants import CANCEL_KEY, HEARTBEAT_EVERY_S, LEASE_KEY
+from service.store import ModelStore
 
 log = logging.getLogger("qarvd.worker")
 
@@ -119,14 +117,13 @@ def result_model_id(request: dict, job_id: str) -> str:
     return f"{request['base_model']}:{request['method']}-w{request['w_bits']}a{request['a_bits']}-{job_id[:8]}"
 
 
-def run_quantization(request: dict, job_id: str, artifact_dir: Path, attempt: Attempt) -> dict:
+def run_quantization(request: dict, job_id: str, store: ModelStore, attempt: Attempt) -> dict:
     """Synchronous: quantize, evaluate, save, verify, publish. Raises Cancelled or LeaseLost at a step."""
-    registry = ModelRegistry(artifact_dir)
     base_id = request["base_model"]
-    base_path = registry.path_of(base_id)
-    if registry.base_of(base_id) is not None:
+    base_record = store.record(base_id)
+    if base_record.kind == "quantized":
         raise ValueError(f"{base_id!r} is already quantized; submit its base model")
-    base = load_model(str(base_path))
+    base = load_model(str(base_record.path))
     config = config_from_dict(
         {
             **request.get("options", {}),
@@ -147,17 +144,16 @@ def run_quantization(request: dict, job_id: str, artifact_dir: Path, attempt: At
     attempt.report("saving", 0.0)
     attempt.guard()
     model_id = result_model_id(request, job_id)
-    tmp = artifact_dir / f".job-{job_id}-{attempt.token}"
-    for stale in artifact_dir.glob(f".job-{job_id}-*"):  # left by earlier attempts whose worker was killed
+    tmp = store.artifact_dir / f".job-{job_id}-{attempt.token}"
+    for stale in store.artifact_dir.glob(f".job-{job_id}-*"):  # left by earlier attempts whose worker was killed
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        path = save_quantized(qmodel, tmp / f"{model_id}.safetensors", base_id, metrics, base_path=base_path)
+        path = save_quantized(qmodel, tmp / f"{model_id}.safetensors", base_id, metrics, base_path=base_record.path)
         load_quantized(path)  # refuse to publish what cannot be loaded back
         attempt.report("saving", 0.5)
         attempt.guard()
-        os.replace(path, artifact_dir / path.name)
-        os.replace(path.with_suffix(".json"), artifact_dir / f"{model_id}.json")
+        store.publish(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"model_id": model_id, "metrics": metrics}
@@ -184,7 +180,7 @@ async def quantize_job(ctx: dict, *, request: dict) -> dict:
     try:
         attempt.report(attempt.stage, 0.0)
         result = await asyncio.get_running_loop().run_in_executor(
-            None, run_quantization, request, job.key, Path(ctx["artifact_dir"]), attempt
+            None, run_quantization, request, job.key, ctx["store"], attempt
         )
     except asyncio.CancelledError:  # the worker is stopping (SAQ hands the job back) or SAQ aborts it
         attempt.stop = attempt.stop or "handed back"

@@ -23,6 +23,7 @@ from saq.job import Status
 from service.jobs.constants import JOB_STATS, QUEUE_NAME, SWEEP_EVERY_S, WORKER_HEARTBEAT, make_queue
 from service.jobs.tasks import quantize_job
 from service.settings import Settings
+from service.store import ModelStore
 
 log = logging.getLogger("qarvd.worker")
 
@@ -62,7 +63,7 @@ async def run_worker(settings: Settings) -> int:
     name = f"{socket.gethostname()}-{os.getpid()}"
 
     async def startup(ctx):
-        ctx["artifact_dir"] = str(settings.artifact_dir)
+        ctx["store"] = ModelStore(settings.artifact_dir)
 
     async def after_process(ctx):
         # Job outcomes and durations go to Redis, so the API exports them for every worker.

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from qarvd_core.sampling import Stream, flow_schedule, rollout, to_uint8
+from qarvd_core.sampling import ScriptRender, Stream, flow_schedule, rollout, to_uint8
 from tests.conftest import MINI
 
 
@@ -141,10 +141,16 @@ def test_a_snapshot_does_not_move_with_its_stream(mini):
     assert state.cache.committed == 1 and len(state.held) == 1 and state.prompt == "forest"
 
 
-def test_action_chunks_pad_the_last_chunk_with_its_last_action():
-    from qarvd_core.sampling import action_chunks
-
-    assert action_chunks(["left"] * 4 + ["up"], 3) == [["left"] * 3, ["left", "up", "up"]]
-    assert action_chunks(["none"] * 3, 3) == [["none"] * 3]
+def test_a_script_render_pads_the_last_chunk_and_trims_its_frames(mini):
+    r = ScriptRender(["left"] * 4 + ["up"], 3)
+    assert r.chunks == [["left"] * 3, ["left", "up", "up"]]
+    assert ScriptRender(["none"] * 3, 3).chunks == [["none"] * 3]
     with pytest.raises(ValueError, match="at least one"):
-        action_chunks([], 3)
+        ScriptRender([], 3)
+    script = ["right"] * (MINI.frames_per_chunk + 1)
+    r, s = ScriptRender(script, MINI.frames_per_chunk), Stream(mini, "forest", seed=4)
+    while not r.done:
+        r.add(s.step(r.next_actions()))
+    same = Stream(mini, "forest", seed=4)
+    whole = np.concatenate([same.step("right"), same.step("right")])
+    np.testing.assert_array_equal(r.video(), whole[: len(script)])

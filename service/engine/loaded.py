@@ -1,0 +1,61 @@
+"""The models the engine holds in memory, loaded from the model store on first use."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+from qarvd_core.checkpoint import load_model
+from qarvd_core.model import WorldModel
+from service.store import ModelStore
+
+
+class LoadedModels:
+    """Up to `max_loaded` models in memory, in `dtype`, their blocks compiled if asked.
+
+    Past the budget the least recently used model that no session is using is unloaded
+    (`in_use` says which are). Thread-safe.
+    """
+
+    def __init__(
+        self,
+        store: ModelStore,
+        max_loaded: int = 4,
+        in_use: Callable[[], set[str]] = set,
+        dtype: torch.dtype = torch.float32,
+        compile_blocks: bool = False,
+        max_autotune: bool = False,
+    ):
+        self.store = store
+        self.max_loaded = max_loaded
+        self.in_use = in_use
+        self.dtype, self.compile_blocks, self.max_autotune = dtype, compile_blocks, max_autotune
+        self._loaded: OrderedDict[str, WorldModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, model_id: str) -> WorldModel:
+        """The loaded model, loading it on first use."""
+        with self._lock:
+            if model_id not in self._loaded:
+                model = load_model(str(self.store.path_of(model_id)), dtype=self.dtype)
+                self._loaded[model_id] = model.compile_blocks(self.max_autotune) if self.compile_blocks else model
+                self._evict(keep=model_id)
+            self._loaded.move_to_end(model_id)
+            return self._loaded[model_id]
+
+    def ids(self) -> list[str]:
+        return list(self._loaded)
+
+    def unload(self, model_id: str) -> None:
+        with self._lock:
+            self._loaded.pop(model_id, None)
+
+    def _evict(self, keep: str) -> None:
+        busy = self.in_use() | {keep}
+        for victim in [m for m in self._loaded if m not in busy]:
+            if len(self._loaded) <= self.max_loaded:
+                break
+            del self._loaded[victim]

@@ -1,0 +1,90 @@
+"""The engine client in process: renders, models, and the render's share of the compute thread."""
+
+import asyncio
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from qarvd_core.checkpoint import load_model
+from qarvd_core.sampling import ScriptRender, Stream
+from qarvd_core.video import encode_mp4
+from service.engine import DeleteRefused, Engine, UnknownModel
+from service.engine.engine import RENDER_SHARE, Render
+from service.metrics import Metrics
+from service.settings import Settings
+from service.store import ModelStore
+
+
+def make_engine(artifact_dir, **settings) -> Engine:
+    s = Settings(artifact_dir=artifact_dir, default_model="mini", threads=1, **settings)
+    return Engine(s, Metrics(), ModelStore(artifact_dir))
+
+
+def test_a_render_is_the_script_streamed_and_encoded_once(artifact_dir):
+    script = ["right"] * 5 + ["up"] * 3
+
+    async def scenario():
+        engine = make_engine(artifact_dir)
+        await engine.start()
+        try:
+            frames = await engine.render("mini-rtn-w8a8", "forest", 2, script)
+            video = await engine.render_video("mini-rtn-w8a8", "forest", 2, script, fps=8, scale=2)
+            with pytest.raises(UnknownModel):
+                await engine.render("nope", "forest", 2, script)
+        finally:
+            await engine.stop()
+        return frames, video
+
+    frames, video = asyncio.run(scenario())
+    stream = Stream(load_model(str(artifact_dir / "mini-rtn-w8a8.safetensors")), "forest", 2)
+    expected = ScriptRender(script, stream.args.frames_per_chunk)
+    while not expected.done:
+        expected.add(stream.step(expected.next_actions()))
+    np.testing.assert_array_equal(frames, expected.video())
+    assert video == encode_mp4(frames, fps=8, scale=2)
+
+
+def test_models_are_listed_and_only_unused_quantized_ones_deleted(artifact_dir, tmp_path):
+    arts = tmp_path / "a"
+    shutil.copytree(artifact_dir, arts)
+
+    async def scenario():
+        engine = make_engine(arts)
+        assert {"mini", "mini-rtn-w8a8"} <= {m.id for m in engine.models()}
+        assert engine.model("mini-rtn-w8a8").base == "mini"
+        session = await engine.open_session("mini-rtn-w8a8", "forest", 0, "jpeg", 80)
+        with pytest.raises(DeleteRefused, match="in use"):
+            engine.delete_model("mini-rtn-w8a8")
+        with pytest.raises(DeleteRefused, match="base model"):
+            engine.delete_model("mini")
+        engine.close_session(session)
+        engine.delete_model("mini-rtn-w8a8")
+        with pytest.raises(UnknownModel):
+            engine.model("mini-rtn-w8a8")
+        await engine.stop()
+
+    asyncio.run(scenario())
+    assert not list(arts.glob("mini-rtn-w8a8.*"))
+
+
+def test_renders_take_their_share_only_while_sessions_are_due(artifact_dir):
+    async def scenario():
+        engine = make_engine(artifact_dir, batch_sessions=False)
+        session = await engine.open_session("mini", "forest", 0, "jpeg", 80)
+        stream = Stream(load_model(str(artifact_dir / "mini.safetensors")), "forest", 1)
+        now = time.perf_counter()
+        render = Render("mini", stream, ScriptRender(["right"] * 9, 3), asyncio.get_running_loop().create_future())
+        render.waiting_since, render.last_chunk_s = now, 0.1  # it has just had a 0.1 s chunk
+        engine.renders.append(render)
+        session.next_due = now  # a live session is due: the render waits its turn
+        assert engine._due_groups(now) == [[session]]
+        turn = now + 0.1 * (1 / RENDER_SHARE - 1)  # the others have had 85% of the time since
+        assert engine._due_groups(turn - 0.01) == [[session]]
+        assert engine._due_groups(turn + 1e-6) == [[session], [render]]
+        session.next_due = now + 1  # no session due: the render goes at once
+        assert engine._due_groups(now) == [[render]]
+        await engine.stop()
+
+    asyncio.run(scenario())
