@@ -1,13 +1,14 @@
 """Quality of every method at one bit-width, and the Q-ARVD ablation, on identical data.
 
-For one base model and bit-width (default tiny-world W4A8): rtn, smoothquant, gptq,
-vidit-q and qarvd with each combination of S1 (frame weighting) and S2 (dual scale), all
-on the same calibration rollouts, evaluated with `qarvd eval` against the FP model on the
-held-out scenarios (identical seeds, noise and actions). At W8A8 the peer library too:
-torchao's int8 configs on the same layers (`pip install -e ".[bench]"`). The full qarvd runs first and
-measures the chunk sensitivity; the other S1 variant reuses its frame weights, so the
-ablation differs only in the switches. Results are written after every method, and a
-rerun skips what is done (a long sweep survives interruption).
+For one base model and bit-width (default tiny-world W4A8), every recipe of
+`qarvd_core.recipes` (`qarvd quantize --help` lists them: the baselines, the GPTQ family,
+and Q-ARVD with each combination of S1 and S2), all on the same calibration rollouts,
+evaluated with `qarvd eval` against the FP model on the held-out scenarios (identical
+seeds, noise and actions). At W8A8 the peer library too: torchao's int8 configs on the
+same layers (`pip install -e ".[bench]"`). Once the paper's `qarvd` has run, the other
+variants with S1 reuse the frame weights it measured, so the ablation differs only in the
+switches. Results are written after every variant, and a rerun skips what is done (a long
+sweep survives interruption).
 
     python benchmarks/quant_quality.py --w-bits 4 --a-bits 8 --out benchmarks/results/quant_quality_w4a8
 """
@@ -27,57 +28,21 @@ import numpy as np
 
 from qarvd_core.checkpoint import load_model
 from qarvd_core.eval.evaluate import EvalConfig, evaluate
-from qarvd_core.quant import CalibrationSet, config_from_dict, quantize
+from qarvd_core.quant import CalibrationSet, QArvdConfig, config_from_dict, quantize
 from qarvd_core.quant.api import DEFAULT_KEEP_FP, target_linears
+from qarvd_core.recipes import RECIPES
 
-QARVD = "qarvd (S1 + S2)"
-BASELINES = {m: {"method": m} for m in ("rtn", "smoothquant", "gptq", "vidit-q")}
-BASELINES["gptq, per-token activations"] = {"method": "gptq", "act_mode": "dynamic"}
-# The ablation: four runs of one config.
-ABLATION = {
-    QARVD: {},
-    "qarvd + S1 only": {"dual_scale": False},
-    "qarvd + S2 only": {"frame_weighting": False},
-    "qarvd, neither": {"frame_weighting": False, "dual_scale": False},
-}
-# Beyond the paper: learned rounding that starts from GPTQ's solution; GPTQ's rounding instead
-# of learned rounding (S1 weighting its Hessian), also against the quantized activations
-# ("act-aware"); the prompt-fed layers optimised too; per-token dynamic activations; symmetric weights.
-GPTQ_ROUNDING = {"rounding_init": "gptq", "recon_iters": 0}
-ACT_AWARE = {"rounding_init": "gptq-act", "recon_iters": 0}
-PROMPT_LAYERS = {"reconstruct_prompt_layers": True}
-PER_TOKEN = {**ACT_AWARE, **PROMPT_LAYERS, "act_mode": "dynamic"}
-SYMMETRIC = {"w_symmetric": True}
-EXTENSIONS = {
-    "": {},
-    ", GPTQ start": {"rounding_init": "gptq"},
-    ", prompt layers too": PROMPT_LAYERS,
-    ", GPTQ rounding": GPTQ_ROUNDING,
-    ", GPTQ rounding, prompt layers too": {**GPTQ_ROUNDING, **PROMPT_LAYERS},
-    ", act-aware GPTQ rounding": ACT_AWARE,
-    ", act-aware GPTQ rounding, prompt layers too": {**ACT_AWARE, **PROMPT_LAYERS},
-    ", act-aware GPTQ rounding, prompt layers too, per-token activations": PER_TOKEN,
-    # Symmetric weights (no zero-point term in deploy mode), as torchao's int8 configs have.
-    ", act-aware GPTQ rounding, prompt layers too, symmetric weights": {**ACT_AWARE, **PROMPT_LAYERS, **SYMMETRIC},
-    ", act-aware GPTQ rounding, prompt layers too, per-token activations, symmetric weights": {
-        **PER_TOKEN,
-        **SYMMETRIC,
-    },
-}
-VARIANTS = BASELINES | {
-    name + suffix: {"method": "qarvd", **switches, **extra}
-    for suffix, extra in EXTENSIONS.items()
-    for name, switches in ABLATION.items()
-}
-
+QARVD = "qarvd"  # the paper's method: the S1 variants reuse its frame weights, and its line is drawn bold
 # torchao's int8 configs (per-channel symmetric weights, RTN; dynamic per-token symmetric
 # activations or none), by their class names in torchao.quantization. Data-free: no calibration.
 PEERS = {
-    "torchao int8 dynamic": "Int8DynamicActivationInt8WeightConfig",
-    "torchao int8 weight-only": "Int8WeightOnlyConfig",
+    "torchao-int8-dynamic": "Int8DynamicActivationInt8WeightConfig",
+    "torchao-int8-weight-only": "Int8WeightOnlyConfig",
 }
 # Weight-only int8 keeps the activations in float: reported, but not a baseline at the same bits.
-SAME_BITS_PEERS = ("torchao int8 dynamic",)
+SAME_BITS_PEERS = ("torchao-int8-dynamic",)
+# What Q-ARVD is measured against: every recipe of another method, and the peer at the same bits.
+BASELINES = tuple(name for name, r in RECIPES.items() if r.method != QARVD) + SAME_BITS_PEERS
 
 
 def torchao_model(base, config_name: str):
@@ -174,7 +139,7 @@ def plot_per_chunk(results: dict, title: str, command: str, path: Path) -> None:
 def write_report(results: dict, meta: dict, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     ref = next(iter(results.values()))["reference_action_accuracy"] if results else None
-    baselines = [n for n in results if n in BASELINES or n in SAME_BITS_PEERS]
+    baselines = [n for n in results if n in BASELINES]
     best = max(baselines, key=lambda n: results[n]["psnr_db_mean"], default=None)
     # Paired gaps to GPTQ, to the best baseline at these bits, and to the peer library's.
     anchors = list(dict.fromkeys(n for n in ("gptq", best, *SAME_BITS_PEERS) if n in results))
@@ -208,7 +173,7 @@ def main() -> None:
     ap.add_argument("--model", default="tiny-world")
     ap.add_argument("--w-bits", type=int, default=4)
     ap.add_argument("--a-bits", type=int, default=8)
-    ap.add_argument("--only", nargs="*", help="a subset of the variants, by name")
+    ap.add_argument("--only", nargs="*", help="a subset of the variants: recipe names, and torchao's at W8A8")
     ap.add_argument("--scenarios", type=int, default=8)
     ap.add_argument("--frames", type=int, default=48)
     ap.add_argument("--split", default="heldout", choices=["heldout", "calibration"], help="calibration: to choose")
@@ -235,13 +200,17 @@ def main() -> None:
         "eval": f"qarvd eval, {a.scenarios} {a.split} scenarios x {a.frames} frames, simulate mode",
     }
     done = json.loads(out.with_suffix(".json").read_text())["results"] if out.with_suffix(".json").exists() else {}
-    peers = {name: {"method": cls} for name, cls in PEERS.items()} if (a.w_bits, a.a_bits) == (8, 8) else {}
-    for name, options in (VARIANTS | peers).items():
+    variants = {name: {"method": name, "w_bits": a.w_bits, "a_bits": a.a_bits} for name in RECIPES}
+    if (a.w_bits, a.a_bits) == (8, 8):
+        variants |= {name: {"method": cls} for name, cls in PEERS.items()}
+    unknown = set(a.only or ()) - set(variants)
+    if unknown:
+        ap.error(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(variants)}")
+    for name, options in variants.items():
         if name in done or (a.only and name not in a.only):
             continue
-        if name not in peers:
-            options = {**options, "w_bits": a.w_bits, "a_bits": a.a_bits}
-        if options["method"] == "qarvd" and options.get("frame_weighting", True) and QARVD in done:
+        config = None if name in PEERS else config_from_dict(options)
+        if isinstance(config, QArvdConfig) and config.frame_weighting and QARVD in done:
             options["frame_weights"] = done[QARVD]["frame_weights"]
         print(f"{name}: quantizing", flush=True)
         done[name] = run_variant(base, options, calib, eval_cfg)

@@ -38,23 +38,14 @@ from qarvd_core.checkpoint import load_model
 from qarvd_core.eval.bench import bench_stream
 from qarvd_core.eval.metrics import psnr
 from qarvd_core.model import KVCache, ModelArgs, WorldModel, compile_inference
-from qarvd_core.quant import CalibrationSet, QArvdConfig, RTNConfig, quantize, set_compute_dtype, set_mode
+from qarvd_core.quant import CalibrationSet, RTNConfig, config_from_dict, quantize, set_compute_dtype, set_mode
 from qarvd_core.quant.api import DEFAULT_KEEP_FP, target_linears
 from qarvd_core.quant.methods import ViDiTQConfig
 from qarvd_core.sampling import action_ids, flow_schedule, prompt_id, rollout, to_uint8
 
-# The most accurate W8A8 Q-ARVD on held-out worlds (benchmarks/results/quant_quality_w8a8_heldout32):
-# act-aware GPTQ rounding, prompt layers too, per-token activations, neither of the paper's switches.
-QARVD_PER_TOKEN = QArvdConfig(
-    w_bits=8,
-    a_bits=8,
-    frame_weighting=False,
-    dual_scale=False,
-    rounding_init="gptq-act",
-    recon_iters=0,
-    reconstruct_prompt_layers=True,
-    act_mode="dynamic",
-)
+# The most accurate W8A8 setting on held-out worlds (benchmarks/results/quant_quality_w8a8_camera_heldout32):
+# GPTQv2's act-aware rounding with per-token activations, the recipe Q-ARVD's ablation reaches without its switches.
+GPTQ_ACT_PER_TOKEN = config_from_dict({"method": "gptq-act-per-token", "w_bits": 8, "a_bits": 8})
 COMPILED, MAX_AUTOTUNE = "compiled", "max-autotune"  # how a variant's blocks are compiled (None: eager)
 ROLLOUT = (["islands", "desert"], [["right"] * 12, ["down"] * 6 + ["left"] * 6], [1, 2])
 
@@ -153,8 +144,8 @@ def variants(fp32: WorldModel, calib: CalibrationSet, wanted=lambda label: True)
         ("qarvd W4A8", RTNConfig(w_bits=4, a_bits=8)),
         ("qarvd W4A8 symmetric weights", RTNConfig(w_bits=4, a_bits=8, w_symmetric=True)),
         ("qarvd W8A8 per-token (vidit-q)", ViDiTQConfig(w_bits=8, a_bits=8)),
-        ("qarvd W8A8 per-token (Q-ARVD, act-aware rounding)", QARVD_PER_TOKEN),
-        ("qarvd W8A8 per-token symmetric weights (Q-ARVD)", replace(QARVD_PER_TOKEN, w_symmetric=True)),
+        ("qarvd W8A8 per-token (Q-ARVD, act-aware rounding)", GPTQ_ACT_PER_TOKEN),
+        ("qarvd W8A8 per-token symmetric weights (Q-ARVD)", replace(GPTQ_ACT_PER_TOKEN, w_symmetric=True)),
     ):
         if not any(wanted(f"{label} deploy ({how})") for how in ("eager", COMPILED, MAX_AUTOTUNE)):
             continue

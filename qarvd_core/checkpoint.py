@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qarvd_core.model import ModelArgs, WorldModel
-from qarvd_core.quant.api import config_from_dict, swap_module
+from qarvd_core.quant.api import config_from_manifest, swap_module
 from qarvd_core.quant.linear import DualScaleQuantLinear, QuantLinear, set_compute_dtype, set_mode
 from qarvd_core.wan import is_card, load_card_model
 
@@ -192,7 +192,7 @@ def load_quantized(path: Path | str) -> WorldModel:
         raise ValueError(f"{path} cannot be read ({e}): copy it again or re-run `qarvd quantize`") from e
 
     info = manifest["quantization"]
-    config = config_from_dict(info["config"])
+    config = config_from_manifest(info["config"])
     model = WorldModel(ModelArgs(**manifest["args"]))
     for name, layer in info["layers"].items():
         lin = model.get_submodule(name)

@@ -14,6 +14,8 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from qarvd_core.recipes import RECIPES
+
 # `generate` holds the whole video in memory: ten minutes at 16 frames/s.
 GENERATE_MAX_FRAMES = 9600
 
@@ -336,16 +338,20 @@ def bench(
     typer.echo(text)
 
 
-@app.command()
+@app.command(
+    epilog="\n\n".join(["Methods and recipes for --method:", *(f"{n}: {r.about}" for n, r in RECIPES.items())])
+)
 def quantize(
     model: str = typer.Option("tiny-world", help="base model: name or weights path"),
-    method: str = typer.Option("qarvd", help="quantization method: qarvd, rtn, smoothquant, gptq or vidit-q"),
+    method: str = typer.Option("qarvd", help="a method, or a recipe (a method with preset options, see below)"),
     w_bits: int = typer.Option(8, help="weight bits, 2..8"),
     a_bits: int = typer.Option(8, help="activation bits, 2..8"),
     out: Path = typer.Option(..., help="output checkpoint NAME.safetensors (NAME.json is written beside it)"),
     calib_rollouts: int = typer.Option(16, min=1, help="calibration rollouts (calibration split)"),
     calib_chunks: int = typer.Option(7, min=2, help="chunks per calibration rollout"),
-    option: list[str] = typer.Option([], "--option", "-o", help="method option KEY=VALUE (JSON value), repeatable"),
+    option: list[str] = typer.Option(
+        [], "--option", "-o", help="method option KEY=VALUE (JSON value), repeatable; overrides the recipe's"
+    ),
     evaluate: bool = typer.Option(True, help="measure PSNR/SSIM/action accuracy vs the base and store them"),
 ):
     """Quantize a model and write a versioned checkpoint usable wherever a model name is."""

@@ -1,6 +1,7 @@
 """One verb: `quantize(model, config, calibration)` returns a quantized copy of the model.
 
-Configs are frozen dataclasses, one per method, registered by name for the CLI and REST.
+Configs are frozen dataclasses, one per method, registered by name; the CLI, REST and the
+benchmarks name them through recipes (`qarvd_core.recipes`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from qarvd_core.model import WorldModel
 from qarvd_core.quant.calibration import CalibrationSet, collect_inputs
 from qarvd_core.quant.primitives import QuantSpec
+from qarvd_core.recipes import RECIPES
 
 # Kept in full precision by default, as in the paper: patch embedding, time embedding and
 # projection, output head (attention matmuls and the KV cache are never quantized).
@@ -56,6 +58,11 @@ class QuantConfig:
         d = asdict(self)
         d["keep_fp"] = list(self.keep_fp)
         return {"method": self.name, **d}
+
+    @classmethod
+    def upgrade(cls, saved: dict) -> dict:
+        """A config an older qarvd saved in a manifest, with its options mapped to today's."""
+        return saved
 
 
 @dataclass
@@ -129,14 +136,18 @@ def _numbers(value) -> list:
 def config_from_dict(d: dict) -> QuantConfig:
     """Build a method's config from {"method": name, ...}, as JSON gives it (lists for tuples).
 
+    `name` is a method or a recipe; the recipe's options are the defaults of the given ones.
     Unknown names or fields, values of the wrong type (a float for an integer, 0 for a bool,
     a number among layer names) and negative numbers raise ConfigError naming the field;
     each method's own range checks raise it without a field.
     """
     d = dict(d)
     name = d.pop("method", None)
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}", "method")
+    recipe = RECIPES.get(name) if isinstance(name, str) else None
+    if recipe is not None:
+        name, d = recipe.method, {**recipe.options, **d}
+    if not isinstance(name, str) or name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(RECIPES)}", "method")
     cls = METHODS[name][0]
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
@@ -154,6 +165,14 @@ def config_from_dict(d: dict) -> QuantConfig:
         return cls(**d)
     except ValueError as e:  # the method's own range checks, which name their fields in the message
         raise ConfigError(str(e)) from e
+
+
+def config_from_manifest(saved: dict) -> QuantConfig:
+    """The config a quantized checkpoint's manifest records, also as older versions wrote it."""
+    name = saved.get("method")
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r} in the manifest; this qarvd knows {', '.join(METHODS)}")
+    return config_from_dict(METHODS[name][0].upgrade(dict(saved)))
 
 
 def target_linears(model: nn.Module, keep_fp: tuple[str, ...]) -> dict[str, nn.Linear]:

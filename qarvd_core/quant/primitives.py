@@ -126,17 +126,13 @@ class AdaRound(nn.Module):
 
     zeta, gamma = 1.1, -0.1
 
-    def __init__(self, w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec, start: Tensor | None = None):
-        """`start`: codes to begin from instead of nearest (e.g. GPTQ's); h starts at 0.9 where
-        a code is above floor(w / s), else at 0.1."""
+    def __init__(self, w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec):
         super().__init__()
         self.spec = spec
         self.register_buffer("scale", scale.reshape(-1, 1).float().clone())
         self.register_buffer("zero", zero.reshape(-1, 1).float().clone())
         self.register_buffer("w_floor", torch.floor(w.float() / self.scale))
         rest = (w.float() / self.scale - self.w_floor).clamp(0.01, 0.99)
-        if start is not None:
-            rest = torch.where(start - self.zero > self.w_floor, 0.9, 0.1)
         self.alpha = nn.Parameter(-torch.log((self.zeta - self.gamma) / (rest - self.gamma) - 1))
 
     def h(self) -> Tensor:

@@ -1,15 +1,17 @@
 """GPTQ (Frantar et al., ICLR 2023): quantize weight columns in order and compensate each column's
-error on the remaining columns with the inverse Hessian H = 2 X^T X; activations as RTN."""
+error on the remaining columns with the inverse Hessian H = 2 X^T X; activations as RTN.
+`act_aware` is GPTQv2's asymmetric calibration (Li et al. 2025)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from qarvd_core.quant.api import Progress, QuantConfig, check_act_mode, quantize_each_layer, register
 from qarvd_core.quant.calibration import CalibrationSet
-from qarvd_core.quant.linear import QuantLinear
+from qarvd_core.quant.linear import WEIGHT_INITS, DualScaleQuantLinear, QuantLinear
 from qarvd_core.quant.primitives import QuantSpec, minmax_weight, quantize
 
 
@@ -21,12 +23,18 @@ class GPTQConfig(QuantConfig):
     percdamp: float = 0.01
     block: int = 128
     act_mode: str = "static"  # or "dynamic": per-token ranges at run time
+    # Round against the inputs as the quantized layer sees them (activation-quantized), aiming
+    # at the FP outputs, so the weights also absorb the activation error (GPTQv2).
+    act_aware: bool = False
+    weight_init: str = "minmax"  # per-channel scales: "minmax", or "mse" (searched clipping)
 
     def __post_init__(self):
         super().__post_init__()
         check_act_mode(self.act_mode)
         if not 0 < self.percdamp < 1 or self.block < 1:
             raise ValueError("percdamp must be in (0, 1) and block >= 1")
+        if self.weight_init not in WEIGHT_INITS:
+            raise ValueError(f"weight_init must be one of {tuple(WEIGHT_INITS)}, got {self.weight_init!r}")
 
 
 def gptq_codes(
@@ -87,16 +95,40 @@ def gptq_codes(
     return codes, scale, zero
 
 
+def gptq_round(layer: nn.Module, w: torch.Tensor, x: torch.Tensor, config: GPTQConfig, row_weights=None) -> None:
+    """Replace the codes of a quantized `layer` (a QuantLinear, or a DualScaleQuantLinear whose
+    two parts are rounded in one pass, so each part's error is compensated on the other's
+    columns too) by GPTQ's, on its own scales; `x` [S, in] are its FP inputs, `w` its FP weight."""
+    groups = [(part, slice(None) if idx is None else idx) for part, idx in parts(layer)]
+    scale, zero = torch.empty_like(w), torch.empty_like(w)
+    x_quant = torch.empty_like(x) if config.act_aware else None
+    for part, cols in groups:
+        scale[:, cols] = part.w_scale[:, None]
+        zero[:, cols] = own_zero(part)[:, None]
+        if config.act_aware:
+            x_quant[:, cols] = part.quantize_input(x[:, cols])
+    codes, _, _ = gptq_codes(w, x, config.w_spec, config.percdamp, config.block, scale, zero, row_weights, x_quant)
+    for part, cols in groups:
+        part.set_weight(codes[:, cols], part.w_scale, own_zero(part))
+
+
+def parts(layer: nn.Module) -> list[tuple[QuantLinear, torch.Tensor | None]]:
+    """A layer's quantizers and their input columns (None: all)."""
+    return layer.parts() if isinstance(layer, DualScaleQuantLinear) else [(layer, None)]
+
+
+def own_zero(part: QuantLinear) -> torch.Tensor:
+    """Zero points [out] in the quantizer's own code range (QuantLinear stores them centred into int8)."""
+    return part.w_zero + (0 if part.w_spec.symmetric else 2 ** (part.w_spec.bits - 1))
+
+
 @register(GPTQConfig)
 def run(model, config: GPTQConfig, calib: CalibrationSet, progress: Progress) -> dict:
     def build(lin, x):
-        q = QuantLinear(
-            lin.in_features, lin.out_features, config.w_spec, config.a_spec, config.act_mode, bias=lin.bias is not None
-        )
-        q.set_weight(*gptq_codes(lin.weight.detach(), x, config.w_spec, config.percdamp, config.block))
-        if lin.bias is not None:
-            q.bias = lin.bias.detach().float().clone()
-        q.init_activation(x, pcts=(100.0,))  # static only
+        w = lin.weight.detach().float()
+        q = QuantLinear.from_float(w, lin.bias, config.w_spec, config.a_spec, config.act_mode, config.weight_init)
+        q.init_activation(x, pcts=(100.0,))  # static only; act-aware rounding sees these ranges
+        gptq_round(q, w, x, config)
         return q
 
     return quantize_each_layer(model, config, calib, progress, build)

@@ -20,14 +20,13 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from qarvd_core.model import WorldModel
-from qarvd_core.quant.api import Progress, QuantConfig, check_act_mode, register, swap_module, target_linears
+from qarvd_core.quant.api import Progress, QuantConfig, config_from_dict, register, swap_module, target_linears
 from qarvd_core.quant.calibration import CalibrationSet, LayerInputs, collect_inputs
 from qarvd_core.quant.linear import DualScaleQuantLinear, QuantLinear
-from qarvd_core.quant.methods.gptq import gptq_codes
+from qarvd_core.quant.methods.gptq import GPTQConfig, gptq_round, own_zero, parts
 from qarvd_core.quant.primitives import AdaRound, fake_quant
+from qarvd_core.recipes import RECIPES
 from qarvd_core.sampling import rollout
-
-ROUNDING_INITS = ("nearest", "gptq", "gptq-act")
 
 # Layers the official code leaves at round-to-nearest (their inputs are the prompt tokens).
 NO_RECONSTRUCTION = ("cross_attn.k", "cross_attn.v", "text_embedding")
@@ -44,22 +43,12 @@ class QArvdConfig(QuantConfig):
     dual_scale: bool = True  # S2
     weighting_on_dual_scale: bool = False  # the official code turns S1 off on dual-scale layers
     frame_weights: tuple[float, ...] | None = None  # given weights skip the sensitivity measurement
-    # Where learned rounding starts: "nearest" (AdaRound, the official code), "gptq" (beyond the
-    # paper: each weight leans to the side GPTQ's Hessian-compensated rounding chose) or
-    # "gptq-act" (GPTQ on the activation-quantized inputs, aiming at the FP outputs, so the
-    # weights also absorb the activation error as AdaRound's loss makes them). With
-    # recon_iters=0 that rounding is final.
-    rounding_init: str = "nearest"
-    # The official code leaves the layers fed by the prompt tokens at round-to-nearest; True
-    # optimises their rounding too (beyond the paper: with a handful of prompts, as in the
-    # tiny world, those layers are the whole conditioning and their error reaches every frame).
-    reconstruct_prompt_layers: bool = False
-    # "static": one calibrated range per layer (the paper). "dynamic": a range per token at run
-    # time, the scheme of ViDiT-Q and torchao's int8 dynamic config (beyond the paper); S1 then
-    # weights only the rounding, since there is no range to search.
-    act_mode: str = "static"
     sensitivity_rollouts: int = 8
-    recon_iters: int = 2000
+    # "adaround": layer-wise AdaRound with a learned activation step size (the official code).
+    # Or a GPTQ recipe (see `gptq_recipes()`): its rounding, on every layer, and its activation
+    # scheme, on Q-ARVD's quantizers, S1 weighting GPTQ's Hessian (beyond the paper).
+    rounding: str = "adaround"
+    recon_iters: int = 2000  # AdaRound steps per layer; 0 keeps round-to-nearest
     recon_rows: int = 256  # calibration rows per reconstruction step
     lr_rounding: float = 2e-3
     lr_act_scale: float = 4e-5
@@ -72,9 +61,34 @@ class QArvdConfig(QuantConfig):
         super().__post_init__()
         if self.recon_iters < 0 or self.sensitivity_rollouts < 1 or self.recon_rows < 1:
             raise ValueError("recon_iters must be >= 0, sensitivity_rollouts and recon_rows >= 1")
-        if self.rounding_init not in ROUNDING_INITS:
-            raise ValueError(f"rounding_init must be one of {ROUNDING_INITS}, got {self.rounding_init!r}")
-        check_act_mode(self.act_mode)
+        if self.rounding != "adaround" and self.rounding not in gptq_recipes():
+            raise ValueError(f"rounding must be 'adaround' or one of {gptq_recipes()}, got {self.rounding!r}")
+
+    def gptq(self) -> GPTQConfig | None:
+        """The GPTQ config that rounds the weights, at these bits; None for AdaRound."""
+        if self.rounding == "adaround":
+            return None
+        shared = {"w_bits": self.w_bits, "a_bits": self.a_bits, "w_symmetric": self.w_symmetric}
+        return config_from_dict({"method": self.rounding, **shared, "keep_fp": list(self.keep_fp)})
+
+    @classmethod
+    def upgrade(cls, saved: dict) -> dict:
+        """Manifests of format 1 before recipes: `rounding_init` ("nearest", "gptq", "gptq-act"; a
+        GPTQ start for AdaRound when recon_iters > 0), `act_mode` and `reconstruct_prompt_layers`
+        become `rounding`. A checkpoint's layers keep their own activation scheme, so the one
+        combination with no recipe (AdaRound with per-token activations) reads as AdaRound."""
+        if "rounding_init" not in saved:
+            return saved
+        init = saved.pop("rounding_init")
+        per_token = saved.pop("act_mode", "static") == "dynamic"
+        saved.pop("reconstruct_prompt_layers", None)
+        if init != "nearest" and saved.get("recon_iters", 2000) == 0:
+            saved["rounding"] = init + ("-per-token" if per_token else "")
+        return saved
+
+
+def gptq_recipes() -> tuple[str, ...]:
+    return tuple(name for name, r in RECIPES.items() if r.method == GPTQConfig.name)
 
 
 def find_outlier_columns(w: Tensor, z: float = 3.5, ratio: float = 1.2, align: int = 32) -> Tensor:
@@ -161,12 +175,11 @@ def reconstruct(
     scaled to a forward pass's token count, plus the rounding regulariser once warm-up ends
     (beta 20 -> 2 over the remaining 80% of steps).
     """
-    parts = _parts(layer)
+    groups = parts(layer)
     rounders, scales = [], []
-    for part, idx in parts:
+    for part, idx in groups:
         w = w_fp if idx is None else w_fp[:, idx]
-        start = part.weight_codes().float() + _centre(part) if cfg.rounding_init != "nearest" else None
-        rounders.append(AdaRound(w, part.w_scale, part.w_zero + _centre(part), part.w_spec, start))
+        rounders.append(AdaRound(w, part.w_scale, own_zero(part), part.w_spec))
         scales.append(nn.Parameter(part.a_scale.clone()))
     opt_round = torch.optim.Adam([r.alpha for r in rounders], lr=cfg.lr_rounding)
     opt_act = torch.optim.Adam(scales, lr=cfg.lr_act_scale)
@@ -180,9 +193,9 @@ def reconstruct(
         rows = torch.randint(0, len(x), (min(cfg.recon_rows, len(x)),), generator=generator)
         xb, target = x[rows], target_all[rows]
         pred = 0 if b_fp is None else b_fp
-        for (part, idx), rnd, s in zip(parts, rounders, scales):
+        for (part, idx), rnd, s in zip(groups, rounders, scales):
             xin = xb if idx is None else xb[:, idx]
-            xq = fake_quant(xin, s, part.a_zero, part.a_spec) if part.act_mode == "static" else part.quantize_input(xin)
+            xq = fake_quant(xin, s, part.a_zero, part.a_spec)
             pred = pred + F.linear(xq, rnd())
         err = (pred - target).pow(2)
         if row_w is not None:
@@ -201,38 +214,10 @@ def reconstruct(
         with torch.no_grad():
             for s in scales:
                 s.clamp_(min=1e-8)
-    for (part, _), rnd, s in zip(parts, rounders, scales):
-        part.set_weight(rnd.codes(hard=True).detach(), part.w_scale, part.w_zero + _centre(part))
-        if part.act_mode == "static":
-            part.set_activation(s.detach(), part.a_zero)
+    for (part, _), rnd, s in zip(groups, rounders, scales):
+        part.set_weight(rnd.codes(hard=True).detach(), part.w_scale, own_zero(part))
+        part.set_activation(s.detach(), part.a_zero)
     return float(loss.detach())
-
-
-def _parts(layer: nn.Module) -> list[tuple[QuantLinear, Tensor | None]]:
-    return layer.parts() if isinstance(layer, DualScaleQuantLinear) else [(layer, None)]
-
-
-def _gptq_round(layer: nn.Module, w: Tensor, x: Tensor, row_w: Tensor | None, act_aware: bool) -> None:
-    """Round `layer` GPTQ's way on its own scales, rows weighted by chunk (S1) when given, and
-    with `act_aware` against its own activation quantizers; reconstruction, if any, then starts
-    from these codes. Both parts of a dual-scale layer are rounded in one pass, so the error
-    of each column is compensated on the other part's columns too."""
-    parts = [(part, slice(None) if idx is None else idx) for part, idx in _parts(layer)]
-    scale, zero = torch.empty_like(w), torch.empty_like(w)
-    x_quant = torch.empty_like(x) if act_aware else None
-    for part, cols in parts:
-        scale[:, cols] = part.w_scale[:, None]
-        zero[:, cols] = (part.w_zero + _centre(part))[:, None]
-        if act_aware:
-            x_quant[:, cols] = part.quantize_input(x[:, cols])
-    codes, _, _ = gptq_codes(w, x, parts[0][0].w_spec, 0.01, 128, scale, zero, row_w, x_quant)
-    for part, cols in parts:
-        part.set_weight(codes[:, cols], part.w_scale, part.w_zero + _centre(part))
-
-
-def _centre(part: QuantLinear) -> int:
-    # QuantLinear stores zero points centred into int8; AdaRound works in the quantizer's own range.
-    return 0 if part.w_spec.symmetric else 2 ** (part.w_spec.bits - 1)
 
 
 @register(QArvdConfig)
@@ -245,6 +230,8 @@ def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress:
     }
     progress("collecting", 0.0)
     inputs_fp = collect_inputs(model, linears, calib, progress.bars)  # reconstruction data: FP inputs
+    gptq = config.gptq()
+    act_mode = "static" if gptq is None else gptq.act_mode
 
     summary = {}
     for name in linears:
@@ -262,13 +249,13 @@ def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress:
             "in": w.shape[1],
             "out": w.shape[0],
             "outliers": len(outliers),
-            "act_mode": config.act_mode,
+            "act_mode": act_mode,
         }
     layers = _quantized_layers(model)
     layers = {n: layers[n] for n in linears}
 
     # Static activation ranges come from the weight-quantized model with float activations.
-    static = config.act_mode == "static"
+    static = act_mode == "static"
     if static:
         _set_act_mode(layers, "none")
         progress("collecting", 0.5)
@@ -295,14 +282,13 @@ def run(model: WorldModel, config: QArvdConfig, calib: CalibrationSet, progress:
         weighted = weights if (summary[name]["kind"] == "linear" or config.weighting_on_dual_scale) else None
         if weighted is not None and static:
             layer.init_activation(inputs_wq[name].stacked()[0], _row_weights(inputs_wq[name], weighted))
-        if any(k in name for k in NO_RECONSTRUCTION) and not config.reconstruct_prompt_layers:
-            continue
         x, _, _ = inputs_fp[name].stacked()
         w, b = fp_params[name]
         row_w = _row_weights(inputs_fp[name], weighted)
-        if config.rounding_init != "nearest":
-            _gptq_round(layer, w, x, row_w, act_aware=config.rounding_init == "gptq-act")
-        if config.recon_iters == 0:
+        if gptq is not None:
+            gptq_round(layer, w, x, gptq, row_w)
+            continue
+        if any(k in name for k in NO_RECONSTRUCTION) or config.recon_iters == 0:
             continue
 
         def report(fraction: float, i: int = i) -> None:

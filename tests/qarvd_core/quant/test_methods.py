@@ -55,21 +55,22 @@ def test_calibration_rows_are_tagged_by_chunk_and_time(mini):
 
 
 @pytest.mark.parametrize(
-    "config, floor_db",
+    "config, floor_db, act_mode",
     [
-        (RTNConfig(w_bits=8, a_bits=8), 30),
-        (RTNConfig(w_bits=8, a_bits=8, w_symmetric=True), 30),
-        (RTNConfig(w_bits=4, a_bits=8, percentile=99.99), 10),
-        (QArvdConfig(w_bits=8, a_bits=8, recon_iters=20, sensitivity_rollouts=2), 30),
-        (QArvdConfig(w_bits=4, a_bits=8, recon_iters=20, frame_weighting=False), 10),
-        (QArvdConfig(w_bits=8, a_bits=8, recon_iters=20, sensitivity_rollouts=2, act_mode="dynamic"), 30),
-        (SmoothQuantConfig(w_bits=8, a_bits=8, alpha=0.5), 20),
-        (GPTQConfig(w_bits=4, a_bits=8), 10),
-        (GPTQConfig(w_bits=8, a_bits=8, act_mode="dynamic"), 30),
-        (ViDiTQConfig(w_bits=8, a_bits=8), 30),
+        (RTNConfig(w_bits=8, a_bits=8), 30, "static"),
+        (RTNConfig(w_bits=8, a_bits=8, w_symmetric=True), 30, "static"),
+        (RTNConfig(w_bits=4, a_bits=8, percentile=99.99), 10, "static"),
+        (QArvdConfig(w_bits=8, a_bits=8, recon_iters=20, sensitivity_rollouts=2), 30, "static"),
+        (QArvdConfig(w_bits=4, a_bits=8, recon_iters=20, frame_weighting=False), 10, "static"),
+        (QArvdConfig(w_bits=8, a_bits=8, sensitivity_rollouts=2, rounding="gptq-act-per-token"), 30, "dynamic"),
+        (SmoothQuantConfig(w_bits=8, a_bits=8, alpha=0.5), 20, "static"),
+        (GPTQConfig(w_bits=4, a_bits=8), 10, "static"),
+        (GPTQConfig(w_bits=8, a_bits=8, act_mode="dynamic"), 30, "dynamic"),
+        (GPTQConfig(w_bits=4, a_bits=8, act_aware=True, weight_init="mse"), 10, "static"),
+        (ViDiTQConfig(w_bits=8, a_bits=8), 30, "dynamic"),
     ],
 )
-def test_each_method_runs_end_to_end(mini, config, floor_db):
+def test_each_method_runs_end_to_end(mini, config, floor_db, act_mode):
     ref = rollout(mini, *ARGS)
     q = quantize(mini, config, CAL, progress=False)
     assert sqnr(rollout(q, *ARGS), ref) > floor_db
@@ -79,7 +80,6 @@ def test_each_method_runs_end_to_end(mini, config, floor_db):
     assert isinstance(q.head.head, torch.nn.Linear) and isinstance(q.time_projection[1], torch.nn.Linear)
     info = q.quant_info
     assert info["config"]["method"] == config.name and info["calibration"]["split"] == "calibration"
-    act_mode = "dynamic" if isinstance(config, ViDiTQConfig) else getattr(config, "act_mode", "static")
     assert {m.act_mode for m in q.modules() if isinstance(m, QuantLinear)} == {act_mode}
     set_mode(q, "deploy")
     assert sqnr(rollout(q, *ARGS), ref) > floor_db
@@ -176,21 +176,23 @@ def test_qarvd_uses_sensitivity_weights_and_dual_scale(make_mini):
     assert off.quant_info["frame_weights"] is None
 
 
-def test_qarvd_leaves_prompt_layers_at_nearest_unless_asked(mini):
+def test_qarvd_leaves_prompt_layers_at_nearest_and_gptq_rounding_rounds_them(mini):
     prompt_layer = "blocks.0.cross_attn.k"
 
     def run(**options):
-        cfg = QArvdConfig(w_bits=4, recon_iters=30, frame_weighting=False, dual_scale=False, **options)
+        cfg = QArvdConfig(w_bits=4, frame_weighting=False, dual_scale=False, **options)
         q = quantize(mini, cfg, CAL, progress=False)
         return q.quant_info["layers"], q.get_submodule(prompt_layer).weight_codes()
 
-    official, codes_official = run()
+    official, codes_official = run(recon_iters=30)
     assert "recon_loss" not in official[prompt_layer] and "recon_loss" in official["blocks.0.self_attn.k"]
-    optimised, codes_optimised = run(reconstruct_prompt_layers=True)
-    assert "recon_loss" in optimised[prompt_layer] and not torch.equal(codes_official, codes_optimised)
+    _, codes_nearest = run(recon_iters=0)
+    assert torch.equal(codes_official, codes_nearest)
+    _, codes_gptq = run(rounding="gptq")
+    assert not torch.equal(codes_gptq, codes_nearest)
 
 
-def test_qarvd_gptq_start_rounds_like_gptq_and_reconstruction_keeps_the_gain(mini):
+def test_qarvd_gptq_rounding_beats_nearest_on_the_same_scales(mini):
     layer = "blocks.0.ffn.0"
     x = collect_inputs(mini, {layer: mini.blocks[0].ffn[0]}, CAL, progress=False)[layer].stacked()[0]
     lin = mini.get_submodule(layer)
@@ -202,9 +204,7 @@ def test_qarvd_gptq_start_rounds_like_gptq_and_reconstruction_keeps_the_gain(min
         w = q.dequantized_weight()
         return (torch.nn.functional.linear(x, w, q.bias) - ref).pow(2).mean() / ref.pow(2).mean()
 
-    nearest, gptq = error(recon_iters=0), error(recon_iters=0, rounding_init="gptq")
-    assert gptq < 0.9 * nearest  # GPTQ's rounding on the same scales (0.82x when written)
-    assert error(recon_iters=60, rounding_init="gptq") < 0.9 * nearest  # learned rounding starts there
+    assert error(rounding="gptq") < 0.9 * error(recon_iters=0)  # 0.82x when written
 
 
 def test_qarvd_act_aware_rounding_lowers_the_layer_error_with_quantized_inputs(mini):
@@ -214,9 +214,9 @@ def test_qarvd_act_aware_rounding_lowers_the_layer_error_with_quantized_inputs(m
     lin = mini.get_submodule(layer)
     ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
 
-    def error(rounding_init):
-        cfg = QArvdConfig(w_bits=8, a_bits=4, frame_weighting=False, dual_scale=False, recon_iters=0)
-        q = quantize(mini, replace(cfg, rounding_init=rounding_init), CAL, progress=False).get_submodule(layer)
+    def error(rounding):
+        cfg = QArvdConfig(w_bits=8, a_bits=4, frame_weighting=False, dual_scale=False)
+        q = quantize(mini, replace(cfg, rounding=rounding), CAL, progress=False).get_submodule(layer)
         with torch.no_grad():  # simulate mode: the inputs are quantized too
             return float((q(x) - ref).pow(2).mean() / ref.pow(2).mean())
 
@@ -231,9 +231,9 @@ def test_qarvd_dynamic_activations_are_per_token_and_saved(mini_weights, tmp_pat
     x = x * torch.logspace(-1, 1, len(x))[:, None]
     lin = mini.get_submodule(layer)
     ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
-    cfg = QArvdConfig(w_bits=8, a_bits=4, dual_scale=False, recon_iters=5, sensitivity_rollouts=1)
-    static = quantize(mini, cfg, CAL, progress=False)
-    dynamic = quantize(mini, replace(cfg, act_mode="dynamic"), CAL, progress=False)
+    cfg = QArvdConfig(w_bits=8, a_bits=4, dual_scale=False, sensitivity_rollouts=1)
+    static = quantize(mini, replace(cfg, rounding="gptq"), CAL, progress=False)
+    dynamic = quantize(mini, replace(cfg, rounding="gptq-per-token"), CAL, progress=False)
     assert {m.act_mode for m in dynamic.modules() if isinstance(m, QuantLinear)} == {"dynamic"}
     assert dynamic.quant_info["layers"][layer]["act_mode"] == "dynamic" and dynamic.quant_info["frame_weights"]
     with torch.no_grad():
@@ -266,13 +266,17 @@ def test_symmetric_weights_have_no_zero_point_term_and_are_saved(mini_weights, t
     "bad, message",
     [
         ({"method": "awq"}, "unknown method"),
+        ({"method": ["qarvd"]}, "unknown method"),
         ({"method": "qarvd", "w_bits": 1}, "w_bits must be an integer from 2 to 8"),
         ({"method": "rtn", "a_bits": 9}, "a_bits"),
         ({"method": "rtn", "alpha": 0.5}, "unknown option"),
         ({"method": "rtn", "percentile": 20}, "percentile"),
-        ({"method": "qarvd", "rounding_init": "floor"}, "rounding_init"),
-        ({"method": "qarvd", "act_mode": "per-channel"}, "act_mode must be 'static'"),
+        ({"method": "qarvd", "rounding": "floor"}, "rounding must be 'adaround' or one of"),
+        ({"method": "qarvd", "rounding": "rtn"}, "rounding must be 'adaround' or one of"),
+        ({"method": "qarvd", "act_mode": "dynamic"}, "unknown option"),
+        ({"method": "qarvd-s1", "alpha": 0.5}, "unknown option.*'qarvd'"),
         ({"method": "gptq", "act_mode": "none"}, "act_mode must be 'static'"),
+        ({"method": "gptq-per-token", "weight_init": "max"}, "weight_init"),
         ({"method": "rtn", "w_symmetric": "yes"}, "w_symmetric must be true or false"),
     ],
 )
