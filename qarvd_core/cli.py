@@ -10,7 +10,6 @@ import shutil
 from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, version
 from pathlib import Path
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -66,32 +65,32 @@ def _is_in_extra(requirement: str, extra: str) -> bool:
     return re.search(rf"""extra\s*==\s*["']{re.escape(extra)}["']""", marker) is not None
 
 
-def load_plugin(ep: EntryPoint) -> click.Command:
+def load_plugin(ep: EntryPoint) -> typer.Typer:
     """The entry point's command, or, without its extra's packages, one that says how to install them."""
     missing = missing_packages(ep)
     if not missing:
         one = typer.Typer(add_completion=False)
         one.command(ep.name)(ep.load())
-        return typer.main.get_command(one)
-    hint = (
-        f"`qarvd {ep.name}` needs packages that are not installed ({', '.join(missing)}): "
-        f'pip install "{ep.dist.name}[{",".join(ep.extras)}]"'
-    )
+        return one
+    install = f'pip install "{ep.dist.name}[{",".join(ep.extras)}]"'
+    hint = f"`qarvd {ep.name}` needs packages that are not installed ({', '.join(missing)}): {install}"
     one = typer.Typer(add_completion=False, rich_markup_mode=None)  # "[serve]" is not markup
     anything = {"ignore_unknown_options": True, "allow_extra_args": True}  # explain, whatever the options
-    one.command(ep.name, help=hint, context_settings=anything)(lambda: fail(hint))
-    return typer.main.get_command(one)
+    # The listing in `qarvd --help` is rich markup, where "[serve]" would vanish unescaped.
+    listed = f"not installed: {install}".replace("[", r"\[")
+    one.command(ep.name, help=hint, short_help=listed, context_settings=anything)(lambda: fail(hint))
+    return one
 
 
 class Commands(TyperGroup):
     """The core's commands, then the plugins', each plugin imported only when it is listed or run."""
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx: typer.Context) -> list[str]:
         return [*super().list_commands(ctx), *(n for n in plugin_commands() if n not in self.commands)]
 
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+    def get_command(self, ctx: typer.Context, name: str):
         if name not in self.commands and name in plugin_commands():
-            self.add_command(load_plugin(plugin_commands()[name]), name)
+            self.add_command(typer.main.get_command(load_plugin(plugin_commands()[name])), name)
         return super().get_command(ctx, name)
 
 

@@ -2,7 +2,6 @@ import json
 import os
 from importlib.metadata import Distribution
 
-import click.testing
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -159,12 +158,12 @@ def test_a_command_whose_extra_is_not_installed_says_how_to_install_it(tmp_path)
     )
     (info / "entry_points.txt").write_text("[qarvd.commands]\nweb = no_such_module:web [web]\n")
     (ep,) = Distribution.at(info).entry_points
-    command, run = load_plugin(ep), click.testing.CliRunner()  # a click command, not a typer app
-    r = run.invoke(command, ["--help"])
+    command = load_plugin(ep)
+    r = runner.invoke(command, ["--help"])
     help_text = " ".join(r.output.split())
     assert r.exit_code == 0 and '(no-such-dist-for-qarvd): pip install "demo-plugin[web]"' in help_text
     assert "numpy" not in help_text  # installed, and not the extra's
-    r = run.invoke(command, ["--port", "1"])
+    r = runner.invoke(command, ["--port", "1"])
     assert r.exit_code == 2 and "error: `qarvd web` needs packages that are not installed" in r.output
 
 
