@@ -345,6 +345,7 @@ def test_one_chunk_with_per_frame_timesteps_matches_diffusers(tmp_path):
     expected, v = _diffusers_x0(ref, x, t, text)  # one chunk: full attention, no mask needed
     assert 0.3 < v.std() < 3  # unit-scale outputs
     got = forward(model, x, t, text)
+    # diffusers builds the timestep sinusoid in float32 where Wan uses float64: ~3e-5 of the gap.
     assert (got - expected).abs().max() <= 1e-4
 
 
