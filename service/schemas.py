@@ -7,8 +7,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from qarvd_core.world.simulator import ACTIONS, BIOME_NAMES
+from service.store import MODEL_ID_PATTERN
 
-ModelId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$", examples=["tiny-world"])]
+ModelId = Annotated[str, Field(pattern=MODEL_ID_PATTERN, examples=["tiny-world"])]
 Biome = Literal[BIOME_NAMES]  # type: ignore[valid-type]
 Action = Literal[ACTIONS]  # type: ignore[valid-type]
 
