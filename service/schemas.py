@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from qarvd_core.recipes import RECIPES
 from qarvd_core.world.simulator import ACTIONS, BIOME_NAMES
 from service.store import MODEL_ID_PATTERN
 
 ModelId = Annotated[str, Field(pattern=MODEL_ID_PATTERN, examples=["tiny-world"])]
 Biome = Literal[BIOME_NAMES]  # type: ignore[valid-type]
 Action = Literal[ACTIONS]  # type: ignore[valid-type]
+Method = Literal[tuple(RECIPES)]  # type: ignore[valid-type]  # every method is a recipe of its defaults
+
+
+class JobState(StrEnum):
+    """A quantization job's state, as views report it and `?status=` filters by it."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
 
 
 class Strict(BaseModel):
@@ -97,7 +110,9 @@ class JobRequest(Strict):  # strict: "seed": false or "w_bits": 8.0 is an error
         },
     )
     base_model: ModelId
-    method: Literal["qarvd", "rtn", "smoothquant", "gptq", "vidit-q"]
+    method: Method = Field(
+        ..., description="a method, or a named recipe of one (a method with preset options, which `options` override)"
+    )
     w_bits: int = Field(8, ge=2, le=8)
     a_bits: int = Field(8, ge=2, le=8)
     options: dict[str, bool | int | float | str | None | list[bool | int | float | str]] = Field(
@@ -113,7 +128,7 @@ class JobRequest(Strict):  # strict: "seed": false or "w_bits": 8.0 is an error
 
 class JobView(BaseModel):
     id: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobState
     stage: str
     progress: float
     attempts: int

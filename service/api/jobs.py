@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -15,7 +14,7 @@ from service.api.deps import get_engine, require_api_key
 from service.api.http import BODY_ERRORS, error_responses
 from service.engine import Engine, UnknownModel
 from service.jobs.client import IdempotencyConflict, JobClient, is_terminal
-from service.schemas import JobRequest, JobView
+from service.schemas import JobRequest, JobState, JobView
 
 router = APIRouter(prefix="/v1/quantization-jobs", tags=["quantization jobs"], dependencies=[Depends(require_api_key)])
 # One Server-Sent Event: its `data` is the job, as JSON (OpenAPI before 3.2 describes each event).
@@ -84,7 +83,7 @@ async def submit(
 
 @router.get("", response_model=list[JobView])
 async def list_jobs(
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+    status: JobState | None = None,
     limit: int = Query(50, ge=1, le=500),
     offset: int = Query(0, ge=0),
     jobs: JobClient = Depends(get_jobs),

@@ -17,10 +17,10 @@ from service.jobs.constants import (
     JOB_INDEX,
     JOB_STATS,
     WORKER_HEARTBEAT,
-    JobState,
     make_queue,
 )
 from service.jobs.tasks import result_model_id
+from service.schemas import JobState
 
 _TERMINAL = {JobState.succeeded, JobState.failed, JobState.cancelled}
 
@@ -131,7 +131,7 @@ class JobClient:
             "finished": job.completed / 1000 if job is not None and job.completed else None,
         }
 
-    async def list(self, status: str | None, limit: int, offset: int) -> list[dict]:
+    async def list(self, status: JobState | None, limit: int, offset: int) -> list[dict]:
         ids = await self.redis.zrevrange(JOB_INDEX, 0, -1)
         out = []
         for raw in ids:

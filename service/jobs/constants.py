@@ -1,4 +1,4 @@
-"""Job states, queue name and Redis keys: the one place they are spelled.
+"""Queue name and Redis keys: the one place they are spelled (job states: `service.schemas.JobState`).
 
 Why SAQ: jobs carry a heartbeat, and SAQ's sweeper retries an active job only when its
 heartbeat stops (a killed worker), never because it runs long; it has aborts (cancel),
@@ -10,7 +10,6 @@ timeout has the same problem on Redis.
 from __future__ import annotations
 
 import time
-from enum import StrEnum
 
 from redis.asyncio import Redis
 from saq.queue.redis import RedisQueue
@@ -27,14 +26,6 @@ LEASE_KEY = "qarvd:lease:{job}"
 JOB_INDEX = "qarvd:jobs"  # sorted set: job id by submission time
 WORKER_HEARTBEAT = "qarvd:worker:{name}"  # seconds-since-epoch of the worker's last beat
 JOB_STATS = "qarvd:stats:jobs"  # hash: "method|outcome|count" and "method|outcome|seconds", from workers
-
-
-class JobState(StrEnum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
 
 
 class _Queue(RedisQueue):

@@ -148,6 +148,7 @@ def test_same_idempotency_key_twenty_times_concurrently_is_one_job(stack):
     "body, field",
     [
         ({**FAST, "method": "awq"}, "method"),
+        ({**FAST, "method": "qarvd-s3"}, "method"),
         ({**FAST, "w_bits": 9}, "w_bits"),
         ({**FAST, "a_bits": 1}, "a_bits"),
         ({**FAST, "base_model": "nope"}, "base_model"),
@@ -170,6 +171,7 @@ def test_options_are_checked_against_the_method_and_never_override_the_request(s
         ({"keep_fp": [1.5]}, "keep_fp"),
         ({"percentile": "99"}, "percentile"),
         ({"recon_iters": 100}, "recon_iters"),  # another method's option
+        ({"act_mode": "dynamic"}, "act_mode"),  # a recipe's option, not this method's
     ]:
         r = submit(stack.url, {**FAST, "options": options})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "options", field], (options, r.text)
@@ -177,6 +179,8 @@ def test_options_are_checked_against_the_method_and_never_override_the_request(s
     assert httpx.get(stack.url + "/v1/quantization-jobs").json() == []
     ok = submit(stack.url, {**FAST, "options": {"keep_fp": ["head", "patch_embedding"], "percentile": 99.9}})
     assert ok.status_code == 202, ok.text
+    recipe = submit(stack.url, {**FAST, "method": "gptq-per-token", "options": {"percdamp": 0.05}})  # a named recipe
+    assert recipe.status_code == 202, recipe.text
 
 
 def test_cancel_queued_never_runs_and_cancel_running_leaves_nothing(stack):
