@@ -64,3 +64,20 @@ def test_relative_links_point_at_files_and_headings_that_exist(page):
         if anchor:
             headings = re.findall(r"^#+ (.+)$", file.read_text(), re.M)
             assert anchor in {slug(h) for h in headings}, f"{page.name}: {target}"
+
+
+def _table_after(text: str, header: str) -> dict[str, str]:
+    """Each first-column name of the table whose header row starts with `header` -> its second column."""
+    rows = text.split(header, 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    return {
+        name: row.split("|")[2].strip(" `") for row in rows for name in re.findall(r"`([\w-]+)`", row.split("|")[1])
+    }
+
+
+def test_every_method_and_recipe_is_documented_and_nothing_else():
+    from qarvd_core.quant import METHODS
+    from qarvd_core.recipes import RECIPES
+
+    doc = (ROOT / "docs" / "quantization.md").read_text()
+    assert set(_table_after(doc, "| method | config |")) == set(METHODS)
+    assert _table_after(doc, "| recipe | method |") == {name: r.method for name, r in RECIPES.items()}
