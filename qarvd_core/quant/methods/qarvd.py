@@ -44,9 +44,10 @@ class QArvdConfig(QuantConfig):
     weighting_on_dual_scale: bool = False  # the official code turns S1 off on dual-scale layers
     frame_weights: tuple[float, ...] | None = None  # given weights skip the sensitivity measurement
     sensitivity_rollouts: int = 8
-    # "adaround": layer-wise AdaRound with a learned activation step size (the official code).
-    # Or a GPTQ recipe (see `gptq_recipes()`): its rounding, on every layer, and its activation
-    # scheme, on Q-ARVD's quantizers, S1 weighting GPTQ's Hessian (beyond the paper).
+    # How the weights are rounded. "adaround": layer-wise AdaRound with a learned activation step
+    # size, as the official code (the prompt-fed layers stay at nearest). Beyond the paper, the name
+    # of a GPTQ recipe (`gptq_recipes()`): GPTQ's rounding of every layer with that recipe's damping,
+    # act-awareness and activation scheme, on Q-ARVD's quantizers, S1 weighting the Hessian's rows.
     rounding: str = "adaround"
     recon_iters: int = 2000  # AdaRound steps per layer; 0 keeps round-to-nearest
     recon_rows: int = 256  # calibration rows per reconstruction step
@@ -73,10 +74,11 @@ class QArvdConfig(QuantConfig):
 
     @classmethod
     def upgrade(cls, saved: dict) -> dict:
-        """Manifests of format 1 before recipes: `rounding_init` ("nearest", "gptq", "gptq-act"; a
-        GPTQ start for AdaRound when recon_iters > 0), `act_mode` and `reconstruct_prompt_layers`
-        become `rounding`. A checkpoint's layers keep their own activation scheme, so the one
-        combination with no recipe (AdaRound with per-token activations) reads as AdaRound."""
+        """Manifests written before recipes name the rounding with `rounding_init` ("nearest", "gptq",
+        "gptq-act"), `act_mode` and `reconstruct_prompt_layers`; they map to `rounding`. A loaded
+        checkpoint's layers keep the activation scheme each one records, so the combinations with
+        no counterpart (GPTQ's codes as AdaRound's start, AdaRound with per-token activations)
+        read as AdaRound."""
         if "rounding_init" not in saved:
             return saved
         init = saved.pop("rounding_init")
