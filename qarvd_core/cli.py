@@ -173,6 +173,37 @@ def _load(model: str, dtype: str = "fp32"):
         fail(str(e))
 
 
+def dtype_option():
+    return typer.Option("auto", help="auto (bf16 where the CPU runs it natively, else fp32), fp32 or bf16")
+
+
+def compile_option():
+    return typer.Option(None, "--compile/--no-compile", help="torch.compile the transformer blocks (default: by host)")
+
+
+def kernels_option():
+    return typer.Option("auto", help="quantized models' integer GEMMs: auto (by CPU), onednn, fbgemm or int_mm")
+
+
+def _load_planned(model: str, dtype: str, compile_blocks: bool | None, kernels: str, max_autotune: bool = False):
+    """Load `model` with the dtype, compile and kernels `qarvd_core.runtime.plan` resolves for this
+    host; the plan, and a warning if quantized layers measure slower than FP32 here, go to stderr."""
+    from qarvd_core import runtime
+
+    try:
+        plan = runtime.plan(dtype, compile_blocks, kernels).apply()
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(f"runtime: {plan.describe()}", err=True)
+    net = _load(model, plan.dtype)
+    warning = runtime.speed_warning(net, net.args.tokens_per_frame * net.args.frames_per_chunk)
+    if warning:
+        typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
+    if plan.compile:
+        net.compile_blocks(max_autotune)
+    return net, plan, warning
+
+
 def _check_writable(path: Path, what: str) -> None:
     parent = path.resolve().parent
     if parent.exists() and not parent.is_dir():
@@ -198,6 +229,9 @@ def generate(
     fps: int = typer.Option(16, min=1, max=120, help="frame rate of the MP4"),
     json_out: bool = typer.Option(False, "--json", help="print frames, fps and chunk latency as JSON"),
     action_guidance: float | None = guidance_option(),
+    dtype: str = dtype_option(),
+    compile_blocks: bool | None = compile_option(),
+    kernels: str = kernels_option(),
 ):
     """Stream a video from a model under an action script; frame i is generated under action i."""
     import json
@@ -223,7 +257,7 @@ def generate(
         if frames_dir.exists() and any(frames_dir.iterdir()):
             fail(f"--frames-dir {frames_dir} exists and is not empty; give a new directory")
         _check_writable(frames_dir, "frames directory")
-    net = _load(model)
+    net = _load_planned(model, dtype, compile_blocks, kernels)[0]
 
     stream = Stream(net, prompt, seed, **sampler_kwargs(action_guidance))
     render = ScriptRender(script, net.args.frames_per_chunk)
@@ -295,16 +329,17 @@ def bench(
     chunks: int = typer.Option(40, min=1, help="timed chunks"),
     warmup: int = typer.Option(5, min=0, help="untimed chunks first"),
     threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)"),
-    dtype: str = typer.Option("fp32", help="fp32 or bf16"),
+    dtype: str = dtype_option(),
     profile: bool = typer.Option(False, help="also report the share of time per op group"),
     sessions: int = typer.Option(1, min=1, help="streams stepped together in one batched pass, as the server does"),
     action_guidance: float | None = guidance_option(),
-    compile_blocks: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks first"),
+    compile_blocks: bool | None = compile_option(),
     max_autotune: bool = typer.Option(
         False, help="with --compile: frozen weights and AMX GEMM templates (faster; compiles take minutes)"
     ),
+    kernels: str = kernels_option(),
 ):
-    """Streaming speed: time per chunk (p50/p95) and frames per second."""
+    """Streaming speed: time per chunk (p50/p95) and frames per second, and the host and kernels that ran."""
     import contextlib
     import json
 
@@ -316,12 +351,10 @@ def bench(
         _check_writable(json_path, "result")
     if threads:
         torch.set_num_threads(threads)
-    net = _load(model, dtype)
     if max_autotune and not compile_blocks:
         fail("--max-autotune needs --compile")
-    with profile_compiled_kernels() if profile and compile_blocks else contextlib.nullcontext():
-        if compile_blocks:
-            net.compile_blocks(max_autotune)
+    net, plan, warning = _load_planned(model, dtype, compile_blocks, kernels, max_autotune)
+    with profile_compiled_kernels() if profile and plan.compile else contextlib.nullcontext():
         result = bench_stream(
             net,
             chunks=chunks,
@@ -330,7 +363,11 @@ def bench(
             sessions=sessions,
             **sampler_kwargs(action_guidance),
         )
-    result.update(model=model, compiled=compile_blocks, max_autotune=max_autotune)
+    result.update(model=model, compiled=plan.compile, max_autotune=max_autotune and plan.compile)
+    result.update(plan=plan.reasons, warning=warning)
+    host = result["host"]
+    summary = f"kernels {result['kernels']}, dtype {result['dtype']}, compiled {plan.compile}"
+    typer.echo(f"host: {host['cpu']}, torch capability {host['capability']}; {summary}", err=True)
     text = json.dumps(result, indent=2)
     if json_path is not None:
         json_path.write_text(text + "\n")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import platform
 import re
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from qarvd_core.model import WorldModel
+from qarvd_core.quant import kernels
 from qarvd_core.sampling import DEFAULT_ACTION_GUIDANCE, Stream, step_streams
 from qarvd_core.world.simulator import ACTIONS
 
@@ -85,7 +86,8 @@ def bench_stream(
         "threads": torch.get_num_threads(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "host": asdict(kernels.probe_host()),
+        "kernels": kernels.active_backend(),  # of quantized layers in deploy mode
     }
     if profile:
         result["time_share"] = _profile(streams[0], min(10, chunks))

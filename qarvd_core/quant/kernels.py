@@ -1,17 +1,37 @@
-"""Integer GEMM kernels for deploy mode: quantize -> torch._int_mm -> rescale.
+"""Integer GEMM kernels for deploy mode, one backend per class of hardware.
 
-On these CPUs a bare `_int_mm` is several times an fp32 matmul, but the quantize and
-rescale around it are elementwise passes over the activations that eager mode runs one
-op at a time. Compiled with the rest of a block (`WorldModel.compile_blocks`), the quantize
-fuses into the op that produced the activations and the rescale into the one that consumes
-the result (static activation scales make that possible).
+- "onednn" (CPUs with VNNI or AMX): quantize -> `torch._int_mm` -> rescale, and in frozen
+  compiled blocks oneDNN's int8 linear, which inductor turns into an AMX GEMM with the rescale
+  fused in. Compiled with the rest of a block (`WorldModel.compile_blocks`), the quantize fuses
+  into the op that produced the activations and the rescale into the one that consumes the
+  result (static activation scales make that possible).
+- "fbgemm" (AVX2 CPUs without VNNI): FBGEMM's int8 linear, which quantizes, multiplies and
+  rescales in one call. There `_int_mm` has no fast kernel (0.04-0.1x an fp32 matmul).
+- "int_mm": `_int_mm` alone; exact everywhere, fast only where oneDNN is (VNNI/AMX).
+- CUDA tensors always take `int_mm_padded` (cuBLAS's int8 GEMM and its shape rules).
+
+`choose_backend` picks one from the host's capabilities (`probe_host`); `use_backend` forces one.
 """
 
 from __future__ import annotations
 
+import os
+import platform
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+BACKENDS = {
+    "onednn": "torch._int_mm; oneDNN's int8 linear in frozen compiled blocks",
+    "fbgemm": "FBGEMM's int8 linear, weights split where its 16-bit pair sums could saturate",
+    "int_mm": "torch._int_mm alone",
+}
 
 # Below this many rows, when the layer has more outputs than rows, oneDNN's int8 GEMM runs up to
 # 2x faster on the transposed problem (benchmarks/gemm_shapes.py, "transposed" column).
@@ -85,7 +105,74 @@ def onednn_int8_is_exact() -> bool:
     16-bit sums (vpmaddubsw), so full-range 8-bit codes overflow: measured on an AVX2 EPYC,
     65% of a layer's outputs were wrong, by up to 1,700x. VNNI and AMX accumulate in 32 bits.
     """
-    return torch.cpu._is_vnni_supported()
+    return probe_host().vnni
+
+
+@dataclass(frozen=True)
+class Host:
+    """What this process's CPU can run, as torch sees it."""
+
+    cpu: str  # the model name the OS reports
+    capability: str  # torch's kernel level: "AVX2", "AVX512", "DEFAULT", ... (capped by ATEN_CPU_CAPABILITY)
+    vnni: bool  # 8-bit dot products into 32-bit sums (AVX512-VNNI or AVX-VNNI)
+    amx: bool
+    native_bf16: bool  # oneDNN runs bf16 natively (AVX512-BF16 or AMX); elsewhere it emulates it, slowly
+    fbgemm: bool
+
+
+@cache  # fixed for a process: torch and oneDNN read their instruction-set caps at start
+def probe_host() -> Host:
+    # torch reports what the CPU has; oneDNN, which runs the int8 and bf16 kernels, may be capped
+    # below that by ONEDNN_MAX_CPU_ISA (emulating a smaller host), and then the cap decides.
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    uncapped = isa in ("ALL", "DEFAULT")
+    return Host(
+        cpu=_cpu_model(),
+        capability=torch.backends.cpu.get_cpu_capability(),
+        # oneDNN's ISA names: every level from AVX512_CORE_BF16 up has VNNI; AMX and AVX10 levels have bf16.
+        vnni=torch.cpu._is_vnni_supported() and (uncapped or _names(isa, "VNNI", "BF16", "FP16", "AMX", "AVX10")),
+        amx=torch.cpu._is_amx_tile_supported() and (uncapped or "AMX" in isa),
+        native_bf16=torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        and (uncapped or _names(isa, "BF16", "FP16", "AMX", "AVX10")),
+        fbgemm="fbgemm" in torch.backends.quantized.supported_engines,
+    )
+
+
+def _names(isa: str, *parts: str) -> bool:
+    return any(p in isa for p in parts)
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def choose_backend(host: Host) -> tuple[str, str]:
+    """The CPU backend for `host` and why."""
+    if host.vnni or host.amx:
+        return "onednn", "VNNI/AMX: oneDNN's int8 GEMMs sum in 32 bits and are fast"
+    if host.fbgemm:
+        return "fbgemm", f"{host.capability} without VNNI: `_int_mm` has no fast kernel here, FBGEMM's int8 linear does"
+    return "int_mm", f"{host.capability} without VNNI or FBGEMM: only `_int_mm`, which is exact but slow here"
+
+
+_active: str | None = None  # the forced backend; None: `choose_backend(probe_host())`
+
+
+def use_backend(name: str | None) -> None:
+    """Force a CPU backend for layers switched to deploy mode from now on (None: choose by host)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown kernels {name!r}; choose one of {', '.join(BACKENDS)}")
+    global _active
+    _active = name
+
+
+def active_backend() -> str:
+    return _active or choose_backend(probe_host())[0]
 
 
 def onednn_pack(w: Tensor) -> Tensor:
@@ -138,3 +225,72 @@ def int8_linear_dynamic(
     acc = _asym_fix(int_mm(a, w), a, w_zero, colsum, zero, x.shape[1], asym_w)
     y = acc.float() * (s * w_scale)
     return y if bias is None else y + bias
+
+
+# FBGEMM's AVX2 kernel multiplies unsigned 8-bit activations by signed 8-bit weights and adds
+# neighbouring products, k = 2i and 2i+1, into a saturating 16-bit sum (vpmaddubsw) before it
+# widens to 32 bits. With activation codes up to 255 that sum is exact when the pair's weight
+# codes sum to at most 128 in magnitude: always for weights of 7 bits or fewer, rarely for
+# trained 8-bit ones (a quarter of tiny-world's pairs exceed it). Such weights are split into two
+# halves, w = floor(w / 2) + ceil(w / 2), each within +-64, stacked as 2N outputs and added back.
+FBGEMM_PAIR_LIMIT = 128
+
+
+def fbgemm_needs_split(w: Tensor) -> bool:
+    """Whether int8 codes w [N, K] have a pair (2i, 2i+1) whose magnitudes exceed FBGEMM's exact limit."""
+    a = F.pad(w.abs().to(torch.int16), (0, w.shape[1] % 2))
+    return bool((a[:, 0::2] + a[:, 1::2]).max() > FBGEMM_PAIR_LIMIT)
+
+
+def fbgemm_pack(w: Tensor, w_zero: Tensor, w_scale: Tensor, bias: Tensor | None) -> tuple[object, bool]:
+    """Prepack centred codes w [N, K] with zero points and scales [N] (and bias) for `int8_linear_fbgemm`."""
+    split = fbgemm_needs_split(w)
+    zero = w_zero.long()
+    if split:
+        half = torch.div(w, 2, rounding_mode="floor")
+        w = torch.cat([half, w - half])
+        zero, w_scale = torch.cat([zero, torch.zeros_like(zero)]), torch.cat([w_scale, w_scale])
+        bias = None if bias is None else torch.cat([bias, torch.zeros_like(bias)])
+    with warnings.catch_warnings(), _fbgemm_engine():
+        # FBGEMM's prepack takes only a quantized tensor, an API torch has deprecated; its int8
+        # linear has no other entry point (see `BACKENDS`, and `choose_backend`'s fallback).
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+        q = torch._make_per_channel_quantized_tensor(w.to(torch.int8), w_scale.double(), zero, 0)
+        return torch.ops.quantized.linear_prepack(q, bias), split
+
+
+@contextmanager
+def _fbgemm_engine():
+    # Prepacking picks its kernels by the process's quantized engine ("x86" may pick oneDNN).
+    saved = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "fbgemm"
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = saved
+
+
+@torch.compiler.disable  # the packed weight is a TorchScript object, which graphs cannot take
+def int8_linear_fbgemm(
+    x: Tensor, packed: object, split: bool, n: int, act: tuple[float, int, int, int] | int, bias: Tensor | None
+) -> Tensor:
+    """x [M, K] float -> [M, n] float through FBGEMM's int8 linear (`fbgemm_pack`).
+
+    `act` is (scale, zero point, qmin, qmax) of static per-tensor activations, whose quantize
+    runs inside the op: it takes unsigned codes, so the zero point moves by -qmin, and narrower
+    ranges than 8 bits are clamped first. Or the bit-width of per-token symmetric ones: each row
+    divided by its scale, quantized in the op with scale 1 and zero point 128, rescaled after;
+    `bias` is then added here (static activations: it is packed with the weight).
+    """
+    if isinstance(act, tuple):
+        s, z, qmin, qmax = act
+        if qmax - qmin < 255:
+            x = x.clamp((qmin - z) * s, (qmax - z) * s)
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, s, z - qmin, packed)
+        return y[:, :n] + y[:, n:] if split else y
+    qmax = 2 ** (act - 1) - 1
+    s = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-8)
+    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x / s, 1.0, 128, packed)
+    if split:
+        y = y[:, :n] + y[:, n:]
+    return y * s if bias is None else torch.addcmul(bias, y, s)

@@ -2,10 +2,10 @@
 
 Two modes share the same integer weights and scales:
 - simulate: dequantize and run a float matmul (fake quant; any bit-width; calibration);
-- deploy: integer GEMM through `torch._int_mm` (int8 x int8 -> int32) on CPU and CUDA,
-  with 4-bit weights stored two per byte and unpacked to int8 for the GEMM. Where
-  `_int_mm` has no kernel (other devices), deploy falls back to the simulate path.
-Both modes compute the same function up to float rounding (tested).
+- deploy: integer GEMMs on CPU and CUDA through the backend `kernels.active_backend` picks
+  for the host (oneDNN's, FBGEMM's or `_int_mm`), with 4-bit weights stored two per byte and
+  unpacked to int8 for the GEMM. On other devices deploy falls back to the simulate path.
+Both modes compute the same function up to float rounding (tested, per backend).
 """
 
 from __future__ import annotations
@@ -154,36 +154,44 @@ class QuantLinear(nn.Module):
         return F.linear(self.quantize_input(x), w, None if self.bias is None else self.bias.to(x.dtype))
 
     def _deploy_tensors(self) -> dict:
-        # Unpacked int8 weights, their row sums and integer zero points: once per weight change.
-        if self._deploy_cache is None or self._deploy_cache["w"].device != self.qweight.device:
+        # Unpacked int8 weights, their row sums and integer zero points, and what the backend
+        # prepacks: once per weight change, device or backend.
+        backend = kernels.active_backend() if self.qweight.device.type == "cpu" else "cuda"
+        d = self._deploy_cache
+        if d is None or d["w"].device != self.qweight.device or d["backend"] != backend:
             codes = self.weight_codes()
-            self._deploy_cache = {
+            d = self._deploy_cache = {
+                "backend": backend,
                 "w": codes.contiguous(),
                 "colsum": codes.sum(1, dtype=torch.int32),
                 "w_zero": self.w_zero.round().to(torch.int32),
                 "asym_w": bool(self.w_zero.abs().max() > 0),
             }
-        return self._deploy_cache
+            if backend == "fbgemm" and self.act_mode != "none":
+                bias = self.bias if self.act_mode == "static" else None  # per-token: added after the rescale
+                d["fbgemm"] = kernels.fbgemm_pack(d["w"], d["w_zero"], self.w_scale, bias)
+        return d
+
+    def _act(self) -> tuple[float, int, int, int] | int:
+        """Static activations' (scale, zero point, qmin, qmax), or per-token ones' bit-width."""
+        s = self.a_spec
+        return (float(self.a_scale), int(self.a_zero), s.qmin, s.qmax) if self.act_mode == "static" else s.bits
 
     def prepare_compile(self, frozen: bool) -> None:
         """Called by `WorldModel.compile_blocks` before compiling. `frozen` (inductor's freezing and
-        max-autotune): deploy mode on CPU then runs oneDNN's int8 linear on a prepacked weight, which
-        inductor turns into an AMX GEMM with the rescale fused in, where that kernel is exact
-        (`kernels.onednn_int8_is_exact`); otherwise `_int_mm`."""
+        max-autotune): with the "onednn" backend, deploy mode on CPU then runs oneDNN's int8 linear on
+        a prepacked weight, which inductor turns into an AMX GEMM with the rescale fused in, where
+        that kernel is exact (`kernels.onednn_int8_is_exact`); otherwise `_int_mm`."""
         d = self._deploy_tensors()
         for key in ("packed", "zeros", "w_zero_scaled", "act"):
             d.pop(key, None)
-        on_cpu = self.qweight.device.type == "cpu"
-        if not (
-            frozen and self.mode == "deploy" and self.act_mode != "none" and on_cpu and kernels.onednn_int8_is_exact()
-        ):
+        onednn = d["backend"] == "onednn" and kernels.onednn_int8_is_exact()
+        if not (frozen and self.mode == "deploy" and self.act_mode != "none" and onednn):
             return
-        s = self.a_spec
         d["packed"] = kernels.onednn_pack(d["w"])
         d["zeros"] = torch.zeros(self.out_features, dtype=torch.int32)
         d["w_zero_scaled"] = self.w_scale * self.w_zero.round() if d["asym_w"] else None
-        static = (float(self.a_scale), int(self.a_zero), s.qmin, s.qmax)
-        d["act"] = static if self.act_mode == "static" else s.bits
+        d["act"] = self._act()
 
     def _forward_int(self, x: Tensor) -> Tensor:
         d = self._deploy_tensors()
@@ -195,6 +203,11 @@ class QuantLinear(nn.Module):
             y = kernels.int8_linear_onednn(
                 x2, d["packed"], self.w_scale, d["zeros"], d["w_zero_scaled"], self.bias, d["act"]
             )
+            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if "fbgemm" in d:
+            packed, split = d["fbgemm"]
+            bias = None if self.act_mode == "static" else self.bias
+            y = kernels.int8_linear_fbgemm(x2, packed, split, self.out_features, self._act(), bias)
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         common = (d["w"], d["colsum"], d["w_zero"], self.w_scale, self.bias)
         if self.act_mode == "static":

@@ -4,9 +4,11 @@ from importlib.metadata import Distribution
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from qarvd_core.cli import app, load_plugin
+from qarvd_core.quant.kernels import BACKENDS
 from qarvd_core.video import read_mp4
 
 runner = CliRunner()
@@ -120,6 +122,10 @@ def test_bench_reports_chunk_latency_and_fps(mini_weights, tmp_path):
     res = json.loads(out.read_text())
     assert res["chunks"] == 4 and res["fps"] > 0 and res["threads"] >= 1
     assert abs(sum(res["time_share"].values()) - 1) < 0.01 and "linear" in res["time_share"]
+    # The host, and what `auto` chose on it and why.
+    assert res["host"]["capability"] == torch.backends.cpu.get_cpu_capability() and res["host"]["cpu"]
+    assert res["kernels"] in BACKENDS and res["dtype"] in ("float32", "bfloat16")
+    assert set(res["plan"]) == {"dtype", "compile", "kernels"} and "torch capability" in r.output
 
 
 def test_bench_profile_of_compiled_blocks_splits_them_into_kernels(mini_weights, tmp_path):

@@ -1,9 +1,17 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from qarvd_core.quant.kernels import (
     CPU_TRANSPOSE_MAX_ROWS,
+    Host,
+    fbgemm_needs_split,
+    fbgemm_pack,
     int8_linear_dynamic,
+    int8_linear_fbgemm,
     int8_linear_onednn,
     int8_linear_static,
     int_mm,
@@ -11,6 +19,7 @@ from qarvd_core.quant.kernels import (
     onednn_int8_is_exact,
     onednn_pack,
 )
+from qarvd_core.runtime import plan
 
 
 def _exact(a, w):
@@ -69,3 +78,92 @@ def test_onednn_int8_linear_equals_the_int_mm_path(act, asym_w):
     out = int8_linear_onednn(x, onednn_pack(w), w_scale, zeros, w_scale * w_zero if asym_w else None, bias, spec)
     assert out.shape == (m, n)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def _host(capability="AVX2", vnni=False, amx=False, native_bf16=False, fbgemm=True) -> Host:
+    return Host("a test CPU", capability, vnni, amx, native_bf16, fbgemm)
+
+
+@pytest.mark.parametrize(
+    "host, backend, dtype, compiled",
+    [
+        (_host("AVX512", vnni=True, amx=True, native_bf16=True), "onednn", "bf16", True),  # Sapphire Rapids
+        (_host("AVX512", vnni=True), "onednn", "fp32", True),  # Cascade Lake: VNNI, no bf16
+        (_host("AVX2"), "fbgemm", "fp32", False),  # EPYC Zen 2/3, or any host capped to AVX2
+        (_host("DEFAULT", fbgemm=False), "int_mm", "fp32", False),  # no FBGEMM (e.g. ARM)
+    ],
+)
+def test_auto_picks_the_kernels_dtype_and_compile_the_host_has(host, backend, dtype, compiled):
+    p = plan(host=host)
+    assert (p.kernels, p.dtype, p.compile) == (backend, dtype, compiled)
+    assert all(p.reasons[k] for k in ("kernels", "dtype", "compile"))
+
+
+def test_forced_choices_are_honoured_on_any_host():
+    p = plan("bf16", True, "int_mm", host=_host("AVX2"))
+    assert (p.kernels, p.dtype, p.compile) == ("int_mm", "bf16", True)
+    assert "slow" in p.reasons["dtype"] and p.reasons["kernels"] == "forced"
+    with pytest.raises(ValueError, match="unknown kernels"):
+        plan(backend="mkl")
+
+
+def test_an_instruction_set_cap_is_what_the_probe_sees():
+    # ONEDNN_MAX_CPU_ISA and ATEN_CPU_CAPABILITY emulate an AVX2-only host on a bigger one, so the
+    # choice for that host class is checked whatever CPU runs the tests.
+    code = (
+        "from qarvd_core.runtime import plan; from qarvd_core.quant.kernels import probe_host; "
+        "h = probe_host(); p = plan(); print(h.capability, h.vnni, h.amx, h.native_bf16, p.kernels, p.dtype)"
+    )
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
+    assert out.split() == ["AVX2", "False", "False", "False", "fbgemm" if fbgemm else "int_mm", "fp32"]
+
+
+needs_fbgemm = pytest.mark.skipif(
+    "fbgemm" not in torch.backends.quantized.supported_engines, reason="FBGEMM is built for x86 only"
+)
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("k", [64, 71])  # odd K: the last code has no pair
+def test_fbgemm_int8_linear_is_exact_where_16_bit_pair_sums_would_saturate(k):
+    # Worst case for vpmaddubsw: activation codes of 255 against weight pairs of -128/+127, which
+    # overflow a 16-bit sum unsplit; the split keeps every pair within it.
+    g = torch.Generator().manual_seed(k)
+    m, n = 33, 40
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    w[:4] = torch.where(torch.arange(k) % 2 == 0, -128, 127).to(torch.int8)
+    w_zero = torch.randint(-3, 4, (n,), generator=g).int()
+    w_scale, bias = torch.rand(n, generator=g) * 0.01 + 1e-3, torch.randn(n, generator=g)
+    s, z = 0.05, 131
+    x = (torch.randint(0, 256, (m, k), generator=g) - z) * s
+    x[:4] = (255 - z) * s
+    assert fbgemm_needs_split(w) and not fbgemm_needs_split(w.div(2, rounding_mode="floor").to(torch.int8))
+    ref = int8_linear_static(
+        x,
+        w,
+        w.sum(1, dtype=torch.int32),
+        w_zero,
+        w_scale,
+        bias,
+        torch.tensor(s),
+        torch.tensor(float(z)),
+        0,
+        255,
+        128,
+        True,
+    )
+    packed, split = fbgemm_pack(w, w_zero, w_scale, bias)
+    out = int8_linear_fbgemm(x, packed, split, n, (s, z, 0, 255), None)
+    assert split
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_the_load_time_measurement_covers_quantized_layers_only(mini):
+    from qarvd_core.quant import CalibrationSet, RTNConfig, quantize, set_mode
+    from qarvd_core.runtime import integer_speedup
+
+    assert integer_speedup(mini, rows=16) is None  # nothing quantized: nothing to warn about
+    q = set_mode(quantize(mini, RTNConfig(), CalibrationSet(rollouts=1, chunks=2), progress=False), "deploy")
+    assert integer_speedup(q, rows=16) > 0

@@ -1,8 +1,27 @@
+import numpy as np
 import pytest
 import torch
 
+from qarvd_core.eval.metrics import psnr
+from qarvd_core.quant import CalibrationSet, RTNConfig, quantize
+from qarvd_core.quant.kernels import BACKENDS, use_backend
 from qarvd_core.quant.linear import DualScaleQuantLinear, QuantLinear, pack_int4, set_mode, unpack_int4
 from qarvd_core.quant.primitives import QuantSpec
+from qarvd_core.sampling import Stream
+
+# The lowest W8A8 PSNR vs the FP model the README reports (Q-ARVD, the paper's method): a backend's
+# stream must stay at least this close to simulate mode's.
+README_W8A8_PSNR_DB = 43.28
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request):
+    """Each CPU backend of deploy mode in turn (FBGEMM where torch has it: x86)."""
+    if request.param == "fbgemm" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("FBGEMM is built for x86 only")
+    use_backend(request.param)
+    yield request.param
+    use_backend(None)
 
 
 def _layer(w, b, wb, ab, act_mode="static", sym=False, x=None):
@@ -21,9 +40,10 @@ def _layer(w, b, wb, ab, act_mode="static", sym=False, x=None):
         (4, 8, "dynamic", False),
         (8, 6, "static", False),
         (3, 8, "static", True),
+        (8, 8, "dynamic", True),
     ],
 )
-def test_simulate_and_deploy_agree_on_odd_shapes(wb, ab, act_mode, sym):
+def test_simulate_and_deploy_agree_on_odd_shapes(wb, ab, act_mode, sym, backend):
     g = torch.Generator().manual_seed(wb * 10 + ab)
     w, b = torch.randn(37, 53, generator=g), torch.randn(37, generator=g)
     x = torch.randn(3, 11, 53, generator=g) * 2 + 0.5
@@ -79,3 +99,27 @@ def test_dual_scale_protects_normal_columns():
     torch.testing.assert_close(dual.dequantized_weight()[:, 40:], w[:, 40:], atol=0.6, rtol=0)
     set_mode(dual, "deploy")
     torch.testing.assert_close(dual(x), dual.outlier(x[:, :32]) + dual.normal(x[:, 32:]))
+
+
+def test_each_backend_agrees_with_simulate_mode_per_layer_and_in_the_stream(mini, backend):
+    q = quantize(mini, RTNConfig(), CalibrationSet(rollouts=1, chunks=2), progress=False)
+    layers = [m for m in q.modules() if isinstance(m, QuantLinear)]
+    seen: dict = {}
+
+    def keep_first_call(m, inputs, out):
+        seen.setdefault(m, (inputs[0], out))
+
+    hooks = [m.register_forward_hook(keep_first_call) for m in layers]
+    frames = {}
+    for mode in ("simulate", "deploy"):
+        set_mode(q, mode)
+        frames[mode] = np.concatenate([Stream(q, "islands", 0).step(a) for a in ("right", "down")])
+        if mode == "simulate":
+            for h in hooks:
+                h.remove()
+    with torch.inference_mode():
+        for m in layers:  # on simulate mode's inputs, so that each layer is compared alone
+            x, ref = seen[m]
+            sqnr = 10 * torch.log10(ref.pow(2).mean() / (m(x) - ref).pow(2).mean())
+            assert sqnr >= 40, (backend, m, float(sqnr))
+    assert psnr(frames["deploy"], frames["simulate"]).min() >= README_W8A8_PSNR_DB
