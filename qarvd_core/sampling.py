@@ -1,13 +1,16 @@
 """Few-step flow-matching sampling and the streaming API.
 
 Flow time t runs from 1 (pure noise) to 0 (clean): x_t = (1 - t) * x0 + t * noise. The
-model predicts x0; each step moves deterministically (DDIM-style) to the next time on a
-shifted schedule. `Stream` is the one object for a live stream: the CLI, the evaluator and
-the server all drive generation through it (or through `rollout`, its batched form).
+model predicts x0; each step moves to the next time on a shifted schedule (`Sampler`).
+`Stream` is the one object for a live stream: the CLI, the evaluator and the server all
+drive generation through it (or through `rollout`, its batched form). A stream over a Wan
+model card (qarvd_core/wan.py) takes text prompts and decodes its latent chunks to frames as
+they come; its frames leave in the same layout as a pixel-space model's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +18,7 @@ import torch
 from torch import Tensor
 
 from qarvd_core.model import KVCache, WorldModel, camera_path
+from qarvd_core.wan_vae import StreamDecoder
 from qarvd_core.world.simulator import ACTIONS, BIOME_NAMES
 
 DEFAULT_STEPS = 4
@@ -51,6 +55,43 @@ def flowmatch_schedule(steps: list[int], shift: float, train_steps: int = 1000) 
     return [float(sigmas[train_steps - k]) for k in steps]
 
 
+@dataclass(frozen=True)
+class Sampler:
+    """How a chunk is denoised: its flow times, how x moves from one to the next, action guidance.
+
+    After each step but the last, x moves to the next time t' along a noise eps:
+    x = (1 - t') x0 + t' eps. By default eps is the noise the current x implies,
+    eps = (x - (1 - t) x0) / t (deterministic, DDIM); with `fresh_noise` it is drawn anew from
+    the stream's noise generator, as Self-Forcing and LongLive sample.
+    """
+
+    schedule: tuple[float, ...]
+    fresh_noise: bool = False
+    action_guidance: float = DEFAULT_ACTION_GUIDANCE
+
+    @classmethod
+    def for_model(
+        cls,
+        model: WorldModel,
+        steps: int | None = None,
+        shift: float | None = None,
+        action_guidance: float = DEFAULT_ACTION_GUIDANCE,
+    ) -> Sampler:
+        """The model's own sampler: its card's recipe (Wan) or `flow_schedule`; `steps` or `shift`
+        given put the model on `flow_schedule(steps, shift)` instead."""
+        recipe = getattr(getattr(model, "card", None), "recipe", None)
+        if recipe is not None and steps is None and shift is None:
+            schedule = flowmatch_schedule(list(recipe.steps), recipe.shift)
+        else:
+            schedule = flow_schedule(steps or DEFAULT_STEPS, shift or DEFAULT_SHIFT)
+        fresh = recipe is not None and recipe.fresh_noise
+        return cls(tuple(schedule), fresh, action_guidance)
+
+
+class ActionNotSupported(ValueError):
+    """An action given to a model that takes none (a text-to-video model)."""
+
+
 def to_uint8(frames: Tensor) -> np.ndarray:
     """[..., C, H, W] in [-1, 1] -> [..., H, W, C] uint8."""
     x = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -75,37 +116,74 @@ def prompt_id(prompt: str) -> int:
     return BIOME_NAMES.index(prompt)
 
 
+def chunk_actions(model: WorldModel, action: str | list[str] | None) -> Tensor:
+    """A chunk's action ids [frames_per_chunk]: `action` held for the chunk or given per frame.
+
+    A model without actions takes `None` (its ids are placeholders it ignores) and refuses
+    anything else with `ActionNotSupported`.
+    """
+    Fr = model.args.frames_per_chunk
+    if not model.args.n_actions:
+        if action is not None:
+            raise ActionNotSupported("this model takes no actions: it is steered by its text prompt only")
+        return torch.full((Fr,), ACTIONS.index("none"))
+    if action is None:
+        raise ValueError(f"this model is steered by actions: give one of {', '.join(ACTIONS)}")
+    acts = [action] * Fr if isinstance(action, str) else list(action)
+    if len(acts) != Fr:
+        raise ValueError(f"give one action or exactly {Fr} (one per frame), got {len(acts)}")
+    return action_ids(acts)
+
+
+def encode_prompts(model: WorldModel, prompts: list[str]) -> Tensor:
+    """Prompts -> cross-attention context [B, text_len, dim]: a tiny preset's biome names through
+    its learned prompt table, free text through the text encoder of a Wan model's card."""
+    p = next(model.parameters())
+    if model.args.n_prompts:
+        return model.encode_prompt(torch.tensor([prompt_id(x) for x in prompts], device=p.device))
+    parts = getattr(model, "parts", None)
+    if parts is None:
+        raise ValueError("this model takes text prompts through a text encoder: load it from its model card")
+    return model.embed_text(parts.text(prompts).to(p.device, p.dtype))
+
+
 @torch.no_grad()
 def denoise_chunk(
     model: WorldModel,
     cache: KVCache,
     context: Tensor,
     actions: Tensor,
-    noise: Tensor,
-    schedule: list[float],
-    action_guidance: float = DEFAULT_ACTION_GUIDANCE,
+    noise: Callable[[], Tensor],
+    sampler: Sampler,
 ) -> Tensor:
-    """One chunk: noise [B, F, C, H, W] -> clean frames, then commit them to the cache at t=0.
+    """One chunk: `noise()` [B, F, C, H, W] -> clean frames, then commit them to the cache at t=0.
 
-    `action_guidance` g > 0 pushes the first step away from what the model would draw under
-    the action "none" (the cache is only read, so both passes see the same context).
+    `noise` draws the chunk's starting noise, and with `sampler.fresh_noise` the noise of every
+    later step, in that order. Action guidance g > 0 pushes the first step away from what the
+    model would draw under the action "none" (the cache is only read, so both passes see the
+    same context).
     """
     B, Fr = actions.shape
-    x = noise
-    x0 = noise
-    guide = action_guidance > 0 and model.args.n_actions > 0
+    schedule, g = sampler.schedule, sampler.action_guidance
+    x = noise()
+    guide = g > 0 and model.args.n_actions > 0
     for i, t in enumerate(schedule):
-        tt = torch.full((B, Fr), t, device=noise.device)
+        tt = torch.full((B, Fr), t, device=x.device)
         x0 = model(x, tt, actions, context, cache=cache)
         if guide and i == 0:
             still = model(x, tt, torch.full_like(actions, ACTIONS.index("none")), context, cache=cache)
-            x0 = x0 + action_guidance * (x0 - still)
+            x0 = x0 + g * (x0 - still)
         if model.args.clamp_x0:  # pixel space; latents are unbounded
             x0 = x0.clamp(-1, 1)
-        t_next = schedule[i + 1] if i + 1 < len(schedule) else 0.0
-        eps = (x - (1 - t) * x0) / t
-        x = (1 - t_next) * x0 + t_next * eps
-    model(x0, torch.zeros(B, Fr, device=noise.device), actions, context, cache=cache, commit=True)
+        if i + 1 == len(schedule):
+            break
+        t_next = schedule[i + 1]
+        if sampler.fresh_noise:  # in float32, then the model's dtype, as Self-Forcing's scheduler adds noise
+            x = ((1 - t_next) * x0.float() + t_next * noise().float()).to(x0.dtype)
+        else:
+            eps = (x - (1 - t) * x0) / t
+            x = (1 - t_next) * x0 + t_next * eps
+    model(x0, torch.zeros(B, Fr, device=x.device), actions, context, cache=cache, commit=True)
     return x0
 
 
@@ -136,8 +214,8 @@ class StreamState:
     cache: KVCache
     generator: Tensor  # the noise generator's state
     held: tuple[_HeldChunk, ...]  # never modified in place, so sharing them is a copy
-    schedule: tuple[float, ...]
-    action_guidance: float
+    sampler: Sampler
+    decoder: StreamDecoder | None  # a latent model's VAE decoder, with its cache
 
 
 class ScriptRender:
@@ -177,8 +255,9 @@ class ScriptRender:
 class Stream:
     """A live stream: start with a model, prompt and seed; `step(action)` yields one chunk.
 
-    Holds its own KV cache and seeded noise generator; `set_prompt` switches the scene and
-    re-caches the held context under the new prompt; `reset` starts over.
+    Holds its own KV cache, seeded noise generator and, for a latent model, VAE decoder cache;
+    `set_prompt` switches the scene and re-caches the held context under the new prompt;
+    `reset` starts over. The sampler is the model's own (`Sampler.for_model`).
     """
 
     def __init__(
@@ -186,17 +265,18 @@ class Stream:
         model: WorldModel,
         prompt: str,
         seed: int,
-        steps: int = DEFAULT_STEPS,
-        shift: float = DEFAULT_SHIFT,
+        steps: int | None = None,
+        shift: float | None = None,
         action_guidance: float = DEFAULT_ACTION_GUIDANCE,
     ):
         self.model = model
         self.args = model.args
-        self.schedule = flow_schedule(steps, shift)
-        self.action_guidance = action_guidance
+        self.sampler = Sampler.for_model(model, steps, shift, action_guidance)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.cache = KVCache(self.args, 1, self.device, self.dtype)
+        parts = getattr(model, "parts", None)
+        self.decoder = None if parts is None else parts.decoder()
         self.reset(seed, prompt)
 
     def reset(self, seed: int | None = None, prompt: str | None = None) -> None:
@@ -204,14 +284,15 @@ class Stream:
         self.generator = torch.Generator().manual_seed(self.seed)
         self.cache.reset()
         self.held: list[_HeldChunk] = []
-        self.set_prompt(prompt or self.prompt)
+        if self.decoder is not None:
+            self.decoder.reset()
+        self.set_prompt(self.prompt if prompt is None else prompt)
 
     @torch.no_grad()
     def set_prompt(self, prompt: str) -> None:
         """Switch the scene prompt; the held chunks are re-run under it so the cache matches."""
-        pid = torch.tensor([prompt_id(prompt)], device=self.device)
+        self.context = encode_prompts(self.model, [prompt])
         self.prompt = prompt
-        self.context = self.model.encode_prompt(pid)
         held, self.held = self.held, []
         self.cache.reset()
         for chunk in held:
@@ -229,8 +310,8 @@ class Stream:
             cache,
             self.generator.get_state(),
             tuple(self.held),
-            tuple(self.schedule),
-            self.action_guidance,
+            self.sampler,
+            None if self.decoder is None else self.decoder.copy(),
         )
 
     def fork(self, model: WorldModel | None = None) -> Stream:
@@ -238,14 +319,16 @@ class Stream:
 
         With the same model, `fork().step(a)` equals `step(a)` bit for bit. With another model
         (an FP base shadowing a quantized stream) the next chunk is drawn from the same cache,
-        camera and noise, so the two chunks differ only by the models.
+        camera and noise, so the two chunks differ only by the models; the fork decodes with
+        this stream's VAE decoder cache.
         """
         state = self.snapshot()
-        twin = Stream(model or self.model, state.prompt, state.seed, action_guidance=state.action_guidance)
-        twin.schedule = list(state.schedule)
+        twin = Stream(model or self.model, state.prompt, state.seed)
+        twin.sampler = state.sampler
         _copy_cache(state.cache, twin.cache)
         twin.generator.set_state(state.generator)
         twin.held = list(state.held)
+        twin.decoder = None if state.decoder is None else state.decoder.copy()
         return twin
 
     def _hold(self, chunk: _HeldChunk) -> None:
@@ -260,23 +343,24 @@ class Stream:
         shape = (1, a.frames_per_chunk, a.in_channels, a.frame_height, a.frame_width)
         return torch.randn(shape, generator=self.generator).to(self.device, self.dtype)
 
-    @torch.no_grad()
-    def step(self, action: str | list[str]) -> np.ndarray:
-        """Generate the next chunk; `action` is held for the chunk or given per frame.
-
-        Returns frames [F, H, W, 3] uint8.
-        """
-        Fr = self.args.frames_per_chunk
-        acts = [action] * Fr if isinstance(action, str) else list(action)
-        if len(acts) != Fr:
-            raise ValueError(f"give one action or exactly {Fr} (one per frame), got {len(acts)}")
-        ids = action_ids(acts)[None].to(self.device)
-        camera = camera_path(ids, self.cache.camera)
-        x0 = denoise_chunk(
-            self.model, self.cache, self.context, ids, self._noise(), self.schedule, self.action_guidance
-        )
-        self._hold(_HeldChunk(x0, ids, camera))
+    def _frames(self, x0: Tensor) -> np.ndarray:
+        """A generated chunk [1, F, C, H, W] as frames [F', H', W', 3] uint8 (a latent chunk decoded)."""
+        if self.decoder is not None:
+            x0 = self.decoder.decode(x0)
         return to_uint8(x0[0])
+
+    @torch.no_grad()
+    def step(self, action: str | list[str] | None = None) -> np.ndarray:
+        """Generate the next chunk; `action` is held for the chunk or given per frame (`chunk_actions`).
+
+        Returns frames [F, H, W, 3] uint8: frames_per_chunk frames, or for a Wan model the
+        decoded video frames (4 per latent frame, the stream's first latent frame giving 1).
+        """
+        ids = chunk_actions(self.model, action)[None].to(self.device)
+        camera = camera_path(ids, self.cache.camera)
+        x0 = denoise_chunk(self.model, self.cache, self.context, ids, self._noise, self.sampler)
+        self._hold(_HeldChunk(x0, ids, camera))
+        return self._frames(x0)
 
 
 @torch.no_grad()
@@ -285,19 +369,21 @@ def rollout(
     prompts: list[str],
     actions: list[list[str]],
     seeds: list[int],
-    steps: int = DEFAULT_STEPS,
-    shift: float = DEFAULT_SHIFT,
+    steps: int | None = None,
+    shift: float | None = None,
     on_chunk=None,
     chunk_model=None,
     action_guidance: float = DEFAULT_ACTION_GUIDANCE,
 ) -> Tensor:
-    """Batched streams in lockstep: frames [B, T, C, H, W] in [-1, 1].
+    """Batched streams in lockstep: the model's frames [B, T, C, H, W] (pixels in [-1, 1], or
+    a Wan model's normalised latents, not decoded).
 
     Stream b uses the noise of `Stream(model, prompts[b], seeds[b])`, so a batched rollout
     and a single stream with the same seed see identical noise. T is the script length
-    rounded down to whole chunks. `on_chunk(k, n_chunks)` reports progress.
-    `chunk_model(k)` picks the model for chunk k (all share one cache): Q-ARVD's
-    sensitivity runs quantize one chunk at a time this way.
+    rounded down to whole chunks (a model without actions ignores them: its scripts only give
+    the length). `on_chunk(k, n_chunks)` reports progress. `chunk_model(k)` picks the model
+    for chunk k (all share one cache and `model`'s sampler): Q-ARVD's sensitivity runs
+    quantize one chunk at a time this way.
     """
     a = model.args
     B, Fr = len(prompts), a.frames_per_chunk
@@ -306,32 +392,34 @@ def rollout(
         raise ValueError(f"action scripts must hold at least one chunk ({Fr} frames)")
     p = next(model.parameters())
     cache = KVCache(a, B, p.device, p.dtype)
-    prompt_ids = torch.tensor([prompt_id(x) for x in prompts], device=p.device)
     contexts: dict[int, Tensor] = {}
     ids = torch.stack([action_ids(x[: n_chunks * Fr]) for x in actions]).to(p.device)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     shape = (1, Fr, a.in_channels, a.frame_height, a.frame_width)
-    schedule = flow_schedule(steps, shift)
+    sampler = Sampler.for_model(model, steps, shift, action_guidance)
+
+    def noise() -> Tensor:
+        return torch.cat([torch.randn(shape, generator=g) for g in gens]).to(p.device, p.dtype)
+
     out = []
     for k in range(n_chunks):
-        noise = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(p.device, p.dtype)
         m = model if chunk_model is None else chunk_model(k)
         if id(m) not in contexts:
-            contexts[id(m)] = m.encode_prompt(prompt_ids)
+            contexts[id(m)] = encode_prompts(m, prompts)
         chunk_ids = ids[:, k * Fr : (k + 1) * Fr]
-        out.append(denoise_chunk(m, cache, contexts[id(m)], chunk_ids, noise, schedule, action_guidance))
+        out.append(denoise_chunk(m, cache, contexts[id(m)], chunk_ids, noise, sampler))
         if on_chunk is not None:
             on_chunk(k + 1, n_chunks)
     return torch.cat(out, dim=1)
 
 
 @torch.no_grad()
-def step_streams(streams: list[Stream], actions: list[str | list[str]]) -> list[np.ndarray]:
+def step_streams(streams: list[Stream], actions: list[str | list[str] | None]) -> list[np.ndarray]:
     """One chunk for several streams of the same model in one batched forward pass.
 
     Streams must share a model and hold the same number of cached chunks (the server groups
-    them so); each keeps its own cache, noise generator, prompt and held context. The result
-    equals calling `stream.step(action)` on each (up to float rounding).
+    them so); each keeps its own cache, noise generator, prompt, held context and decoder. The
+    result equals calling `stream.step(action)` on each (up to float rounding).
     """
     if not streams:
         return []
@@ -339,26 +427,26 @@ def step_streams(streams: list[Stream], actions: list[str | list[str]]) -> list[
         return [streams[0].step(actions[0])]
     first = streams[0]
     if any(
-        s.model is not first.model
-        or s.cache.n_chunks != first.cache.n_chunks
-        or (s.schedule, s.action_guidance) != (first.schedule, first.action_guidance)
+        s.model is not first.model or s.cache.n_chunks != first.cache.n_chunks or s.sampler != first.sampler
         for s in streams
     ):
         raise ValueError("batched streams must share a model, a cache length and sampler settings")
-    Fr = first.args.frames_per_chunk
-    ids = torch.stack([action_ids([a] * Fr if isinstance(a, str) else list(a)) for a in actions]).to(first.device)
+    ids = torch.stack([chunk_actions(first.model, a) for a in actions]).to(first.device)
     cache = KVCache(first.args, len(streams), first.device, first.dtype)
     for i, s in enumerate(streams):
         _copy_cache(s.cache, cache, dst_rows=slice(i, i + 1))
     camera = camera_path(ids, cache.camera)
     context = torch.cat([s.context for s in streams])
-    noise = torch.cat([s._noise() for s in streams])
-    x0 = denoise_chunk(first.model, cache, context, ids, noise, first.schedule, first.action_guidance)
+
+    def noise() -> Tensor:
+        return torch.cat([s._noise() for s in streams])
+
+    x0 = denoise_chunk(first.model, cache, context, ids, noise, first.sampler)
     out = []
     for i, s in enumerate(streams):
         committed = s.cache.committed + 1  # batched streams share a cache length, not a chunk count
         _copy_cache(cache, s.cache, src_rows=slice(i, i + 1))
         s.cache.committed = committed
         s._hold(_HeldChunk(x0[i : i + 1], ids[i : i + 1], camera[i : i + 1]))
-        out.append(to_uint8(x0[i]))
+        out.append(s._frames(x0[i : i + 1]))
     return out

@@ -32,6 +32,8 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from qarvd_core.model import ModelArgs, WorldModel
+from qarvd_core.wan_text import TextEncoder
+from qarvd_core.wan_vae import StreamDecoder, load_vae
 
 CARD_FORMAT = "qarvd-wan-card"
 # Training-checkpoint entries holding a generator's weights, in order of preference when a
@@ -272,17 +274,20 @@ class ModelCard:
 
 @dataclass(frozen=True)
 class Recipe:
-    """How a project runs its checkpoint: which weights its inference loads and its denoising
-    steps on the 1000-step FlowMatch schedule (`sampling.flowmatch_schedule`)."""
+    """How a project runs its checkpoint: which weights its inference loads, its denoising
+    steps on the 1000-step FlowMatch schedule (`sampling.flowmatch_schedule`) and whether it
+    re-noises with fresh noise between steps (`sampling.Sampler`)."""
 
     weights_key: str
     steps: tuple[int, ...]
     shift: float
+    fresh_noise: bool
 
 
+# Both pipelines add fresh noise between steps (`scheduler.add_noise(x0, randn_like(x0), t')`).
 RECIPES = {
-    "self-forcing": Recipe("generator_ema", (1000, 750, 500, 250), 5.0),
-    "longlive": Recipe("generator", (1000, 750, 500, 250), 5.0),
+    "self-forcing": Recipe("generator_ema", (1000, 750, 500, 250), 5.0, True),
+    "longlive": Recipe("generator", (1000, 750, 500, 250), 5.0, True),
 }
 
 
@@ -334,8 +339,31 @@ def read_card(path: Path | str) -> ModelCard:
     )
 
 
+class CardParts:
+    """A Wan model's parts besides its transformer: the card's text encoder (`text`, prompts ->
+    UMT5 states, cached per prompt) and VAE (`decoder()`: one `StreamDecoder` per stream).
+
+    Each is loaded when first used, on the transformer's device and dtype, and shared by every
+    stream of the model and by copies of it (`copy.deepcopy` of the model shares them).
+    """
+
+    def __init__(self, card: ModelCard, device: str | torch.device, dtype: torch.dtype):
+        self.card, self.device, self.dtype = card, device, dtype
+        self.text = TextEncoder(card.text_encoder, card.tokenizer, card.args.text_len, device, dtype)
+        self._vae = None
+
+    def decoder(self) -> StreamDecoder:
+        if self._vae is None:
+            self._vae = load_vae(self.card.vae, self.device, self.dtype)
+        return StreamDecoder(self._vae)
+
+    def __deepcopy__(self, memo) -> CardParts:
+        return self
+
+
 def load_card_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> WorldModel:
-    """The transformer a model card names, loaded strictly (eval mode); `model.card` is the card."""
+    """The transformer a model card names, loaded strictly (eval mode); `model.card` is the card
+    and `model.parts` its text encoder and VAE (`CardParts`)."""
     card = read_card(path)
     with torch.device("meta"):  # the checkpoint's tensors become the parameters: no random init to hold
         model = WorldModel(card.args).to(dtype)
@@ -349,4 +377,5 @@ def load_card_model(path: Path | str, dtype: torch.dtype = torch.float32, device
         None if lora is None else lora.alpha,
     )
     model.card = card
+    model.parts = CardParts(card, device, dtype)
     return model.to(device=device, dtype=dtype).eval()

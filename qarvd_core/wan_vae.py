@@ -11,8 +11,24 @@ but keeps the cache between calls: one decoder per stream, and a 3-frame latent 
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import torch
 from torch import Tensor
+
+
+def load_vae(folder: Path | str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """diffusers' `AutoencoderKLWan` from a local folder (e.g. `Wan2.1-T2V-1.3B-Diffusers/vae`), eval mode."""
+    from diffusers import AutoencoderKLWan
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"no VAE at {folder} (it needs config.json and the weights): point the model card at the vae/ folder "
+            "of a Wan2.1-T2V-1.3B-Diffusers download"
+        )
+    return AutoencoderKLWan.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device).eval()
 
 
 class StreamDecoder:
@@ -34,6 +50,13 @@ class StreamDecoder:
         """Start a new video: the next chunk's first latent frame is decoded as the first."""
         self.cache: list = [None] * self._n_convs
         self.latent_frames = 0
+
+    def copy(self) -> StreamDecoder:
+        """A decoder that continues from this one's state independently (same VAE). diffusers
+        replaces cache entries and never writes into them, so sharing the tensors is a copy."""
+        twin = copy.copy(self)
+        twin.cache = list(self.cache)
+        return twin
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:

@@ -17,43 +17,14 @@ from safetensors.torch import save_file
 
 from qarvd_core.checkpoint import load_model
 from qarvd_core.model import KVCache, ModelArgs, WorldModel
-from qarvd_core.sampling import denoise_chunk, flowmatch_schedule
+from qarvd_core.sampling import Sampler, denoise_chunk, flowmatch_schedule
 from qarvd_core.wan import RECIPES, diffusers_name, is_card, load_card_model, load_checkpoint, read_card
+from tests.support.wan_card import TINY_WAN, tiny_vae
+from tests.support.wan_card import random_wan_state as random_state
 
-TINY = replace(
-    ModelArgs.from_name("wan2.1-1.3b-causal"),
-    dim=64,
-    n_layers=2,
-    n_heads=2,
-    ffn_dim=128,
-    in_channels=4,
-    frame_height=4,
-    frame_width=6,
-    text_dim=24,
-    text_len=7,
-    window_chunks=2,
-    sink_chunks=1,
-)
+TINY = TINY_WAN
 # Self-Forcing's four timesteps (1000, 750, 500, 250 warped at shift 5) as flow times.
 SELF_FORCING_T = [1.0, 0.9375, 0.8333333, 0.625]
-
-
-def random_state(args: ModelArgs = TINY, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random Wan weights with outputs of unit scale: linear weights ~ 1/sqrt(fan_in), norms near 1,
-    modulations ~ 1/sqrt(dim) as Wan initialises them."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, ref in WorldModel(args).state_dict().items():
-        if key.endswith("modulation"):
-            v = torch.randn(ref.shape, generator=g) / math.sqrt(args.dim)
-        elif ref.ndim == 1 and "norm" in key:
-            v = 1 + 0.1 * torch.randn(ref.shape, generator=g)
-        elif ref.ndim == 1:
-            v = 0.1 * torch.randn(ref.shape, generator=g)
-        else:
-            v = torch.randn(ref.shape, generator=g) / math.sqrt(ref[0].numel())
-        state[key] = v
-    return state
 
 
 def tiny_model(state=None, args: ModelArgs = TINY) -> WorldModel:
@@ -506,7 +477,8 @@ def test_latent_models_are_not_clamped_while_sampling():
     noise = torch.randn(1, 3, TINY.in_channels, TINY.frame_height, TINY.frame_width, generator=g)
     context = model.embed_text(torch.randn(1, TINY.text_len, TINY.text_dim, generator=g))
     schedule = flowmatch_schedule(list(RECIPES["self-forcing"].steps), RECIPES["self-forcing"].shift)
-    x0 = denoise_chunk(model, KVCache(TINY, 1), context, torch.zeros(1, 3, dtype=torch.long), noise, schedule)
+    actions = torch.zeros(1, 3, dtype=torch.long)
+    x0 = denoise_chunk(model, KVCache(TINY, 1), context, actions, lambda: noise, Sampler(tuple(schedule)))
     assert x0.abs().max() > 1.5
 
 
@@ -514,20 +486,11 @@ def test_latent_models_are_not_clamped_while_sampling():
 
 
 def test_streaming_vae_decode_equals_one_shot_decode():
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from qarvd_core.wan_vae import StreamDecoder
 
-    torch.manual_seed(0)
     z = 4
-    vae = diffusers.AutoencoderKLWan(
-        base_dim=8,
-        z_dim=z,
-        dim_mult=[1, 2, 2, 2],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],  # Wan's 4x in time, 8x in space
-        latents_mean=[0.1 * i for i in range(z)],
-        latents_std=[1 + 0.2 * i for i in range(z)],
-    ).eval()
+    vae = tiny_vae(z)
     latents = torch.randn(1, 9, z, 4, 6)  # normalised, as the transformer makes them
     shape = (1, z, 1, 1, 1)
     raw = latents.transpose(1, 2) * torch.tensor(vae.config.latents_std).view(shape)
