@@ -39,11 +39,18 @@ class Settings(BaseSettings):
     max_concurrent_videos: int = Field(1, ge=1, description="POST /v1/videos renders at once; past it: 503")
     max_body_bytes: int = Field(65536, ge=1024)
     threads: int = Field(0, ge=0, description="torch threads for generation (0: torch's default)")
-    dtype: Literal["fp32", "bf16"] = Field(
-        "fp32", description="generation dtype; for quantized models, of everything around the integer GEMMs"
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="generation dtype (auto: bf16 where the CPU runs it natively, else fp32); for quantized models, "
+        "of everything around the integer GEMMs",
     )
-    compile: bool = Field(
-        False, description="torch.compile each model's blocks; warm-up compiles every batch size up to max_sessions"
+    compile: bool | None = Field(
+        None,
+        description="torch.compile each model's blocks (unset: by host, see qarvd_core.runtime); warm-up compiles "
+        "every batch size up to max_sessions",
+    )
+    kernels: Literal["auto", "onednn", "fbgemm", "int_mm"] = Field(
+        "auto", description="quantized models' integer GEMMs (auto: by CPU, see qarvd_core.quant.kernels)"
     )
     compile_max_autotune: bool = Field(
         False,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import random
 import struct
 import time
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from qarvd_core import runtime
 from qarvd_core.checkpoint import DTYPES
 from qarvd_core.eval.metrics import psnr
 from qarvd_core.sampling import ScriptRender, Stream, step_streams
@@ -46,6 +48,8 @@ from service.engine.loaded import LoadedModels
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import ModelRecord, ModelStore
+
+log = logging.getLogger("qarvd")
 
 
 class AtCapacity(RuntimeError):
@@ -117,12 +121,15 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self._store = store
+        # `auto` settings resolved for this host, logged with the reasons (qarvd_core/runtime.py).
+        self.plan = runtime.plan(settings.dtype, settings.compile, settings.kernels).apply()
+        log.info("runtime: %s", self.plan.describe())
         self._models = LoadedModels(
             store,
             settings.max_loaded_models,
             in_use=self.models_in_use,
-            dtype=DTYPES[settings.dtype],
-            compile_blocks=settings.compile,
+            dtype=DTYPES[self.plan.dtype],
+            compile_blocks=self.plan.compile,
             max_autotune=settings.compile_max_autotune,
         )
         self.sessions: dict[str, Session] = {}
@@ -160,7 +167,11 @@ class Engine:
         model_id = self.settings.default_model
         model = await self._on_compute(self._models.get, model_id)
         # Compiled blocks specialise on the batch size: compile every size the loop can batch now.
-        sizes = self.settings.max_sessions if self.settings.compile and self.settings.batch_sessions else 1
+        rows = model.args.tokens_per_frame * model.args.frames_per_chunk
+        warning = await self._on_compute(runtime.speed_warning, model, rows)
+        if warning:
+            log.warning("model %s: %s", model_id, warning)
+        sizes = self.settings.max_sessions if self.plan.compile and self.settings.batch_sessions else 1
         for n in range(1, sizes + 1):
             warm = [Stream(model, "islands", i) for i in range(n)]
             await self._on_compute(step_streams, warm, ["none"] * n)
