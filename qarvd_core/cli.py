@@ -17,6 +17,10 @@ from qarvd_core.recipes import RECIPES
 
 # `generate` holds the whole video in memory: ten minutes at 16 frames/s.
 GENERATE_MAX_FRAMES = 9600
+GENERATE_ACTIONS = "right*24,down*24,left*24,up*24"
+# A text-to-video model's default length: 7 chunks of 3 latent frames, the 81 frames (5 s at
+# 16 frames/s) Self-Forcing's released inference makes.
+GENERATE_CHUNKS = 7
 
 
 def command_line(ctx: typer.Context) -> str:
@@ -216,15 +220,23 @@ def _check_writable(path: Path, what: str) -> None:
 
 @app.command()
 def generate(
-    model: str = typer.Option("tiny-world", help="shipped model name or path to .safetensors weights"),
-    prompt: str = typer.Option("islands", help="scene prompt: a biome name"),
+    model: str = typer.Option(
+        "tiny-world", help="shipped model name, path to .safetensors weights, or a Wan model card (.json)"
+    ),
+    prompt: str = typer.Option("islands", help="scene prompt: a biome name, or text for a text-to-video model"),
     seed: int = typer.Option(0, help="noise seed"),
-    actions: str = typer.Option(
-        "right*24,down*24,left*24,up*24",
-        help=f"action script, e.g. 'right*24,none*6'; at most {GENERATE_MAX_FRAMES} frames",
+    actions: str | None = typer.Option(
+        None,
+        help=f"action script, e.g. 'right*24,none*6'; at most {GENERATE_MAX_FRAMES} frames "
+        f"(default: {GENERATE_ACTIONS}); not for models without actions",
+    ),
+    chunks: int | None = typer.Option(
+        None, min=1, help=f"chunks to make, for models without actions (default {GENERATE_CHUNKS})"
     ),
     out: Path = typer.Option(Path("demo.mp4"), help="output H.264 MP4"),
-    scale: int = typer.Option(4, min=1, max=16, help="nearest-neighbour upscaling of the MP4"),
+    scale: int | None = typer.Option(
+        None, min=1, max=16, help="nearest-neighbour upscaling of the MP4 (default: to at least 256 pixels high)"
+    ),
     frames_dir: Path | None = typer.Option(None, help="also write every frame losslessly as DIR/000000.png, ..."),
     fps: int = typer.Option(16, min=1, max=120, help="frame rate of the MP4"),
     json_out: bool = typer.Option(False, "--json", help="print frames, fps and chunk latency as JSON"),
@@ -233,7 +245,8 @@ def generate(
     compile_blocks: bool | None = compile_option(),
     kernels: str = kernels_option(),
 ):
-    """Stream a video from a model under an action script; frame i is generated under action i."""
+    """Stream a video from a model: under an action script (frame i is generated under action i),
+    or for a text-to-video model, `--chunks` chunks under its prompt."""
     import json
     import time
 
@@ -242,14 +255,11 @@ def generate(
     from qarvd_core.sampling import ScriptRender, Stream
     from qarvd_core.video import write_mp4, write_pngs
     from qarvd_core.world.scripts import parse_actions
-    from qarvd_core.world.simulator import BIOME_NAMES
 
     try:
-        script = parse_actions(actions, GENERATE_MAX_FRAMES)
+        script = parse_actions(actions or GENERATE_ACTIONS, GENERATE_MAX_FRAMES)
     except ValueError as e:
         fail(str(e))
-    if prompt not in BIOME_NAMES:
-        fail(f"unknown prompt {prompt!r}; choose a biome: {', '.join(BIOME_NAMES)}")
     if out.suffix.lower() != ".mp4":
         fail(f"--out must end in .mp4, got {out}")
     _check_writable(out, "video")
@@ -258,16 +268,35 @@ def generate(
             fail(f"--frames-dir {frames_dir} exists and is not empty; give a new directory")
         _check_writable(frames_dir, "frames directory")
     net = _load_planned(model, dtype, compile_blocks, kernels)[0]
+    if net.args.n_actions and chunks is not None:
+        fail(f"{model} is steered by actions: its action script (--actions) sets the length, not --chunks")
+    if not net.args.n_actions and actions is not None:
+        fail(f"{model} takes no actions: it is steered by its text prompt only; give --chunks instead of --actions")
+    try:
+        stream = Stream(net, prompt, seed, **sampler_kwargs(action_guidance))
+    except ValueError as e:
+        fail(str(e))
+    if getattr(net, "parts", None) is not None:  # the one prompt is encoded: free the text encoder
+        net.parts.text.release()
 
-    stream = Stream(net, prompt, seed, **sampler_kwargs(action_guidance))
-    render = ScriptRender(script, net.args.frames_per_chunk)
     chunk_ms = []
-    while not render.done:
+
+    def step(action):
         t0 = time.perf_counter()
-        render.add(stream.step(render.next_actions()))
+        frames = stream.step(action)
         chunk_ms.append((time.perf_counter() - t0) * 1000)
-    video = render.video()
-    write_mp4(video, out, fps=fps, scale=scale)
+        return frames
+
+    if net.args.n_actions:
+        render = ScriptRender(script, net.args.frames_per_chunk)
+        while not render.done:
+            render.add(step(render.next_actions()))
+        video = render.video()
+        made = len(render.chunks) * net.args.frames_per_chunk
+    else:
+        video = np.concatenate([step(None) for _ in range(chunks or GENERATE_CHUNKS)])
+        made = len(video)
+    write_mp4(video, out, fps=fps, scale=scale or max(1, 256 // video.shape[1]))
     if frames_dir is not None:
         tmp = frames_dir.with_name(f".{frames_dir.name}.part")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -275,7 +304,7 @@ def generate(
         if frames_dir.exists():
             frames_dir.rmdir()
         tmp.rename(frames_dir)
-    gen_fps = len(render.chunks) * net.args.frames_per_chunk / (sum(chunk_ms) / 1000)
+    gen_fps = made / (sum(chunk_ms) / 1000)
     if json_out:
         typer.echo(
             json.dumps(
