@@ -4,10 +4,11 @@ import asyncio
 import shutil
 import time
 
-import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from qarvd_core.checkpoint import load_model
+from qarvd_core.cli import app
 from qarvd_core.sampling import ScriptRender, Stream
 from qarvd_core.video import encode_mp4
 from service.engine import DeleteRefused, Engine, UnknownModel
@@ -18,11 +19,11 @@ from service.store import ModelStore
 
 
 def make_engine(artifact_dir, **settings) -> Engine:
-    s = Settings(artifact_dir=artifact_dir, default_model="mini", threads=1, **settings)
+    s = Settings(artifact_dir=artifact_dir, default_model="mini", threads=1, dtype="fp32", compile=False, **settings)
     return Engine(s, Metrics(), ModelStore(artifact_dir))
 
 
-def test_a_render_is_the_script_streamed_and_encoded_once(artifact_dir):
+def test_a_render_is_qarvd_generate_byte_for_byte(artifact_dir, tmp_path):
     script = ["right"] * 5 + ["up"] * 3
 
     async def scenario():
@@ -38,12 +39,15 @@ def test_a_render_is_the_script_streamed_and_encoded_once(artifact_dir):
         return frames, video
 
     frames, video = asyncio.run(scenario())
-    stream = Stream(load_model(str(artifact_dir / "mini-rtn-w8a8.safetensors")), "forest", 2)
-    expected = ScriptRender(script, stream.args.frames_per_chunk)
-    while not expected.done:
-        expected.add(stream.step(expected.next_actions()))
-    np.testing.assert_array_equal(frames, expected.video())
-    assert video == encode_mp4(frames, fps=8, scale=2)
+    assert frames.shape[0] == len(script) and video == encode_mp4(frames, fps=8, scale=2)
+    # The same script through the CLI: the same padding, steps, trimming and encoder.
+    out = tmp_path / "v.mp4"
+    args = ["--model", str(artifact_dir / "mini-rtn-w8a8.safetensors"), "--prompt", "forest", "--seed", "2"]
+    args += ["--actions", "right*5,up*3", "--fps", "8", "--scale", "2", "--dtype", "fp32", "--no-compile"]
+    args += ["--out", str(out)]
+    r = CliRunner().invoke(app, ["generate", *args])
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes() == video
 
 
 def test_models_are_listed_and_only_unused_quantized_ones_deleted(artifact_dir, tmp_path):
