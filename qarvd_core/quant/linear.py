@@ -129,6 +129,7 @@ class QuantLinear(nn.Module):
     def set_activation(self, scale: Tensor, zero: Tensor) -> None:
         self.a_scale = scale.detach().float().reshape(()).clone()
         self.a_zero = zero.detach().float().reshape(()).clone()
+        self._deploy_cache = None
 
     # Forward ---------------------------------------------------------------------
 
@@ -169,7 +170,7 @@ class QuantLinear(nn.Module):
             }
             if backend == "fbgemm" and self.act_mode != "none":
                 bias = self.bias if self.act_mode == "static" else None  # per-token: added after the rescale
-                d["fbgemm"] = kernels.fbgemm_pack(d["w"], d["w_zero"], self.w_scale, bias)
+                d["fbgemm"] = (*kernels.fbgemm_pack(d["w"], d["w_zero"], self.w_scale, bias), self._act())
         return d
 
     def _act(self) -> tuple[float, int, int, int] | int:
@@ -205,9 +206,9 @@ class QuantLinear(nn.Module):
             )
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if "fbgemm" in d:
-            packed, split = d["fbgemm"]
+            packed, split, act = d["fbgemm"]
             bias = None if self.act_mode == "static" else self.bias
-            y = kernels.int8_linear_fbgemm(x2, packed, split, self.out_features, self._act(), bias)
+            y = kernels.int8_linear_fbgemm(x2, packed, split, self.out_features, act, bias)
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         common = (d["w"], d["colsum"], d["w_zero"], self.w_scale, self.bias)
         if self.act_mode == "static":
