@@ -91,21 +91,21 @@ async def list_jobs(
     return await jobs.list(status, limit, offset)
 
 
-@router.get("/{job_id}", response_model=JobView, responses=error_responses(404))
-async def get_job(job_id: str = JobId, jobs: JobClient = Depends(get_jobs)) -> dict:
-    view = await jobs.get(job_id)
+def _found(view: dict | None, job_id: str) -> dict:
     if view is None:
         raise HTTPException(404, f"no job {job_id}")
     return view
+
+
+@router.get("/{job_id}", response_model=JobView, responses=error_responses(404))
+async def get_job(job_id: str = JobId, jobs: JobClient = Depends(get_jobs)) -> dict:
+    return _found(await jobs.get(job_id), job_id)
 
 
 @router.delete("/{job_id}", response_model=JobView, responses=error_responses(404))
 async def cancel_job(job_id: str = JobId, jobs: JobClient = Depends(get_jobs)) -> dict:
     """Cancel: a queued job never runs; a running one stops at its next progress step."""
-    view = await jobs.cancel(job_id)
-    if view is None:
-        raise HTTPException(404, f"no job {job_id}")
-    return view
+    return _found(await jobs.cancel(job_id), job_id)
 
 
 @router.get(
@@ -115,8 +115,7 @@ async def cancel_job(job_id: str = JobId, jobs: JobClient = Depends(get_jobs)) -
 )
 async def job_events(job_id: str = JobId, jobs: JobClient = Depends(get_jobs)) -> StreamingResponse:
     """Server-Sent Events: one `data:` line with the job whenever it changes, until it ends."""
-    if await jobs.get(job_id) is None:
-        raise HTTPException(404, f"no job {job_id}")
+    _found(await jobs.get(job_id), job_id)
 
     async def events():
         last = None
