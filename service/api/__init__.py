@@ -1,1 +1,1 @@
-"""Thin routers over the engine and registry."""
+"""Thin routers over the engine client (sessions, renders, models) and the job client."""
