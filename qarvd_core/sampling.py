@@ -83,7 +83,8 @@ class Sampler:
         if recipe is not None and steps is None and shift is None:
             schedule = flowmatch_schedule(list(recipe.steps), recipe.shift)
         else:
-            schedule = flow_schedule(steps or DEFAULT_STEPS, shift or DEFAULT_SHIFT)
+            steps = DEFAULT_STEPS if steps is None else steps
+            schedule = flow_schedule(steps, DEFAULT_SHIFT if shift is None else shift)
         fresh = recipe is not None and recipe.fresh_noise
         return cls(tuple(schedule), fresh, action_guidance)
 

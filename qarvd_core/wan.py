@@ -15,7 +15,9 @@ the layouts these projects publish:
 
 Loading is strict: a missing, unexpected or wrongly shaped key is refused with its name, both
 shapes and what to check. Model cards (`"format": "qarvd-wan-card"`) are JSON files beside the
-weights; paths in them are relative to the card.
+weights; paths in them are relative to the card. A model loaded from a card carries the card's
+recipe (its sampler) and its text encoder and VAE (`CardParts`), so a `sampling.Stream` over it
+takes text prompts and yields decoded frames.
 """
 
 from __future__ import annotations

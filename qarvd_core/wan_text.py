@@ -84,7 +84,9 @@ class TextEncoder:
         if self._tokenizer is None:
             self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
         if self._encoder is None:
-            self._encoder = UMT5EncoderModel.from_pretrained(
-                self.encoder_dir, dtype=self.dtype, local_files_only=True
-            ).to(self.device).eval()
+            self._encoder = (
+                UMT5EncoderModel.from_pretrained(self.encoder_dir, dtype=self.dtype, local_files_only=True)
+                .to(self.device)
+                .eval()
+            )
         return self._tokenizer, self._encoder

@@ -248,8 +248,8 @@ def test_prompts_are_encoded_as_diffusers_wan_pipeline_encodes_them(card):
 
 def test_generate_writes_a_video_from_a_card(card, tmp_path):
     out = tmp_path / "wan.mp4"
-    args = ["generate", "--model", str(card), "--prompt", PROMPT, "--chunks", "3", "--out", str(out)]
-    r = CliRunner().invoke(app, [*args, "--dtype", "fp32", "--no-compile", "--json"])
+    args = ["generate", "--model", str(card), "--prompt", PROMPT, "--out", str(out), "--dtype", "fp32", "--no-compile"]
+    r = CliRunner().invoke(app, [*args, "--chunks", "3", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout.strip().splitlines()[-1])["frames"] == 33
     video = read_mp4(out)
