@@ -61,7 +61,7 @@ def concurrent(url: str, sessions: int, seconds: float) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny-world", help="a registry id: shipped, or in --artifact-dir")
+    ap.add_argument("--model", default="tiny-world", help="a model id: shipped, or in --artifact-dir")
     ap.add_argument("--artifact-dir", type=Path, default=Path("artifacts"))
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--slow-seconds", type=float, default=30)

@@ -44,7 +44,7 @@ def rate(client: StreamClient, seconds: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny-world", help="a registry id: shipped, or in --artifact-dir")
+    ap.add_argument("--model", default="tiny-world", help="a model id: shipped, or in --artifact-dir")
     ap.add_argument("--artifact-dir", type=Path, default=Path("artifacts"))
     ap.add_argument("--seconds", type=float, default=15, help="measuring time alone, before and after the render")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/stream_with_render"))

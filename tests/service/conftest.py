@@ -13,7 +13,7 @@ from tests.support.process import ServerProcess
 
 @pytest.fixture(scope="session")
 def artifact_dir(tmp_path_factory):
-    """mini (FP) and mini-rtn-w8a8 (quantized from it), as the registry would hold them."""
+    """mini (FP) and mini-rtn-w8a8 (quantized from it), as the model store would hold them."""
     from tests.conftest import mini_model
 
     d = tmp_path_factory.mktemp("artifacts")
