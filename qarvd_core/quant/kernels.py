@@ -15,9 +15,11 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -242,8 +244,28 @@ def fbgemm_needs_split(w: Tensor) -> bool:
     return bool((a[:, 0::2] + a[:, 1::2]).max() > FBGEMM_PAIR_LIMIT)
 
 
-def fbgemm_pack(w: Tensor, w_zero: Tensor, w_scale: Tensor, bias: Tensor | None) -> tuple[object, bool]:
-    """Prepack centred codes w [N, K] with zero points and scales [N] (and bias) for `int8_linear_fbgemm`."""
+class FbgemmWeight:
+    """An int8 weight prepacked for FBGEMM (`fbgemm_pack`), named by a tensor handle.
+
+    Custom ops and compiled graphs take tensors, not the TorchScript object FBGEMM packs into,
+    so the packed weight is kept in a registry while this object lives, and `fbgemm_linear` is
+    given its handle as a 0-d tensor: a graph input like any weight, so every block still shares
+    one compiled graph.
+    """
+
+    _registry: dict[int, object] = {}
+    _next = itertools.count()
+
+    def __init__(self, packed: object, split: bool, n: int):
+        key = next(self._next)
+        self._registry[key] = packed
+        self.handle, self.split, self.n = torch.tensor(key), split, n
+        weakref.finalize(self, self._registry.pop, key, None)
+
+
+def fbgemm_pack(w: Tensor, w_zero: Tensor, w_scale: Tensor, bias: Tensor | None) -> FbgemmWeight:
+    """Prepack centred codes w [N, K] with zero points and scales [N] (and bias) for `fbgemm_linear`."""
+    n = w.shape[0]
     split = fbgemm_needs_split(w)
     zero = w_zero.long()
     if split:
@@ -256,7 +278,7 @@ def fbgemm_pack(w: Tensor, w_zero: Tensor, w_scale: Tensor, bias: Tensor | None)
         # linear has no other entry point (see `BACKENDS`, and `choose_backend`'s fallback).
         warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
         q = torch._make_per_channel_quantized_tensor(w.to(torch.int8), w_scale.double(), zero, 0)
-        return torch.ops.quantized.linear_prepack(q, bias), split
+        return FbgemmWeight(torch.ops.quantized.linear_prepack(q, bias), split, n)
 
 
 @contextmanager
@@ -270,27 +292,33 @@ def _fbgemm_engine():
         torch.backends.quantized.engine = saved
 
 
-@torch.compiler.disable  # the packed weight is a TorchScript object, which graphs cannot take
-def int8_linear_fbgemm(
-    x: Tensor, packed: object, split: bool, n: int, act: tuple[float, int, int, int] | int, bias: Tensor | None
-) -> Tensor:
-    """x [M, K] float -> [M, n] float through FBGEMM's int8 linear (`fbgemm_pack`).
+@torch.library.custom_op("qarvd::fbgemm_linear", mutates_args=())
+def fbgemm_linear(x: Tensor, handle: Tensor, act: Tensor, bias: Tensor | None, n: int, split: bool) -> Tensor:
+    """x [M, K] float -> [M, n] float through FBGEMM's int8 linear on the weight `handle` names.
 
-    `act` is (scale, zero point, qmin, qmax) of static per-tensor activations, whose quantize
-    runs inside the op: it takes unsigned codes, so the zero point moves by -qmin, and narrower
-    ranges than 8 bits are clamped first. Or the bit-width of per-token symmetric ones: each row
-    divided by its scale, quantized in the op with scale 1 and zero point 128, rescaled after;
-    `bias` is then added here (static activations: it is packed with the weight).
+    `act` is [scale, zero point, qmin, qmax] of static per-tensor activations, whose quantize
+    runs inside FBGEMM's op: it takes unsigned codes, so the zero point moves by -qmin, and
+    ranges narrower than 8 bits are clamped first. Or [bits] of per-token symmetric ones: each
+    row divided by its scale, quantized in the op with scale 1 and zero point 128, rescaled
+    after; `bias` is then added here (static activations: it is packed with the weight).
     """
-    if isinstance(act, tuple):
-        s, z, qmin, qmax = act
+    packed = FbgemmWeight._registry[int(handle)]
+    linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+    if act.numel() == 4:
+        s, z, qmin, qmax = act.tolist()
         if qmax - qmin < 255:
             x = x.clamp((qmin - z) * s, (qmax - z) * s)
-        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, s, z - qmin, packed)
-        return y[:, :n] + y[:, n:] if split else y
-    qmax = 2 ** (act - 1) - 1
+        y = linear(x, s, int(z - qmin), packed)
+        y = y[:, :n] + y[:, n:] if split else y
+        return y if bias is None else y + bias
+    qmax = 2 ** (int(act) - 1) - 1
     s = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-8)
-    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x / s, 1.0, 128, packed)
+    y = linear(x / s, 1.0, 128, packed)
     if split:
         y = y[:, :n] + y[:, n:]
     return y * s if bias is None else torch.addcmul(bias, y, s)
+
+
+@fbgemm_linear.register_fake
+def _(x: Tensor, handle: Tensor, act: Tensor, bias: Tensor | None, n: int, split: bool) -> Tensor:
+    return x.new_empty(x.shape[0], n)

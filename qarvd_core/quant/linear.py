@@ -170,7 +170,8 @@ class QuantLinear(nn.Module):
             }
             if backend == "fbgemm" and self.act_mode != "none":
                 bias = self.bias if self.act_mode == "static" else None  # per-token: added after the rescale
-                d["fbgemm"] = (*kernels.fbgemm_pack(d["w"], d["w_zero"], self.w_scale, bias), self._act())
+                d["fbgemm"] = kernels.fbgemm_pack(d["w"], d["w_zero"], self.w_scale, bias)
+                d["fbgemm_act"] = torch.tensor(self._act() if self.act_mode == "static" else [self.a_spec.bits])
         return d
 
     def _act(self) -> tuple[float, int, int, int] | int:
@@ -206,9 +207,9 @@ class QuantLinear(nn.Module):
             )
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if "fbgemm" in d:
-            packed, split, act = d["fbgemm"]
+            w = d["fbgemm"]
             bias = None if self.act_mode == "static" else self.bias
-            y = kernels.int8_linear_fbgemm(x2, packed, split, self.out_features, act, bias)
+            y = kernels.fbgemm_linear(x2, w.handle, d["fbgemm_act"], bias, w.n, w.split)
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         common = (d["w"], d["colsum"], d["w_zero"], self.w_scale, self.bias)
         if self.act_mode == "static":

@@ -8,10 +8,10 @@ import torch
 from qarvd_core.quant.kernels import (
     CPU_TRANSPOSE_MAX_ROWS,
     Host,
+    fbgemm_linear,
     fbgemm_needs_split,
     fbgemm_pack,
     int8_linear_dynamic,
-    int8_linear_fbgemm,
     int8_linear_onednn,
     int8_linear_static,
     int_mm,
@@ -154,9 +154,9 @@ def test_fbgemm_int8_linear_is_exact_where_16_bit_pair_sums_would_saturate(k):
         128,
         True,
     )
-    packed, split = fbgemm_pack(w, w_zero, w_scale, bias)
-    out = int8_linear_fbgemm(x, packed, split, n, (s, z, 0, 255), None)
-    assert split
+    packed = fbgemm_pack(w, w_zero, w_scale, bias)
+    out = fbgemm_linear(x, packed.handle, torch.tensor([s, z, 0, 255]), None, n, packed.split)
+    assert packed.split
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
