@@ -1,10 +1,10 @@
-"""Streaming speed on this host of FP32 and W8A8 deploy mode, per kernel backend, and `auto`.
+"""Streaming speed on this host of FP32 and W8A8/W4A8 deploy mode, per kernel backend, and what `auto` picks.
 
 `qarvd bench`'s measurement (`bench_stream`) for each variant, every variant timed once per
 round and the rounds interleaved, so that each "x FP32" is the median of per-round ratios
-against FP32 eager in the same round (other load on the machine then cancels out). The W8A8
-model is RTN with static per-tensor activations and symmetric weights (speed does not depend
-on the rounding method); `small-world` has no shipped weights, so it runs with random ones.
+against FP32 eager in the same round (other load on the machine then cancels out). The
+quantized models are RTN with static per-tensor activations and symmetric weights (speed does
+not depend on the rounding method); `small-world` has no shipped weights, so it runs with random ones.
 The results name the host (CPU model, torch's capability), the date and the commit.
 
     python benchmarks/host_speed.py --models tiny-world small-world --out benchmarks/results/host_speed_avx2
@@ -41,8 +41,9 @@ def base_model(name: str) -> WorldModel:
         return m.eval()
 
 
-def w8a8(fp32: WorldModel) -> WorldModel:
-    return set_mode(quantize(fp32, RTNConfig(w_symmetric=True), CalibrationSet(rollouts=2, chunks=2)), "deploy")
+def rtn(fp32: WorldModel, w_bits: int = 8) -> WorldModel:
+    config = RTNConfig(w_bits=w_bits, w_symmetric=True)
+    return set_mode(quantize(fp32, config, CalibrationSet(rollouts=2, chunks=2)), "deploy")
 
 
 def variants(name: str, compiled: bool, backends: list[str]) -> dict:
@@ -50,12 +51,15 @@ def variants(name: str, compiled: bool, backends: list[str]) -> dict:
     fp32 = base_model(name)
     out = {"fp32 eager": (fp32, None, False)}
     for backend in backends:
-        out[f"W8A8 {backend} eager"] = (w8a8(fp32), backend, False)
+        out[f"W8A8 {backend} eager"] = (rtn(fp32), backend, False)
+        # Weights of 7 bits or fewer need no split on FBGEMM's AVX2 kernel (`kernels.fbgemm_needs_split`).
+        out[f"W4A8 {backend} eager"] = (rtn(fp32, 4), backend, False)
     if compiled:
         out["fp32 compiled"] = (base_model(name).compile_blocks(), None, True)
         for backend in backends:
             kernels.use_backend(backend)
-            out[f"W8A8 {backend} compiled"] = (w8a8(fp32).compile_blocks(), backend, True)
+            out[f"W8A8 {backend} compiled"] = (rtn(fp32).compile_blocks(), backend, True)
+            out[f"W4A8 {backend} compiled"] = (rtn(fp32, 4).compile_blocks(), backend, True)
     return out
 
 
