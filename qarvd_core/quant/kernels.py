@@ -253,14 +253,17 @@ class FbgemmWeight:
     one compiled graph.
     """
 
-    _registry: dict[int, object] = {}
+    _registry: weakref.WeakValueDictionary[int, FbgemmWeight] = weakref.WeakValueDictionary()
     _next = itertools.count()
 
     def __init__(self, packed: object, split: bool, n: int):
         key = next(self._next)
-        self._registry[key] = packed
-        self.handle, self.split, self.n = torch.tensor(key), split, n
-        weakref.finalize(self, self._registry.pop, key, None)
+        self._registry[key] = self
+        self.packed, self.split, self.n, self.handle = packed, split, n, torch.tensor(key)
+
+    @classmethod
+    def named(cls, handle: int) -> FbgemmWeight:
+        return cls._registry[handle]
 
 
 def fbgemm_pack(w: Tensor, w_zero: Tensor, w_scale: Tensor, bias: Tensor | None) -> FbgemmWeight:
@@ -292,31 +295,42 @@ def _fbgemm_engine():
         torch.backends.quantized.engine = saved
 
 
-@torch.library.custom_op("qarvd::fbgemm_linear", mutates_args=())
-def fbgemm_linear(x: Tensor, handle: Tensor, act: Tensor, bias: Tensor | None, n: int, split: bool) -> Tensor:
-    """x [M, K] float -> [M, n] float through FBGEMM's int8 linear on the weight `handle` names.
+def int8_linear_fbgemm(
+    x: Tensor, w: FbgemmWeight, act: tuple[float, int, int, int] | int, bias: Tensor | None
+) -> Tensor:
+    """x [M, K] float -> [M, N] float through FBGEMM's int8 linear on `w` (`fbgemm_pack`); eager.
 
-    `act` is [scale, zero point, qmin, qmax] of static per-tensor activations, whose quantize
+    `act` is (scale, zero point, qmin, qmax) of static per-tensor activations, whose quantize
     runs inside FBGEMM's op: it takes unsigned codes, so the zero point moves by -qmin, and
-    ranges narrower than 8 bits are clamped first. Or [bits] of per-token symmetric ones: each
-    row divided by its scale, quantized in the op with scale 1 and zero point 128, rescaled
+    ranges narrower than 8 bits are clamped first. Or the bit-width of per-token symmetric ones:
+    each row divided by its scale, quantized in the op with scale 1 and zero point 128, rescaled
     after; `bias` is then added here (static activations: it is packed with the weight).
     """
-    packed = FbgemmWeight._registry[int(handle)]
     linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-    if act.numel() == 4:
-        s, z, qmin, qmax = act.tolist()
+    n = w.n
+    if isinstance(act, tuple):
+        s, z, qmin, qmax = act
         if qmax - qmin < 255:
             x = x.clamp((qmin - z) * s, (qmax - z) * s)
-        y = linear(x, s, int(z - qmin), packed)
-        y = y[:, :n] + y[:, n:] if split else y
+        y = linear(x, s, z - qmin, w.packed)
+        y = y[:, :n] + y[:, n:] if w.split else y
         return y if bias is None else y + bias
-    qmax = 2 ** (int(act) - 1) - 1
+    qmax = 2 ** (act - 1) - 1
     s = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-8)
-    y = linear(x / s, 1.0, 128, packed)
-    if split:
+    y = linear(x / s, 1.0, 128, w.packed)
+    if w.split:
         y = y[:, :n] + y[:, n:]
     return y * s if bias is None else torch.addcmul(bias, y, s)
+
+
+# In compiled graphs: the same, as a custom op taking the weight's handle and `act` as tensors.
+# (Eager code calls `int8_linear_fbgemm` directly: a custom op's dispatch costs more than the
+# GEMM itself at the smallest layer shapes.)
+@torch.library.custom_op("qarvd::fbgemm_linear", mutates_args=())
+def fbgemm_linear(x: Tensor, handle: Tensor, act: Tensor, bias: Tensor | None, n: int, split: bool) -> Tensor:
+    w = FbgemmWeight.named(int(handle))
+    s, z, qmin, qmax = act.tolist() if act.numel() == 4 else (None,) * 4
+    return int8_linear_fbgemm(x, w, (s, int(z), int(qmin), int(qmax)) if s is not None else int(act), bias)
 
 
 @fbgemm_linear.register_fake

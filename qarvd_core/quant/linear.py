@@ -171,7 +171,10 @@ class QuantLinear(nn.Module):
             if backend == "fbgemm" and self.act_mode != "none":
                 bias = self.bias if self.act_mode == "static" else None  # per-token: added after the rescale
                 d["fbgemm"] = kernels.fbgemm_pack(d["w"], d["w_zero"], self.w_scale, bias)
-                d["fbgemm_act"] = torch.tensor(self._act() if self.act_mode == "static" else [self.a_spec.bits])
+                d["fbgemm_act"] = self._act()
+                # What compiled graphs take instead, as tensors: inputs like the weights, not constants.
+                d["fbgemm_handle"] = d["fbgemm"].handle
+                d["fbgemm_act_t"] = torch.tensor(d["fbgemm_act"] if self.act_mode == "static" else [self.a_spec.bits])
         return d
 
     def _act(self) -> tuple[float, int, int, int] | int:
@@ -207,9 +210,12 @@ class QuantLinear(nn.Module):
             )
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if "fbgemm" in d:
-            w = d["fbgemm"]
+            w, act = d["fbgemm"], d["fbgemm_act"]
             bias = None if self.act_mode == "static" else self.bias
-            y = kernels.fbgemm_linear(x2, w.handle, d["fbgemm_act"], bias, w.n, w.split)
+            if torch.compiler.is_compiling():
+                y = kernels.fbgemm_linear(x2, d["fbgemm_handle"], d["fbgemm_act_t"], bias, w.n, w.split)
+            else:
+                y = kernels.int8_linear_fbgemm(x2, w, act, bias)
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         common = (d["w"], d["colsum"], d["w_zero"], self.w_scale, self.bias)
         if self.act_mode == "static":
