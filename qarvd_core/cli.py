@@ -166,13 +166,31 @@ def train(
     typer.echo(f"weights: {path}")
 
 
-def _load(model: str, dtype: str = "fp32"):
+def _load(model: str, dtype: str = "fp32", device: str = "cpu"):
     from qarvd_core.checkpoint import DTYPES, load_model
 
     if dtype not in DTYPES:
         fail(f"unknown dtype {dtype!r}; choose {' or '.join(DTYPES)}")
     try:
-        return load_model(model, dtype=DTYPES[dtype])
+        return load_model(model, dtype=DTYPES[dtype], device=device)
+    except ValueError as e:
+        fail(str(e))
+
+
+def device_option():
+    return typer.Option(
+        "auto",
+        envvar="QARVD_DEVICE",
+        help="where the model runs: auto (CUDA when available, else CPU), cpu, cuda or cuda:N",
+    )
+
+
+def _device(device: str) -> str:
+    """`--device` resolved (`qarvd_core.runtime.resolve_device`), or the command fails saying why."""
+    from qarvd_core import runtime
+
+    try:
+        return str(runtime.resolve_device(device))
     except ValueError as e:
         fail(str(e))
 
@@ -189,17 +207,19 @@ def kernels_option():
     return typer.Option("auto", help="quantized models' integer GEMMs: auto (by CPU), onednn, fbgemm or int_mm")
 
 
-def _load_planned(model: str, dtype: str, compile_blocks: bool | None, kernels: str, max_autotune: bool = False):
-    """Load `model` with the dtype, compile and kernels `qarvd_core.runtime.plan` resolves for this
-    host; the plan, and a warning if quantized layers measure slower than FP32 here, go to stderr."""
+def _load_planned(
+    model: str, dtype: str, compile_blocks: bool | None, kernels: str, max_autotune: bool = False, device: str = "auto"
+):
+    """Load `model` on `device` with the dtype, compile and kernels `qarvd_core.runtime.plan` resolves
+    for it; the plan, and a warning if quantized layers measure slower than FP32 there, go to stderr."""
     from qarvd_core import runtime
 
     try:
-        plan = runtime.plan(dtype, compile_blocks, kernels).apply()
+        plan = runtime.plan(dtype, compile_blocks, kernels, device=_device(device)).apply()
     except ValueError as e:
         fail(str(e))
     typer.echo(f"runtime: {plan.describe()}", err=True)
-    net = _load(model, plan.dtype)
+    net = _load(model, plan.dtype, plan.device)
     warning = runtime.speed_warning(net, net.args.tokens_per_frame * net.args.frames_per_chunk)
     if warning:
         typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
@@ -244,6 +264,7 @@ def generate(
     dtype: str = dtype_option(),
     compile_blocks: bool | None = compile_option(),
     kernels: str = kernels_option(),
+    device: str = device_option(),
 ):
     """Stream a video from a model: under an action script (frame i is generated under action i),
     or for a text-to-video model, `--chunks` chunks under its prompt."""
@@ -267,7 +288,7 @@ def generate(
         if frames_dir.exists() and any(frames_dir.iterdir()):
             fail(f"--frames-dir {frames_dir} exists and is not empty; give a new directory")
         _check_writable(frames_dir, "frames directory")
-    net = _load_planned(model, dtype, compile_blocks, kernels)[0]
+    net = _load_planned(model, dtype, compile_blocks, kernels, device=device)[0]
     if net.args.n_actions and chunks is not None:
         fail(f"{model} is steered by actions: its action script (--actions) sets the length, not --chunks")
     if not net.args.n_actions and actions is not None:
@@ -330,13 +351,15 @@ def evaluate_cmd(
     drift_frames: int = typer.Option(600, min=30, help="frames of each long drift stream"),
     split: str = typer.Option("heldout", help="worlds to use: heldout, or calibration to choose between checkpoints"),
     action_guidance: float | None = guidance_option(),
+    device: str = device_option(),
 ):
     """Quality on held-out worlds: vs a reference model and vs the simulator."""
     from qarvd_core.eval.evaluate import EvalConfig, evaluate, write_report
 
     _check_writable(json_path, "report")
-    net = _load(model)
-    ref = _load(reference) if reference else None
+    device = _device(device)
+    net = _load(model, device=device)
+    ref = _load(reference, device=device) if reference else None
     if split not in ("heldout", "calibration"):
         fail(f"--split must be heldout or calibration, got {split!r}")
     cfg = EvalConfig(
@@ -367,6 +390,7 @@ def bench(
         False, help="with --compile: frozen weights and AMX GEMM templates (faster; compiles take minutes)"
     ),
     kernels: str = kernels_option(),
+    device: str = device_option(),
 ):
     """Streaming speed: time per chunk (p50/p95) and frames per second, and the host and kernels that ran."""
     import contextlib
@@ -382,7 +406,7 @@ def bench(
         torch.set_num_threads(threads)
     if max_autotune and not compile_blocks:
         fail("--max-autotune needs --compile")
-    net, plan, warning = _load_planned(model, dtype, compile_blocks, kernels, max_autotune)
+    net, plan, warning = _load_planned(model, dtype, compile_blocks, kernels, max_autotune, device)
     with profile_compiled_kernels() if profile and plan.compile else contextlib.nullcontext():
         result = bench_stream(
             net,
@@ -418,6 +442,7 @@ def quantize(
         [], "--option", "-o", help="method option KEY=VALUE (JSON value), repeatable; overrides the recipe's"
     ),
     evaluate: bool = typer.Option(True, help="measure PSNR/SSIM/action accuracy vs the base and store them"),
+    device: str = device_option(),
 ):
     """Quantize a model and write a versioned checkpoint usable wherever a model name is."""
     import json
@@ -444,7 +469,7 @@ def quantize(
     if out.suffix != ".safetensors":
         fail(f"--out must end in .safetensors, got {out}")
     _check_writable(out, "checkpoint")
-    base = _load(model)
+    base = _load(model, device=_device(device))  # calibration rollouts run there; captured activations on the CPU
     qmodel = run_quantize(base, config, CalibrationSet(rollouts=calib_rollouts, chunks=calib_chunks))
     metrics = None
     if evaluate:
@@ -514,6 +539,7 @@ def analyze_sensitivity(
     rollouts: int = typer.Option(8, min=1, help="calibration prompts averaged over"),
     chunks: int = typer.Option(7, min=2, help="chunks per rollout"),
     json_path: Path = typer.Option(Path("sensitivity.json"), "--json", help="output JSON (PNG beside it)"),
+    device: str = device_option(),
 ):
     """C1: MSE of the final video when only chunk k is quantized, and the S1 frame weights."""
     from qarvd_core.quant import CalibrationSet, QArvdConfig
@@ -524,9 +550,8 @@ def analyze_sensitivity(
     except ValueError as e:
         fail(str(e))
     _check_writable(json_path, "result")
-    result = sensitivity(
-        _load(model), w_bits, a_bits, CalibrationSet(rollouts=min(rollouts, 4), chunks=chunks), rollouts
-    )
+    net = _load(model, device=_device(device))
+    result = sensitivity(net, w_bits, a_bits, CalibrationSet(rollouts=min(rollouts, 4), chunks=chunks), rollouts)
     result["model"], result["command"] = model, command_line(ctx)
     paths = write_json_and_plot(result, json_path, "sensitivity")
     typer.echo("chunk MSE     " + " ".join(f"{e:.2e}" for e in result["chunk_mse"]))
@@ -539,12 +564,13 @@ def analyze_outliers(
     ctx: typer.Context,
     model: str = typer.Option("tiny-world", help="model name or weights path"),
     json_path: Path = typer.Option(Path("outliers.json"), "--json", help="output JSON (PNG beside it)"),
+    device: str = device_option(),
 ):
     """C2: how many outlier input columns each block layer has (what S2 isolates)."""
     from qarvd_core.quant.analysis import outlier_map, write_json_and_plot
 
     _check_writable(json_path, "result")
-    result = outlier_map(_load(model))
+    result = outlier_map(_load(model, device=_device(device)))
     result["model"], result["command"] = model, command_line(ctx)
     paths = write_json_and_plot(result, json_path, "outliers")
     for r in result["layers"]:

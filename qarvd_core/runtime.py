@@ -1,13 +1,16 @@
-"""What `auto` means on this host: the dtype, compile and integer kernels a model runs with, and why.
+"""What `auto` means on this host: the device, dtype, compile and integer kernels a model runs
+with, and why.
 
-Every CLI command that generates and the server resolve their `auto` settings here, log the
-reasons, and honour any setting given explicitly. For quantized models, `speed_warning` then
-measures the integer layers against FP32 ones of the same shapes on this host, so that a model
-slower than its FP32 base says so.
+Every CLI command that runs a model, the server and the job worker resolve their `auto` settings
+here (`QARVD_DEVICE` / `--device`, `QARVD_DTYPE` / `--dtype`, ...), log the reasons, and honour
+any setting given explicitly. For quantized models, `speed_warning` then measures the integer
+layers against FP32 ones of the same shapes on the model's device, so that a model slower than
+its FP32 base says so.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -18,18 +21,40 @@ from torch import nn
 from qarvd_core.quant import kernels
 
 AUTO = "auto"
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # the values QARVD_DEVICE and --device take
+
+
+def resolve_device(device: str = AUTO) -> torch.device:
+    """`auto`: the first CUDA device when one is available, else the CPU; `cpu`, `cuda` or
+    `cuda:N` as asked. Raises ValueError for any other value, or a CUDA device this host lacks."""
+    if not re.fullmatch(DEVICE_PATTERN, device):
+        raise ValueError(f"unknown device {device!r}; choose auto, cpu, cuda or cuda:N")
+    if device == AUTO:
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA device here")
+        index = resolved.index or 0
+        if index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise ValueError(f"device {device!r} asked for, but this host has {count} CUDA device(s)")
+        return torch.device("cuda", index)
+    return resolved
 
 
 @dataclass(frozen=True)
 class Plan:
     dtype: str  # "fp32" or "bf16" (checkpoint.DTYPES)
     compile: bool  # torch.compile the transformer blocks (`WorldModel.compile_blocks`)
-    kernels: str  # the CPU backend of deploy-mode integer GEMMs (kernels.BACKENDS)
+    kernels: str  # the CPU backend of deploy-mode integer GEMMs (kernels.BACKENDS); CUDA tensors take _int_mm
     reasons: dict[str, str]  # why each, by name
+    device: str = "cpu"  # where models, caches, noise and stream state live ("cpu", "cuda:N")
 
     def describe(self) -> str:
         values = {"dtype": self.dtype, "compile": "on" if self.compile else "off", "kernels": self.kernels}
-        return "; ".join(f"{name} {value} ({self.reasons[name]})" for name, value in values.items())
+        reasons = "; ".join(f"{name} {value} ({self.reasons[name]})" for name, value in values.items())
+        return f"device {self.device}; {reasons}"
 
     def apply(self) -> Plan:
         """Make `kernels` the backend of layers switched to deploy mode from now on."""
@@ -38,9 +63,17 @@ class Plan:
 
 
 def plan(
-    dtype: str = AUTO, compile: bool | None = None, backend: str = AUTO, host: kernels.Host | None = None
+    dtype: str = AUTO,
+    compile: bool | None = None,
+    backend: str = AUTO,
+    host: kernels.Host | None = None,
+    device: torch.device | str = "cpu",
 ) -> Plan:
-    """Resolve `auto` dtype and kernels, and compile=None, from `host` (default: this one)."""
+    """Resolve `auto` dtype and kernels, and compile=None, for `device` (a resolved one, see
+    `resolve_device`) and, on the CPU, `host` (default: this one)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _cuda_plan(dtype, compile, backend, device)
     host = host or kernels.probe_host()
     if backend == AUTO:
         backend, why_kernels = kernels.choose_backend(host)
@@ -64,7 +97,26 @@ def plan(
         )
     else:
         why_compile = "forced"
-    return Plan(dtype, compile, backend, {"dtype": why_dtype, "compile": why_compile, "kernels": why_kernels})
+    reasons = {"dtype": why_dtype, "compile": why_compile, "kernels": why_kernels}
+    return Plan(dtype, compile, backend, reasons, str(device))
+
+
+def _cuda_plan(dtype: str, compile: bool | None, backend: str, device: torch.device) -> Plan:
+    # The integer GEMMs' hook on CUDA: `kernels.int_mm` sends CUDA tensors to cuBLAS's int8 GEMM
+    # (`torch._int_mm`, padded to its shape rules) whatever the CPU backend, so `kernels` only
+    # names that path here.
+    if backend != AUTO and backend not in kernels.BACKENDS:
+        raise ValueError(f"unknown kernels {backend!r}; choose auto or one of {', '.join(kernels.BACKENDS)}")
+    if dtype not in (AUTO, "fp32", "bf16"):
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, fp32 or bf16")
+    reasons = {
+        "dtype": "CUDA: bf16 tensor cores" if dtype == AUTO else "forced",
+        "compile": "eager on CUDA unless asked; benchmarks/device_check.sh measures both"
+        if compile is None
+        else "forced",
+        "kernels": "CUDA tensors take torch._int_mm (cuBLAS int8 GEMM)",
+    }
+    return Plan("bf16" if dtype == AUTO else dtype, bool(compile), "int_mm", reasons, str(device))
 
 
 def integer_speedup(model: nn.Module, rows: int, rounds: int = 3, repeats: int = 5) -> float | None:
@@ -84,8 +136,8 @@ def integer_speedup(model: nn.Module, rows: int, rounds: int = 3, repeats: int =
     with torch.inference_mode():
         for same in layers.values():
             q = same[0]
-            x = torch.randn(rows, q.in_features, generator=torch.Generator().manual_seed(0))
             w = q.dequantized_weight()
+            x = torch.randn(rows, q.in_features, generator=torch.Generator().manual_seed(0)).to(w.device)
             best = {q: float("inf"), None: float("inf")}  # the layer, and (None) an FP32 linear
             for _ in range(rounds):
                 for layer in best:
@@ -97,10 +149,13 @@ def integer_speedup(model: nn.Module, rows: int, rounds: int = 3, repeats: int =
 
 def _seconds(layer: nn.Module | None, x, w, repeats: int) -> float:
     run = (lambda: F.linear(x, w, None)) if layer is None else (lambda: layer(x))
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)  # CUDA runs asynchronously
     run()
+    sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
         run()
+    sync()
     return time.perf_counter() - t0
 
 

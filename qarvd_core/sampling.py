@@ -282,7 +282,7 @@ class Stream:
 
     def reset(self, seed: int | None = None, prompt: str | None = None) -> None:
         self.seed = self.seed if seed is None else seed
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.generator = torch.Generator(self.device).manual_seed(self.seed)
         self.cache.reset()
         self.held: list[_HeldChunk] = []
         if self.decoder is not None:
@@ -342,7 +342,7 @@ class Stream:
     def _noise(self) -> Tensor:
         a = self.args
         shape = (1, a.frames_per_chunk, a.in_channels, a.frame_height, a.frame_width)
-        return torch.randn(shape, generator=self.generator).to(self.device, self.dtype)
+        return torch.randn(shape, generator=self.generator, device=self.device).to(self.dtype)
 
     def _frames(self, x0: Tensor) -> np.ndarray:
         """A generated chunk [1, F, C, H, W] as frames [F', H', W', 3] uint8 (a latent chunk decoded)."""
@@ -395,12 +395,12 @@ def rollout(
     cache = KVCache(a, B, p.device, p.dtype)
     contexts: dict[int, Tensor] = {}
     ids = torch.stack([action_ids(x[: n_chunks * Fr]) for x in actions]).to(p.device)
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    gens = [torch.Generator(p.device).manual_seed(s) for s in seeds]
     shape = (1, Fr, a.in_channels, a.frame_height, a.frame_width)
     sampler = Sampler.for_model(model, steps, shift, action_guidance)
 
     def noise() -> Tensor:
-        return torch.cat([torch.randn(shape, generator=g) for g in gens]).to(p.device, p.dtype)
+        return torch.cat([torch.randn(shape, generator=g, device=p.device) for g in gens]).to(p.dtype)
 
     out = []
     for k in range(n_chunks):

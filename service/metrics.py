@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -36,7 +37,11 @@ class Metrics:
             registry=r,
         )
         self.batch_size = Histogram(
-            "qarvd_batch_sessions", "Sessions per batched forward pass", buckets=(1, 2, 3, 4, 6, 8, 12, 16), registry=r
+            "qarvd_batch_sessions",
+            "Sessions (or a render) per batched forward pass, by model",
+            ["model"],
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16),
+            registry=r,
         )
         self.frames_sent = Counter("qarvd_frames_sent", "Frames sent to clients", ["model"], registry=r)
         self.frames_dropped = Counter("qarvd_frames_dropped", "Frames dropped for slow clients", ["model"], registry=r)
@@ -71,11 +76,19 @@ class Metrics:
         self.drift_fallbacks = Counter(
             "qarvd_drift_fallbacks", "Sessions switched to FP by drift", ["model"], registry=r
         )
+        self.device_out_of_memory = Counter(
+            "qarvd_device_out_of_memory",
+            "Chunks that ran out of device memory (their sessions end with 1011; the server keeps serving)",
+            ["model"],
+            registry=r,
+        )
         self.model_load = Gauge("qarvd_model_load_seconds", "Time to load and warm up a model", ["model"], registry=r)
         self.ready = Gauge("qarvd_ready", "1 when the default model is loaded and warmed up", registry=r)
 
         self.jobs = JobStats()
         r.register(self.jobs)
+        self.device_memory = DeviceMemory()
+        r.register(self.device_memory)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -112,3 +125,23 @@ class JobStats:
         for name, a in s["worker_heartbeat_age"].items():
             age.add_metric([name], a)
         yield age
+
+
+class DeviceMemory:
+    """The CUDA caching allocator's memory, read at scrape time: allocated (live tensors) and
+    reserved (held from the driver, allocated included). Absent while the engine runs on the CPU."""
+
+    def __init__(self):
+        self.device: torch.device | None = None  # set by the engine when its models live on a CUDA device
+
+    def collect(self):
+        if self.device is None or self.device.type != "cuda":
+            return
+        label = [str(self.device)]
+        for name, read, what in (
+            ("allocated", torch.cuda.memory_allocated, "held by live tensors"),
+            ("reserved", torch.cuda.memory_reserved, "reserved by the caching allocator (allocated included)"),
+        ):
+            g = GaugeMetricFamily(f"qarvd_device_memory_{name}_bytes", f"Device memory {what}", labels=["device"])
+            g.add_metric(label, read(self.device))
+            yield g

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from qarvd_core.runtime import DEVICE_PATTERN
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QARVD_", extra="ignore")
@@ -39,9 +41,16 @@ class Settings(BaseSettings):
     max_concurrent_videos: int = Field(1, ge=1, description="POST /v1/videos renders at once; past it: 503")
     max_body_bytes: int = Field(65536, ge=1024)
     threads: int = Field(0, ge=0, description="torch threads for generation (0: torch's default)")
+    device: str = Field(
+        "auto",
+        pattern=DEVICE_PATTERN,
+        description="where models, caches and streams live, for the server and the worker: auto (CUDA when "
+        "available, else CPU), cpu, cuda or cuda:N; a CUDA device this host lacks stops the start",
+    )
     dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="generation dtype (auto: bf16 where the CPU runs it natively, else fp32); for quantized models, "
+        description="generation dtype (auto: bf16 on CUDA and where the CPU runs it natively, else fp32); for "
+        "quantized models, "
         "of everything around the integer GEMMs",
     )
     compile: bool | None = Field(

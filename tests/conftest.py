@@ -11,6 +11,15 @@ from qarvd_core.model import ModelArgs, WorldModel
 # Tests use one thread: the suite must share two cores with whatever else runs.
 torch.set_num_threads(1)
 
+
+def pytest_collection_modifyitems(items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
 MINI = ModelArgs(dim=32, n_layers=2, n_heads=2, ffn_dim=64, text_dim=16, window_chunks=2, sink_chunks=1)
 
 

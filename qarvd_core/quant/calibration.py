@@ -45,14 +45,18 @@ class CalibrationSet:
 
 @dataclass
 class LayerInputs:
-    """Rows x [S, in_features] with the chunk index and flow time of each row."""
+    """Rows x [S, in_features] with the chunk index and flow time of each row.
+
+    The rows are kept on the CPU however many rollouts fill them; `stacked` hands them back on
+    the layer's device, so a GPU holds one layer's rows at a time."""
 
     x: list[Tensor] = field(default_factory=list)
     chunk: list[Tensor] = field(default_factory=list)
     t: list[Tensor] = field(default_factory=list)
+    device: torch.device = torch.device("cpu")  # the layer's
 
     def stacked(self) -> tuple[Tensor, Tensor, Tensor]:
-        return torch.cat(self.x), torch.cat(self.chunk), torch.cat(self.t)
+        return tuple(torch.cat(v).to(self.device) for v in (self.x, self.chunk, self.t))
 
 
 class _PassTags:
@@ -83,6 +87,7 @@ def collect_inputs(
             idx = torch.randperm(x.shape[1], generator=gen)[:keep]
             rows = x[:, idx].reshape(-1, x.shape[-1]).float().cpu()
             store[name].x.append(rows)
+            store[name].device = x.device
             store[name].chunk.append(torch.full((len(rows),), tags.chunk))
             store[name].t.append(torch.full((len(rows),), tags.t))
 

@@ -56,6 +56,13 @@ class AtCapacity(RuntimeError):
     pass
 
 
+def session_bytes(args, dtype: torch.dtype) -> int:
+    """Device memory one more stream needs, estimated: its KV cache, its rows of the batched copy
+    a chunk works on, and one chunk's widest activations (the FFN's) in float32."""
+    cache = 2 * args.n_layers * args.n_heads * args.context_chunks * args.chunk_tokens * args.head_dim
+    return 2 * cache * dtype.itemsize + 4 * args.chunk_tokens * (args.ffn_dim + 4 * args.dim)
+
+
 # A render takes its chunks while no live session is due; on a server whose sessions are
 # always due it still takes this share of the compute thread (and the sessions the rest).
 RENDER_SHARE = 0.15
@@ -122,8 +129,11 @@ class Engine:
         self.metrics = metrics
         self._store = store
         # `auto` settings resolved for this host, logged with the reasons (qarvd_core/runtime.py).
-        self.plan = runtime.plan(settings.dtype, settings.compile, settings.kernels).apply()
+        device = runtime.resolve_device(settings.device)
+        self.plan = runtime.plan(settings.dtype, settings.compile, settings.kernels, device=device).apply()
         log.info("runtime: %s", self.plan.describe())
+        self.device = torch.device(self.plan.device)
+        metrics.device_memory.device = self.device
         self._models = LoadedModels(
             store,
             settings.max_loaded_models,
@@ -131,6 +141,7 @@ class Engine:
             dtype=DTYPES[self.plan.dtype],
             compile_blocks=self.plan.compile,
             max_autotune=settings.compile_max_autotune,
+            device=self.plan.device,
         )
         self.sessions: dict[str, Session] = {}
         self.renders: list[Render] = []
@@ -205,6 +216,18 @@ class Engine:
 
     # Sessions ------------------------------------------------------------------------
 
+    def _admit_on_device(self, model_id: str) -> None:
+        """On a CUDA device, raise AtCapacity when it has no room for one more stream of the model."""
+        if self.device.type != "cuda":
+            return
+        model = self._models.get(model_id)
+        need = session_bytes(model.args, next(model.parameters()).dtype)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        if need > free:
+            self.metrics.sessions_rejected.labels("device_memory").inc()
+            raise AtCapacity(f"not enough device memory for another stream ({need / 2**20:.0f} MiB needed)")
+
     def _new_stream(self, model_id: str, prompt: str, seed: int) -> Stream:
         return Stream(self._models.get(model_id), prompt, seed)
 
@@ -218,6 +241,7 @@ class Engine:
         # The slot is taken before the first await and given back if the set-up fails.
         self._opening += 1
         try:
+            await self._on_compute(self._admit_on_device, model_id)
             stream = await self._on_compute(self._new_stream, model_id, prompt, seed)
         finally:
             self._opening -= 1
@@ -274,6 +298,7 @@ class Engine:
         self._rendering += 1
         job = None
         try:
+            await self._on_compute(self._admit_on_device, model_id)
             stream = await self._on_compute(self._new_stream, model_id, prompt, seed)
             job = Render(
                 model_id,
@@ -362,14 +387,23 @@ class Engine:
         try:
             results = await self._on_compute(self._compute, group, actions, prompts)
         except Exception as e:  # a compute failure ends these sessions and renders, not the server
-            message = f"generation failed: {type(e).__name__}: {e}"
-            for x in group:
-                if isinstance(x, Session):
-                    self._end(x, message, failed=True)
-                else:
-                    self._finish_render(x, RuntimeError(message))
+            out_of_memory = isinstance(e, torch.cuda.OutOfMemoryError)
+            message = "out of device memory" if out_of_memory else f"{type(e).__name__}: {e}"
+            self._fail(group, f"generation failed: {message}")
+        else:
+            self._deliver(group, actions, results, time.perf_counter() - t0)
             return
-        self._deliver(group, actions, results, time.perf_counter() - t0)
+        if out_of_memory:  # the failed batch's tensors are unreferenced now: hand their blocks back
+            self.metrics.device_out_of_memory.labels(group[0].model_id).inc()
+            if self.device.type == "cuda":
+                await self._on_compute(torch.cuda.empty_cache)
+
+    def _fail(self, group: list[Session | Render], message: str) -> None:
+        for x in group:
+            if isinstance(x, Session):
+                self._end(x, message, failed=True)
+            else:
+                self._finish_render(x, RuntimeError(message))
 
     def _compute(self, group: list[Session | Render], actions: list, prompts: list[str | None]) -> list:
         """Runs on the compute thread: pending prompts, one batched chunk, drift shadows, encoding."""
@@ -390,7 +424,7 @@ class Engine:
         fr = group[0].stream.args.frames_per_chunk
         period = fr / self.settings.fps_target
         now = time.perf_counter()
-        self.metrics.batch_size.observe(len(group))
+        self.metrics.batch_size.labels(group[0].model_id).observe(len(group))
         for x, action, result in zip(group, actions, results):
             if isinstance(x, Render):
                 x.script.add(result)

@@ -14,7 +14,7 @@ from service.store import ModelStore
 
 
 class LoadedModels:
-    """Up to `max_loaded` models in memory, in `dtype`, their blocks compiled if asked.
+    """Up to `max_loaded` models in memory, on `device` in `dtype`, their blocks compiled if asked.
 
     Past the budget the least recently used model that no session is using is unloaded
     (`in_use` says which are). Thread-safe.
@@ -28,11 +28,13 @@ class LoadedModels:
         dtype: torch.dtype = torch.float32,
         compile_blocks: bool = False,
         max_autotune: bool = False,
+        device: str = "cpu",
     ):
         self.store = store
         self.max_loaded = max_loaded
         self.in_use = in_use
-        self.dtype, self.compile_blocks, self.max_autotune = dtype, compile_blocks, max_autotune
+        self.device, self.dtype = device, dtype
+        self.compile_blocks, self.max_autotune = compile_blocks, max_autotune
         self._loaded: OrderedDict[str, WorldModel] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -40,7 +42,7 @@ class LoadedModels:
         """The loaded model, loading it on first use."""
         with self._lock:
             if model_id not in self._loaded:
-                model = load_model(str(self.store.path_of(model_id)), dtype=self.dtype)
+                model = load_model(str(self.store.path_of(model_id)), dtype=self.dtype, device=self.device)
                 self._loaded[model_id] = model.compile_blocks(self.max_autotune) if self.compile_blocks else model
                 self._evict(keep=model_id)
             self._loaded.move_to_end(model_id)

@@ -117,13 +117,16 @@ def result_model_id(request: dict, job_id: str) -> str:
     return f"{request['base_model']}:{request['method']}-w{request['w_bits']}a{request['a_bits']}-{job_id[:8]}"
 
 
-def run_quantization(request: dict, job_id: str, store: ModelStore, attempt: Attempt) -> dict:
-    """Synchronous: quantize, evaluate, save, verify, publish. Raises Cancelled or LeaseLost at a step."""
+def run_quantization(request: dict, job_id: str, store: ModelStore, attempt: Attempt, device: str = "cpu") -> dict:
+    """Synchronous: quantize, evaluate, save, verify, publish. Raises Cancelled or LeaseLost at a step.
+
+    The base model, its calibration rollouts and the evaluation run on `device` (the worker's
+    QARVD_DEVICE); the calibration's captured activations wait on the CPU."""
     base_id = request["base_model"]
     base_record = store.record(base_id)
     if base_record.kind == "quantized":
         raise ValueError(f"{base_id!r} is already quantized; submit its base model")
-    base = load_model(str(base_record.path))
+    base = load_model(str(base_record.path), device=device)
     config = config_from_dict(
         {
             **request.get("options", {}),
@@ -180,7 +183,7 @@ async def quantize_job(ctx: dict, *, request: dict) -> dict:
     try:
         attempt.report(attempt.stage, 0.0)
         result = await asyncio.get_running_loop().run_in_executor(
-            None, run_quantization, request, job.key, ctx["store"], attempt
+            None, run_quantization, request, job.key, ctx["store"], attempt, ctx["device"]
         )
     except asyncio.CancelledError:  # the worker is stopping (SAQ hands the job back) or SAQ aborts it
         attempt.stop = attempt.stop or "handed back"

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from saq import Worker
 from saq.job import Status
 
+from qarvd_core import runtime
 from service.jobs.constants import JOB_STATS, QUEUE_NAME, SWEEP_EVERY_S, WORKER_HEARTBEAT, make_queue
 from service.jobs.tasks import quantize_job
 from service.settings import Settings
@@ -54,6 +55,7 @@ async def run_worker(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT (exit status 0) or until Redis is lost (1)."""
     if not settings.redis_url:
         raise ValueError("set QARVD_REDIS_URL (e.g. redis://localhost:6379/0) for a worker")
+    device = str(runtime.resolve_device(settings.device))  # a CUDA device this host lacks stops the start here
     settings.artifact_dir.mkdir(parents=True, exist_ok=True)
     if settings.worker_threads:
         torch.set_num_threads(settings.worker_threads)
@@ -64,6 +66,7 @@ async def run_worker(settings: Settings) -> int:
 
     async def startup(ctx):
         ctx["store"] = ModelStore(settings.artifact_dir)
+        ctx["device"] = device
 
     async def after_process(ctx):
         # Job outcomes and durations go to Redis, so the API exports them for every worker.
@@ -95,7 +98,7 @@ async def run_worker(settings: Settings) -> int:
         loop.add_signal_handler(sig, stopping.set)
     beat = asyncio.create_task(_beat(queue, name, settings.worker_redis_grace_s))
     run = asyncio.create_task(worker.start())
-    log.info("worker %s on %s", name, QUEUE_NAME)
+    log.info("worker %s on %s, jobs run on %s", name, QUEUE_NAME, device)
     await asyncio.wait([run, beat, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)
     lost = beat.done()
     if lost:

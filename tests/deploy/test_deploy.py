@@ -137,6 +137,7 @@ def test_compose_app_services(compose, name):
     assert any(d["driver"] == "nvidia" and d["count"] == 1 and "gpu" in d["capabilities"] for d in devices)
     assert s["environment"]["QARVD_REDIS_URL"] == "redis://redis:6379/0"
     assert s["environment"]["QARVD_ARTIFACT_DIR"] == "/data/artifacts"
+    assert s["environment"]["QARVD_DEVICE"] == "${QARVD_DEVICE:-cuda}"  # the reserved GPU, by default
     assert "artifacts:/data/artifacts" in s["volumes"]
     assert s["depends_on"]["redis"]["condition"] == "service_healthy"
     assert s["restart"] == "unless-stopped"
@@ -379,6 +380,7 @@ def test_k8s_config_and_secret(k8s):
     assert set(cm) <= fields, sorted(set(cm) - fields)
     assert cm["QARVD_REDIS_URL"].startswith("redis://redis:6379")
     assert cm["QARVD_ARTIFACT_DIR"] == "/data/artifacts"
+    assert cm["QARVD_DEVICE"] == "cuda"  # the pods' GPU
     secret = k8s[("Secret", "qarvd-secrets")]["stringData"]
     assert isinstance(json.loads(secret["QARVD_API_KEYS"]), list)
     # The values parse as the service's settings.
