@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from qarvd_core.model import ModelArgs, WorldModel
 from qarvd_core.quant.api import config_from_manifest, swap_module
 from qarvd_core.quant.linear import DualScaleQuantLinear, QuantLinear, set_compute_dtype, set_mode
-from qarvd_core.wan import is_card, load_card_model
+from qarvd_core.wan import CardParts, card_from_dict, card_to_dict, is_card, load_card_model
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the dtypes load_model runs in, by CLI/setting name
@@ -97,7 +97,7 @@ def load_model(
     weights = resolve_weights(name_or_path)
     manifest = read_manifest(weights)
     if is_quantized_manifest(manifest):
-        model = set_compute_dtype(load_quantized(weights).to(device), dtype)
+        model = set_compute_dtype(load_quantized(weights, device, dtype).to(device), dtype)
         return set_mode(model, quant_mode)
     args = ModelArgs(**manifest["args"])
     model = WorldModel(args)
@@ -144,6 +144,8 @@ def save_quantized(
         "quantization": qmodel.quant_info,
         "sha256": sha256_of(tmp),
         "evaluation": evaluation,
+        # A Wan model's card, so loading the checkpoint finds its text encoder and VAE.
+        **({"card": card_to_dict(qmodel.card)} if getattr(qmodel, "card", None) is not None else {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     mtmp = path.with_name(f".{path.stem}.json.part")
@@ -159,8 +161,12 @@ def _fsync(p: Path) -> None:
         os.fsync(f.fileno())
 
 
-def load_quantized(path: Path | str) -> WorldModel:
-    """Rebuild a quantized model; refuses unknown versions, other bases and damaged files."""
+def load_quantized(path: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> WorldModel:
+    """Rebuild a quantized model; refuses unknown versions, other bases and damaged files.
+
+    A model quantized from a Wan card gets the card back (`model.card`) and its text encoder
+    and VAE (`model.parts`, loaded on first use on `device` in `dtype`).
+    """
     path = Path(path)
     manifest = read_manifest(path)
     if not is_quantized_manifest(manifest):
@@ -222,4 +228,7 @@ def load_quantized(path: Path | str) -> WorldModel:
     model.load_state_dict({k: v.float() if v.dtype == torch.float16 else v for k, v in state.items()})
     model.quant_info = info
     model.manifest = manifest
+    if "card" in manifest:
+        model.card = card_from_dict(manifest["card"], path)
+        model.parts = CardParts(model.card, device, dtype)
     return model.eval()

@@ -431,13 +431,16 @@ def bench(
     epilog="\n\n".join(["Methods and recipes for --method:", *(f"{n}: {r.about}" for n, r in RECIPES.items())])
 )
 def quantize(
-    model: str = typer.Option("tiny-world", help="base model: name or weights path"),
+    model: str = typer.Option("tiny-world", help="base model: name, weights path or Wan model card (.json)"),
     method: str = typer.Option("qarvd", help="a method, or a recipe (a method with preset options, see below)"),
     w_bits: int = typer.Option(8, help="weight bits, 2..8"),
     a_bits: int = typer.Option(8, help="activation bits, 2..8"),
     out: Path = typer.Option(..., help="output checkpoint NAME.safetensors (NAME.json is written beside it)"),
     calib_rollouts: int = typer.Option(16, min=1, help="calibration rollouts (calibration split)"),
-    calib_chunks: int = typer.Option(7, min=2, help="chunks per calibration rollout"),
+    calib_chunks: int = typer.Option(7, min=2, help="chunks per calibration rollout (7 = 21 latent frames)"),
+    prompts: Path | None = typer.Option(
+        None, help="a text model's calibration prompts, one a line: one rollout per prompt (--calib-rollouts unused)"
+    ),
     option: list[str] = typer.Option(
         [], "--option", "-o", help="method option KEY=VALUE (JSON value), repeatable; overrides the recipe's"
     ),
@@ -470,9 +473,19 @@ def quantize(
         fail(f"--out must end in .safetensors, got {out}")
     _check_writable(out, "checkpoint")
     base = _load(model, device=_device(device))  # calibration rollouts run there; captured activations on the CPU
-    qmodel = run_quantize(base, config, CalibrationSet(rollouts=calib_rollouts, chunks=calib_chunks))
+    try:
+        if prompts is not None:
+            calib = CalibrationSet.from_prompts(prompts.read_text().splitlines(), chunks=calib_chunks)
+        else:
+            calib = CalibrationSet(rollouts=calib_rollouts, chunks=calib_chunks)
+        calib.check(base)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    qmodel = run_quantize(base, config, calib)
     metrics = None
-    if evaluate:
+    if evaluate and not base.args.n_prompts:
+        typer.echo("not evaluated: qarvd eval's held-out worlds are biome scenarios, which text models lack", err=True)
+    elif evaluate:
         typer.echo("evaluating against the base model on held-out scenarios", err=True)
         r = run_eval(qmodel, base, EvalConfig(scenarios=4, frames=24, drift_frames=0))
         metrics = {

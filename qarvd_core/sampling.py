@@ -225,29 +225,40 @@ class ScriptRender:
 
     The script is cut into chunks, the last one padded by holding its last action; step a
     stream with each `next_actions()`, `add` what it made, and `video()` is one frame per
-    script action (the padding's frames cut off).
+    script action (the padding's frames cut off). A model without actions renders a number
+    of chunks instead (`for_chunks`), each stepped with the action None, every frame kept.
     """
 
     def __init__(self, script: list[str], frames_per_chunk: int):
         if not script:
             raise ValueError("an action script needs at least one action")
         padded = script + [script[-1]] * (-len(script) % frames_per_chunk)
-        self.length = len(script)
-        self.chunks = [padded[k : k + frames_per_chunk] for k in range(0, len(padded), frames_per_chunk)]
+        self.length: int | None = len(script)
+        self.chunks: list[list[str] | None] = [
+            padded[k : k + frames_per_chunk] for k in range(0, len(padded), frames_per_chunk)
+        ]
         self._frames: list[np.ndarray] = []
+
+    @classmethod
+    def for_chunks(cls, chunks: int) -> ScriptRender:
+        if chunks < 1:
+            raise ValueError("a render needs at least one chunk")
+        render = cls(["none"], 1)
+        render.length, render.chunks = None, [None] * chunks
+        return render
 
     @property
     def done(self) -> bool:
         return len(self._frames) == len(self.chunks)
 
-    def next_actions(self) -> list[str]:
+    def next_actions(self) -> list[str] | None:
         return self.chunks[len(self._frames)]
 
     def add(self, frames: np.ndarray) -> None:
         self._frames.append(frames)
 
     def video(self) -> np.ndarray:
-        """Frames [len(script), H, W, 3] uint8, once `done`."""
+        """Frames [len(script), H, W, 3] uint8 (every frame made, for `for_chunks`), once `done`."""
         if not self.done:
             raise ValueError(f"{len(self._frames)} of {len(self.chunks)} chunks made")
         return np.concatenate(self._frames)[: self.length]
@@ -331,6 +342,19 @@ class Stream:
         twin.held = list(state.held)
         twin.decoder = None if state.decoder is None else state.decoder.copy()
         return twin
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(height, width) of the frames this stream yields, in pixels."""
+        scale = 1 if self.decoder is None else self.decoder.scale
+        return self.args.frame_height * scale, self.args.frame_width * scale
+
+    @property
+    def frames_per_chunk(self) -> int:
+        """Frames a chunk yields: frames_per_chunk, or a Wan model's decoded frames per latent
+        chunk past the first (the stream's first chunk has frames_per_latent - 1 fewer)."""
+        per = 1 if self.decoder is None else self.decoder.frames_per_latent
+        return self.args.frames_per_chunk * per
 
     def _hold(self, chunk: _HeldChunk) -> None:
         # Mirror the cache: sink chunks forever, then the newest window chunks.

@@ -264,7 +264,8 @@ class ModelCard:
     """
 
     path: Path
-    args: ModelArgs
+    preset: str
+    args: ModelArgs  # the preset's, with the card's overrides
     transformer: Path
     weights_key: str | None
     lora: Lora | None
@@ -309,6 +310,32 @@ def read_card(path: Path | str) -> ModelCard:
         card = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read the model card {path}: {e}") from e
+    return card_from_dict(card, path)
+
+
+def card_to_dict(card: ModelCard) -> dict:
+    """A card as JSON with absolute paths and full args: what a quantized checkpoint records, so it
+    finds its text encoder and VAE wherever it is copied (`card_from_dict` reads it back)."""
+    recipe = next(name for name, r in RECIPES.items() if r == card.recipe)
+    out = {
+        "format": CARD_FORMAT,
+        "preset": card.preset,
+        "args": card.args.to_dict(),
+        "transformer": str(card.transformer.resolve()),
+        "vae": str(card.vae.resolve()),
+        "text_encoder": str(card.text_encoder.resolve()),
+        "tokenizer": str(card.tokenizer.resolve()),
+        "recipe": recipe,
+    }
+    if card.weights_key is not None:
+        out["weights_key"] = card.weights_key
+    if card.lora is not None:
+        out["lora"] = {"file": str(card.lora.path.resolve()), "rank": card.lora.rank, "alpha": card.lora.alpha}
+    return out
+
+
+def card_from_dict(card: dict, path: Path) -> ModelCard:
+    """A card's JSON -> ModelCard; relative paths are taken from `path`'s folder."""
     if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
         raise ValueError(f'{path} is not a model card (it needs "format": "{CARD_FORMAT}")')
     required = ("preset", "transformer", "vae", "text_encoder", "tokenizer", "recipe")
@@ -330,6 +357,7 @@ def read_card(path: Path | str) -> ModelCard:
         lora = Lora(here / spec["file"], int(spec["rank"]), float(spec["alpha"]))
     return ModelCard(
         path=path,
+        preset=card["preset"],
         args=args,
         transformer=here / card["transformer"],
         weights_key=card.get("weights_key", RECIPES[card["recipe"]].weights_key),

@@ -43,6 +43,9 @@ class StreamDecoder:
         # The transformer works on latents normalised per channel, (z - mean) / std.
         self.mean = torch.tensor(config.latents_mean).view(shape)
         self.std = torch.tensor(config.latents_std).view(shape)
+        # Pixels per latent cell, and video frames per latent frame past the first (8 and 4 for Wan 2.1).
+        self.scale = 2 ** (len(config.dim_mult) - 1) * (config.patch_size or 1)
+        self.frames_per_latent = 2 ** sum(config.temperal_downsample)
         self._n_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
         self.reset()
 

@@ -12,7 +12,17 @@ from qarvd_core.world.simulator import ACTIONS, BIOME_NAMES
 from service.store import MODEL_ID_PATTERN
 
 ModelId = Annotated[str, Field(pattern=MODEL_ID_PATTERN, examples=["tiny-world"])]
-Biome = Literal[BIOME_NAMES]  # type: ignore[valid-type]
+MAX_PROMPT_CHARS = 2000
+# A biome name for a model with a prompt table, free text for a text model: the engine checks
+# it against the model (service.engine.check_prompt), which only it has loaded.
+Prompt = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        description=f"a biome ({', '.join(BIOME_NAMES)}; default islands) or, for a text model, free text",
+    ),
+]
 Action = Literal[ACTIONS]  # type: ignore[valid-type]
 Method = Literal[tuple(RECIPES)]  # type: ignore[valid-type]  # every method is a recipe of its defaults
 
@@ -37,7 +47,7 @@ class Strict(BaseModel):
 class StartMsg(Strict):
     type: Literal["start"]
     model: ModelId | None = None
-    prompt: Biome = "islands"
+    prompt: Prompt | None = None
     seed: int = Field(0, ge=0, le=2**31 - 1)
     format: Literal["jpeg", "webp", "png"] = "jpeg"
     quality: int = Field(80, ge=10, le=100)
@@ -50,7 +60,7 @@ class ActionMsg(Strict):
 
 class PromptMsg(Strict):
     type: Literal["prompt"]
-    prompt: Biome
+    prompt: Prompt
 
 
 class ControlMsg(Strict):
@@ -66,13 +76,19 @@ ClientMsg = Annotated[StartMsg | ActionMsg | PromptMsg | ControlMsg, Field(discr
 class VideoRequest(Strict):  # strict: "seed": false is an error, not 0
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [{"model": "tiny-world", "prompt": "islands", "seed": 3, "actions": "right*24,down*24"}]
+            "examples": [
+                {"model": "tiny-world", "prompt": "islands", "seed": 3, "actions": "right*24,down*24"},
+                {"model": "self-forcing", "prompt": "a red fox runs through snow", "chunks": 7},
+            ]
         },
     )
     model: ModelId | None = Field(None, description="model id; the server's default model when omitted")
-    prompt: Biome = "islands"
+    prompt: Prompt | None = None
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    actions: str = Field(..., min_length=1, max_length=2000, description="action script, e.g. 'right*24,up*8'")
+    actions: str | None = Field(
+        None, min_length=1, max_length=2000, description="action script, e.g. 'right*24,up*8' (action models)"
+    )
+    chunks: int | None = Field(None, ge=1, le=256, description="length in chunks (models without actions)")
     fps: int = Field(16, ge=1, le=60)
     scale: int = Field(4, ge=1, le=8)
 
@@ -121,6 +137,12 @@ class JobRequest(Strict):  # strict: "seed": false or "w_bits": 8.0 is an error
         "{'frame_weighting': false, 'recon_iters': 500, 'keep_fp': ['head']}; not method, w_bits or a_bits",
     )
     calibration_rollouts: int = Field(16, ge=1, le=256)
+    calibration_prompts: list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="a text model's calibration prompts, one rollout each (calibration_rollouts unused)",
+    )
     calibration_chunks: int = Field(7, ge=2, le=32)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     evaluate: bool = True

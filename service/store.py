@@ -1,8 +1,10 @@
 """The model store: every model the service can run, by id.
 
-Ids name the shipped base models and the checkpoints in the artifact directory (the
-quantized models that jobs publish). The API lists and deletes models through it, the
-engine loads from it, and the worker finds base models in it and publishes into it.
+Ids name the shipped base models, the checkpoints in the artifact directory (the
+quantized models that jobs publish) and the Wan model cards there (`NAME.json` with
+`"format": "qarvd-wan-card"`, base models whose weights live where the card points). The
+API lists and deletes models through it, the engine loads from it, and the worker finds
+base models in it and publishes into it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from qarvd_core.checkpoint import WEIGHTS_DIR, is_quantized_manifest, read_manifest, shipped_models
+from qarvd_core.checkpoint import WEIGHTS_DIR, is_quantized_manifest, read_manifest, sha256_of, shipped_models
+from qarvd_core.wan import is_card, read_card
 
 # Ids are names, never paths: no '/', and no leading '.'.
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
@@ -33,7 +36,7 @@ class ModelRecord:
     """What the store knows of a model: its files and its manifest's summary."""
 
     id: str
-    path: Path  # the weights; the manifest is beside it, .json
+    path: Path  # the weights, the manifest beside them (.json); or a model card
     kind: Literal["base", "quantized"]
     sha256: str
     size_bytes: int
@@ -53,23 +56,31 @@ class ModelStore:
         self.artifact_dir = Path(artifact_dir)
 
     def path_of(self, model_id: str) -> Path:
-        """The weights of `model_id`, which has a manifest beside them; raises UnknownModel."""
+        """The weights of `model_id`, which has a manifest beside them, or its model card; raises UnknownModel."""
         if not _ID.match(model_id):
             raise UnknownModel(f"invalid model id {model_id!r}")
         for directory in (WEIGHTS_DIR, self.artifact_dir):
             p = directory / f"{model_id}.safetensors"
             if p.is_file() and p.with_suffix(".json").is_file():
                 return p
+        card = self.artifact_dir / f"{model_id}.json"
+        if is_card(card):
+            return card
         raise UnknownModel(f"unknown model {model_id!r}; GET /v1/models lists the available ones")
 
     def ids(self) -> list[str]:
         found = set(shipped_models())
         if self.artifact_dir.is_dir():
             found |= {p.stem for p in self.artifact_dir.glob("*.safetensors") if p.with_suffix(".json").is_file()}
+            found |= {p.stem for p in self.artifact_dir.glob("*.json") if is_card(p)}
         return sorted(i for i in found if _ID.match(i))
 
     def record(self, model_id: str) -> ModelRecord:
         path = self.path_of(model_id)
+        if path.suffix == ".json":  # a model card: the card's hash, the transformer's size
+            weights = read_card(path).transformer
+            size = weights.stat().st_size if weights.is_file() else 0
+            return ModelRecord(id=model_id, path=path, kind="base", sha256=sha256_of(path), size_bytes=size)
         m = read_manifest(path)
         common = {"id": model_id, "path": path, "sha256": m["sha256"], "size_bytes": path.stat().st_size}
         if not is_quantized_manifest(m):

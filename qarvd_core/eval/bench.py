@@ -60,7 +60,10 @@ def bench_stream(
     rng = np.random.default_rng(seed)
 
     def step():
-        step_streams(streams, [ACTIONS[rng.integers(len(ACTIONS))] for _ in streams])
+        if model.args.n_actions:
+            step_streams(streams, [ACTIONS[rng.integers(len(ACTIONS))] for _ in streams])
+        else:  # a text model takes no actions
+            step_streams(streams, [None] * len(streams))
 
     for _ in range(warmup):
         step()
@@ -70,7 +73,7 @@ def bench_stream(
         step()
         times.append(time.perf_counter() - t0)
     ms = np.array(times) * 1000
-    fr = model.args.frames_per_chunk
+    fr = streams[0].frames_per_chunk  # frames a chunk yields (a Wan model's decoded frames)
     result = {
         "chunks": chunks,
         "warmup_chunks": warmup,

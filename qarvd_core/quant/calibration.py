@@ -1,8 +1,10 @@
-"""Calibration data: per-layer inputs from full-precision rollouts of calibration scenarios.
+"""Calibration data: per-layer inputs from full-precision rollouts of calibration scenarios
+(an action model's worlds from the calibration split, or a text model's prompts).
 
 Each collected row is tagged with the chunk it came from and the flow time of the pass,
 so Q-ARVD can weight samples by chunk (S1). Memory is bounded by keeping a random subset
-of tokens per forward pass.
+of tokens per forward pass, copied to the CPU in float32 as it is taken, so the captured
+activations never hold accelerator memory and grow only with passes x tokens_per_pass.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ from qarvd_core.world.scripts import Scenario, scenarios
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """Which calibration scenarios to roll out (never the held-out split)."""
+    """Which calibration scenarios to roll out (never the held-out split).
+
+    A text model (no prompt table, e.g. a Wan card) calibrates on `prompts` instead, one
+    rollout per prompt (cycling through them if `rollouts` is larger), as the official
+    Self-Forcing setting does with 21 latent frames (7 chunks of 3).
+    """
 
     # 16 worlds x 16 tokens per pass keep as many rows as 4 x 64 but from more places, which is
     # worth 3.8 dB to W4A8 GPTQ and 1.0 dB to Q-ARVD on worlds the calibration never saw
@@ -29,13 +36,38 @@ class CalibrationSet:
     chunks: int = 7  # the official setting: 21 frames = 7 chunks of 3
     tokens_per_pass: int = 16  # rows kept per layer per forward pass and stream
     seed: int = 0
+    prompts: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_prompts(cls, prompts: list[str], **kw) -> CalibrationSet:
+        """One rollout per prompt; blank prompts are skipped."""
+        kept = tuple(p.strip() for p in prompts if p.strip())
+        if not kept:
+            raise ValueError("no calibration prompts: give at least one non-empty line")
+        return cls(rollouts=len(kept), prompts=kept, **kw)
 
     def scenarios(self, frames_per_chunk: int) -> list[Scenario]:
-        return scenarios("calibration", self.rollouts, self.chunks * frames_per_chunk, offset=self.seed * 1000)
+        frames = self.chunks * frames_per_chunk
+        if self.prompts is None:
+            return scenarios("calibration", self.rollouts, frames, offset=self.seed * 1000)
+        return [
+            Scenario(self.prompts[i % len(self.prompts)], 0, self.seed * 1000 + i, ("none",) * frames, "prompt")
+            for i in range(self.rollouts)
+        ]
+
+    def check(self, model: WorldModel) -> None:
+        """Refuse scenarios the model cannot take: biome worlds for a text model, prompts for a biome one."""
+        if model.args.n_prompts and self.prompts is not None:
+            raise ValueError("this model's prompts are its biomes: calibrate it on the calibration split, not prompts")
+        if not model.args.n_prompts and self.prompts is None:
+            raise ValueError(
+                "this model takes text prompts: calibrate it on a prompt file (qarvd quantize --prompts FILE)"
+            )
 
     def describe(self) -> dict:
+        source = {"split": "calibration"} if self.prompts is None else {"prompts": list(self.prompts)}
         return {
-            "split": "calibration",
+            **source,
             "rollouts": self.rollouts,
             "chunks": self.chunks,
             "tokens_per_pass": self.tokens_per_pass,
@@ -71,6 +103,7 @@ def collect_inputs(
     model: WorldModel, layers: dict[str, nn.Linear], calib: CalibrationSet, progress: bool = True
 ) -> dict[str, LayerInputs]:
     """Roll out the calibration scenarios with `model` and record each named layer's inputs."""
+    calib.check(model)
     tags = _PassTags()
     gen = torch.Generator().manual_seed(calib.seed)
     store = {name: LayerInputs() for name in layers}

@@ -20,7 +20,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import TypeAdapter, ValidationError
 
 from service.api.deps import websocket_allowed, websocket_subprotocol
-from service.engine import AtCapacity, Engine, Session, UnknownModel
+from service.engine import AtCapacity, Engine, NotForModel, Session, UnknownModel
 from service.metrics import Metrics
 from service.schemas import ActionMsg, ClientMsg, ControlMsg, PromptMsg, StartMsg
 from service.settings import Settings
@@ -121,16 +121,19 @@ async def stream(ws: WebSocket):
             except UnknownModel as e:
                 await _error(ws, metrics, "unknown_model", str(e))
                 continue
-            a = session.stream.args
+            except NotForModel as e:
+                await _error(ws, metrics, "bad_prompt", str(e))
+                continue
+            height, width = session.stream.frame_size
             await ws.send_text(
                 json.dumps(
                     {
                         "type": "ready",
                         "session": session.id,
                         "model": model_id,
-                        "width": a.frame_width,
-                        "height": a.frame_height,
-                        "frames_per_chunk": a.frames_per_chunk,
+                        "width": width,
+                        "height": height,
+                        "frames_per_chunk": session.stream.frames_per_chunk,
                         "fps_target": settings.fps_target,
                         "format": msg.format,
                     }
@@ -145,9 +148,15 @@ async def stream(ws: WebSocket):
             if msg is None:
                 continue
             if isinstance(msg, ActionMsg):
-                engine.set_action(session, msg.action)
+                try:
+                    engine.set_action(session, msg.action)
+                except NotForModel as e:
+                    await _error(ws, metrics, "action_not_supported", str(e))
             elif isinstance(msg, PromptMsg):
-                engine.set_prompt(session, msg.prompt)
+                try:
+                    engine.set_prompt(session, msg.prompt)
+                except NotForModel as e:
+                    await _error(ws, metrics, "bad_prompt", str(e))
             elif isinstance(msg, ControlMsg) and msg.type in ("pause", "resume"):
                 engine.set_paused(session, msg.type == "pause")
             elif isinstance(msg, ControlMsg):  # stop

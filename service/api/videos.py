@@ -1,4 +1,5 @@
-"""POST /v1/videos: render an action script to an H.264 MP4 (offline, length-limited).
+"""POST /v1/videos: render an action script (or, for a model without actions, a number of
+chunks) to an H.264 MP4 (offline, length-limited).
 
 The script's length is checked from its counts before it is expanded. The render runs
 through the engine one chunk at a time, between live sessions' chunks, so streams keep
@@ -13,7 +14,7 @@ from fastapi.responses import Response
 from qarvd_core.world.scripts import parse_actions
 from service.api.deps import get_engine, get_settings, require_api_key
 from service.api.http import ErrorMessage
-from service.engine import AtCapacity, Engine, UnknownModel
+from service.engine import AtCapacity, Engine, NotForModel, UnknownModel
 from service.schemas import VideoRequest
 from service.settings import Settings
 
@@ -38,14 +39,18 @@ async def render_video(
     req: VideoRequest, engine: Engine = Depends(get_engine), settings: Settings = Depends(get_settings)
 ) -> Response:
     model_id = req.model or settings.default_model
+    if (req.actions is None) == (req.chunks is None):
+        raise HTTPException(422, "give either actions (a model steered by actions) or chunks (a text model)")
     try:
-        actions = parse_actions(req.actions, max_frames=settings.video_max_frames)
+        script = req.chunks if req.actions is None else parse_actions(req.actions, max_frames=settings.video_max_frames)
     except ValueError as e:
         raise HTTPException(422, str(e)) from e
     try:
-        data = await engine.render_video(model_id, req.prompt, req.seed, actions, req.fps, req.scale)
+        data = await engine.render_video(model_id, req.prompt, req.seed, script, req.fps, req.scale)
     except UnknownModel as e:
         raise HTTPException(404, str(e)) from e
+    except NotForModel as e:
+        raise HTTPException(422, str(e)) from e
     except AtCapacity as e:
         raise HTTPException(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)}) from e
     return Response(data, media_type="video/mp4", headers={"Content-Disposition": 'inline; filename="video.mp4"'})

@@ -42,12 +42,14 @@ from PIL import Image
 from qarvd_core import runtime
 from qarvd_core.checkpoint import DTYPES
 from qarvd_core.eval.metrics import psnr
+from qarvd_core.model import WorldModel
 from qarvd_core.sampling import ScriptRender, Stream, step_streams
 from qarvd_core.video import encode_mp4
+from qarvd_core.world.simulator import BIOME_NAMES
 from service.engine.loaded import LoadedModels
 from service.metrics import Metrics
 from service.settings import Settings
-from service.store import ModelRecord, ModelStore
+from service.store import ModelRecord, ModelStore, UnknownModel
 
 log = logging.getLogger("qarvd")
 
@@ -61,6 +63,32 @@ def session_bytes(args, dtype: torch.dtype) -> int:
     a chunk works on, and one chunk's widest activations (the FFN's) in float32."""
     cache = 2 * args.n_layers * args.n_heads * args.context_chunks * args.chunk_tokens * args.head_dim
     return 2 * cache * dtype.itemsize + 4 * args.chunk_tokens * (args.ffn_dim + 4 * args.dim)
+
+
+class NotForModel(ValueError):
+    """A prompt, action or video length that the model asked for does not take."""
+
+
+DEFAULT_BIOME = "islands"
+
+
+def check_prompt(model: WorldModel, prompt: str | None) -> str:
+    """The prompt a stream of `model` starts with: a biome for a model with a prompt table (default
+    DEFAULT_BIOME), free text for a text model (required). Raises NotForModel."""
+    if model.args.n_prompts:
+        if prompt is None:
+            return DEFAULT_BIOME
+        if prompt not in BIOME_NAMES:
+            raise NotForModel(f"this model's prompts are biomes: {', '.join(BIOME_NAMES)}; got {prompt[:40]!r}")
+        return prompt
+    if prompt is None or not prompt.strip():
+        raise NotForModel("this model is steered by a text prompt: give `prompt`, e.g. 'a red fox runs through snow'")
+    return prompt
+
+
+def idle_action(model: WorldModel) -> str | None:
+    """The action of a chunk nobody steers: `none`, or None for a model that takes no actions."""
+    return "none" if model.args.n_actions else None
 
 
 # A render takes its chunks while no live session is due; on a server whose sessions are
@@ -94,7 +122,7 @@ class Session:
     fmt: str
     quality: int
     outbound: asyncio.Queue  # OutFrame, or None once the engine has ended the session
-    action: str = "none"
+    action: str | None = "none"  # None for a model without actions
     pending_prompt: str | None = None  # applied before the next chunk, on the compute thread
     paused: bool = False
     started: float = field(default_factory=time.perf_counter)
@@ -184,8 +212,8 @@ class Engine:
             log.warning("model %s: %s", model_id, warning)
         sizes = self.settings.max_sessions if self.plan.compile and self.settings.batch_sessions else 1
         for n in range(1, sizes + 1):
-            warm = [Stream(model, "islands", i) for i in range(n)]
-            await self._on_compute(step_streams, warm, ["none"] * n)
+            warm = [Stream(model, DEFAULT_BIOME, i) for i in range(n)]  # any text prompts a text model
+            await self._on_compute(step_streams, warm, [idle_action(model)] * n)
         self.metrics.model_load.labels(model_id).set(time.perf_counter() - t0)
         self._task = asyncio.create_task(self._loop(), name="qarvd-engine")
         self.ready = True
@@ -228,10 +256,12 @@ class Engine:
             self.metrics.sessions_rejected.labels("device_memory").inc()
             raise AtCapacity(f"not enough device memory for another stream ({need / 2**20:.0f} MiB needed)")
 
-    def _new_stream(self, model_id: str, prompt: str, seed: int) -> Stream:
-        return Stream(self._models.get(model_id), prompt, seed)
+    def _new_stream(self, model_id: str, prompt: str | None, seed: int) -> Stream:
+        model = self._models.get(model_id)
+        return Stream(model, check_prompt(model, prompt), seed)
 
-    async def open_session(self, model_id: str, prompt: str, seed: int, fmt: str, quality: int) -> Session:
+    async def open_session(self, model_id: str, prompt: str | None, seed: int, fmt: str, quality: int) -> Session:
+        """A live session; raises AtCapacity, UnknownModel, or NotForModel for a prompt the model does not take."""
         if self.closing:
             raise AtCapacity("the server is restarting")
         if len(self.sessions) + self._opening >= self.settings.max_sessions:
@@ -246,7 +276,14 @@ class Engine:
         finally:
             self._opening -= 1
         s = Session(
-            uuid.uuid4().hex, model_id, stream, fmt, quality, asyncio.Queue(maxsize=self.settings.outbound_frames)
+            uuid.uuid4().hex,
+            model_id,
+            stream,
+            fmt,
+            quality,
+            # At least a chunk's frames (12 for a Wan model), which arrive together.
+            asyncio.Queue(maxsize=max(self.settings.outbound_frames, stream.frames_per_chunk)),
+            action=idle_action(stream.model),
         )
         self.sessions[s.id] = s
         self.metrics.sessions_active.set(len(self.sessions))
@@ -264,6 +301,9 @@ class Engine:
             self.metrics.sessions_active.set(len(self.sessions))
 
     def set_action(self, s: Session, action: str) -> None:
+        """Raises NotForModel for a model without actions."""
+        if not s.stream.args.n_actions:
+            raise NotForModel("this model takes no actions: it is steered by its text prompt only (send `prompt`)")
         s.action = action
 
     def set_paused(self, s: Session, paused: bool) -> None:
@@ -273,8 +313,9 @@ class Engine:
             self._wake.set()
 
     def set_prompt(self, s: Session, prompt: str) -> None:
-        """Switch the scene before the session's next chunk; of several switches meanwhile, the newest wins."""
-        s.pending_prompt = prompt
+        """Switch the scene before the session's next chunk; of several switches meanwhile, the newest wins.
+        Raises NotForModel for a prompt the model does not take."""
+        s.pending_prompt = check_prompt(s.stream.model, prompt)
 
     def _end(self, s: Session, reason: str, failed: bool) -> None:
         """Stop stepping the session and tell its sender (a None after the frames queued)."""
@@ -285,10 +326,12 @@ class Engine:
 
     # Videos --------------------------------------------------------------------------
 
-    async def render(self, model_id: str, prompt: str, seed: int, script: list[str]) -> np.ndarray:
-        """Frames [len(script), H, W, 3] of a new stream under a per-frame action script.
+    async def render(self, model_id: str, prompt: str | None, seed: int, script: list[str] | int) -> np.ndarray:
+        """Frames [len(script), H, W, 3] of a new stream under a per-frame action script, or for a
+        model without actions all the frames of `script` chunks.
 
-        Raises AtCapacity past `max_concurrent_videos` renders.
+        Raises AtCapacity past `max_concurrent_videos` renders, NotForModel for a prompt, script or
+        length the model does not take (a length past `video_max_frames` frames).
         """
         self._store.path_of(model_id)  # raises UnknownModel before any work
         if self.closing:
@@ -303,7 +346,7 @@ class Engine:
             job = Render(
                 model_id,
                 stream,
-                ScriptRender(script, stream.args.frames_per_chunk),
+                self._script_render(stream, script),
                 asyncio.get_running_loop().create_future(),
             )
             self.renders.append(job)
@@ -315,8 +358,22 @@ class Engine:
             if job in self.renders:  # cancelled: stop stepping it
                 self.renders.remove(job)
 
+    def _script_render(self, stream: Stream, script: list[str] | int) -> ScriptRender:
+        if not stream.args.n_actions:
+            if not isinstance(script, int):
+                raise NotForModel("this model takes no actions: give the video's length in chunks, not actions")
+            if script * stream.frames_per_chunk > self.settings.video_max_frames:
+                raise NotForModel(
+                    f"{script} chunks make {script * stream.frames_per_chunk} frames, "
+                    f"over the limit of {self.settings.video_max_frames}"
+                )
+            return ScriptRender.for_chunks(script)
+        if isinstance(script, int):
+            raise NotForModel("this model is steered by actions: give an action script, not a length in chunks")
+        return ScriptRender(script, stream.args.frames_per_chunk)
+
     async def render_video(
-        self, model_id: str, prompt: str, seed: int, script: list[str], fps: int, scale: int
+        self, model_id: str, prompt: str | None, seed: int, script: list[str] | int, fps: int, scale: int
     ) -> bytes:
         """`render` as H.264 MP4 bytes, each frame upscaled by `scale`."""
         frames = await self.render(model_id, prompt, seed, script)
@@ -421,8 +478,6 @@ class Engine:
         ]
 
     def _deliver(self, group: list[Session | Render], actions: list, results: list, elapsed: float) -> None:
-        fr = group[0].stream.args.frames_per_chunk
-        period = fr / self.settings.fps_target
         now = time.perf_counter()
         self.metrics.batch_size.labels(group[0].model_id).observe(len(group))
         for x, action, result in zip(group, actions, results):
@@ -436,6 +491,7 @@ class Engine:
             self.metrics.chunk_latency.labels(s.model_id).observe(elapsed)
             s.last_chunk_ms = elapsed * 1000
             chunk = s.stream.cache.committed - 1
+            fr = len(result)  # frames_per_chunk, or a Wan model's decoded frames: 9, then 12 a chunk
             for i, img in enumerate(result):
                 self.metrics.frame_latency.labels(s.model_id).observe(elapsed / fr)
                 header = {
@@ -448,6 +504,7 @@ class Engine:
                 }
                 s.frames_generated += 1
                 self._put(s, OutFrame(now, frame_message(header, img)))
+            period = fr / self.settings.fps_target
             s.next_due = max(s.next_due + period, now - period)
 
     def _cancel_renders(self, reason: str) -> None:
@@ -482,7 +539,11 @@ class Engine:
         base_id = self._store.record(s.model_id).base
         if base_id is None:
             return None
-        return base_id, s.stream.fork(self._models.get(base_id))
+        try:
+            base = self._models.get(base_id)
+        except UnknownModel:  # quantized from a file the store does not hold (`qarvd quantize --model PATH`)
+            return None
+        return base_id, s.stream.fork(base)
 
     def _finish_shadow(self, s: Session, base_id: str, fp: Stream, action: str, frames: np.ndarray) -> None:
         ref = fp.step(action)

@@ -135,12 +135,17 @@ def run_quantization(request: dict, job_id: str, store: ModelStore, attempt: Att
             "a_bits": request["a_bits"],
         }
     )
-    calib = CalibrationSet(
-        rollouts=request["calibration_rollouts"], chunks=request["calibration_chunks"], seed=request["seed"]
-    )
+    if request.get("calibration_prompts"):  # a text model: one rollout per prompt
+        calib = CalibrationSet.from_prompts(
+            request["calibration_prompts"], chunks=request["calibration_chunks"], seed=request["seed"]
+        )
+    else:
+        calib = CalibrationSet(
+            rollouts=request["calibration_rollouts"], chunks=request["calibration_chunks"], seed=request["seed"]
+        )
     qmodel = quantize(base, config, calib, Progress(bars=False, callback=attempt.report))
     metrics = None
-    if request.get("evaluate", True):
+    if request.get("evaluate", True) and base.args.n_prompts:  # the held-out worlds are biome scenarios
         attempt.report("evaluating", 0.0)
         r = evaluate(qmodel, base, EvalConfig(scenarios=4, frames=24, drift_frames=0))
         metrics = {k: r[k] for k in ("psnr_db_mean", "ssim_mean", "action_accuracy", "reference_action_accuracy")}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +121,7 @@ def chunk_sensitivity(
     Same scenarios, noise and actions; chunk k's denoising and its cache commit run on the
     quantized model, every other chunk on the FP model (sharing one KV cache).
     """
-    cases = CalibrationSet(rollouts=rollouts, chunks=calib.chunks, seed=calib.seed).scenarios(fp.args.frames_per_chunk)
+    cases = replace(calib, rollouts=rollouts).scenarios(fp.args.frames_per_chunk)
     prompts, actions, seeds = [c.biome for c in cases], [list(c.actions) for c in cases], [c.noise_seed for c in cases]
     ref = rollout(fp, prompts, actions, seeds)
     errors = []

@@ -1,0 +1,124 @@
+"""A Wan model card end to end, on a tiny random card: load -> `qarvd quantize --method qarvd
+--w-bits 4 --a-bits 8` on calibration prompts -> save -> load -> a real server streaming the
+quantized model over the WebSocket with a text prompt and a prompt switch, and rendering a
+video of a number of chunks."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import replace
+
+import httpx
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from qarvd_core.checkpoint import load_model, read_manifest
+from qarvd_core.cli import app
+from qarvd_core.eval.metrics import psnr
+from qarvd_core.sampling import Stream
+from tests.support.client import StreamClient
+from tests.support.process import ServerProcess
+from tests.support.wan_card import write_wan_card
+
+pytest.importorskip("diffusers")  # the [wan] extra
+
+PROMPTS = ["a red fox runs in snow", "", "a cat on the beach at night"]
+FOX, CITY = "a red fox runs in snow", "a blue city at night"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """An artifact directory holding the card `tiny-wan` and its W4A8 Q-ARVD checkpoint `tiny-wan-w4a8`."""
+    arts = tmp_path_factory.mktemp("artifacts")
+    card = write_wan_card(arts)
+    prompts = tmp_path_factory.mktemp("calibration") / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    args = ["quantize", "--model", str(card), "--method", "qarvd", "--w-bits", "4", "--a-bits", "8"]
+    args += ["--prompts", str(prompts), "--calib-chunks", "2", "--out", str(arts / "tiny-wan-w4a8.safetensors")]
+    args += ["-o", "recon_iters=2", "-o", "sensitivity_rollouts=1"]  # the method's every stage, briefly
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return arts
+
+
+def test_the_checkpoint_records_its_card_and_prompts_and_streams_like_its_base(artifacts):
+    manifest = read_manifest(artifacts / "tiny-wan-w4a8.safetensors")
+    assert manifest["card"]["vae"] == str((artifacts / "Wan2.1-T2V-1.3B-Diffusers/vae").resolve())
+    calibration = manifest["quantization"]["calibration"]
+    assert (calibration["prompts"], calibration["rollouts"]) == ([PROMPTS[0], PROMPTS[2]], 2)
+
+    quant = load_model(str(artifacts / "tiny-wan-w4a8.safetensors"))
+    base = load_model(str(artifacts / "tiny-wan.json"))
+    assert replace(quant.parts.card, path=base.card.path) == base.card
+    q, fp = Stream(quant, FOX, 3), Stream(base, FOX, 3)
+    for n in (9, 12):
+        a, b = q.step(), fp.step()
+        assert a.shape == b.shape == (n, 32, 48, 3)
+        assert psnr(a, b).mean() > 20  # W4A8 tracks the FP model it was made from
+
+
+def _drain(client: StreamClient) -> list:
+    """Every frame already on its way."""
+    frames = []
+    while batch := client.frames(100, timeout=1.5):
+        frames += batch
+    return frames
+
+
+def test_a_quantized_card_streams_text_prompts_and_renders_videos(artifacts):
+    server = ServerProcess(
+        artifact_dir=artifacts,
+        default_model="tiny-wan-w4a8",
+        threads=1,
+        data_dir=tempfile.mkdtemp(prefix="qarvd-data-"),
+        drift_sample_rate="1.0",
+        max_frame_age_s="30",
+    )
+    try:
+        models = {m["id"]: m for m in httpx.get(server.url + "/v1/models").json()}
+        assert models["tiny-wan"]["kind"] == "base"
+        assert models["tiny-wan-w4a8"]["kind"] == "quantized"
+
+        c = StreamClient(server.ws_url)
+        c.send({"type": "start", "model": "tiny-wan-w4a8"})  # a text model needs its prompt
+        assert c.next_json("error")["code"] == "bad_prompt"
+        ready = c.start(model="tiny-wan-w4a8", prompt=FOX, seed=5, format="png")
+        assert (ready["width"], ready["height"], ready["frames_per_chunk"]) == (48, 32, 12)
+        first = c.frames(9)
+        assert [h["index_in_chunk"] for h, _ in first] == list(range(9))
+        assert {(h["chunk"], h["action"]) for h, _ in first} == {(0, None)}
+        assert first[0][1].size == (48, 32)
+        c.send({"type": "action", "action": "left"})
+        assert c.next_json("error")["code"] == "action_not_supported"
+
+        c.send({"type": "pause"})
+        before = first + _drain(c)
+        c.send({"type": "prompt", "prompt": CITY})
+        c.send({"type": "resume"})
+        after = c.frames(12)
+        switched = after[0][0]["chunk"]
+        assert [h["chunk"] for h, _ in after] == [switched] * 12
+        assert len(before) == 9 + 12 * (switched - 1)  # nothing lost on the way
+        c.send({"type": "stop"})
+        assert c.close_code() == 1000
+
+        # The same stream in this process, switching before the same chunk, makes the same frames
+        # (up to the server's kernels); staying on the first prompt makes others.
+        model = load_model(str(artifacts / "tiny-wan-w4a8.safetensors"))
+        here, stayed = Stream(model, FOX, 5), Stream(model, FOX, 5)
+        for _ in range(switched):
+            here.step()
+            stayed.step()
+        here.set_prompt(CITY)
+        got = np.stack([np.asarray(img) for _, img in after])
+        same, other = psnr(got, here.step()), psnr(got, stayed.step())
+        assert same.min() > 60
+        assert other.mean() < same.mean() - 20
+
+        video = httpx.post(server.url + "/v1/videos", json={"prompt": FOX, "chunks": 2}, timeout=60)
+        assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+        refused = httpx.post(server.url + "/v1/videos", json={"prompt": FOX, "actions": "left*3"}, timeout=60)
+        assert refused.status_code == 422 and "takes no actions" in refused.json()["detail"][0]["msg"]
+    finally:
+        server.stop()
