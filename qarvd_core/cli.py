@@ -215,7 +215,8 @@ def _load_planned(
     from qarvd_core import runtime
 
     try:
-        plan = runtime.plan(dtype, compile_blocks, kernels, device=_device(device)).apply()
+        plan = runtime.plan(dtype, compile_blocks, kernels, device=_device(device), quantized=_is_quantized(model))
+        plan.apply()
     except ValueError as e:
         fail(str(e))
     typer.echo(f"runtime: {plan.describe()}", err=True)
@@ -226,6 +227,15 @@ def _load_planned(
     if plan.compile:
         net.compile_blocks(max_autotune)
     return net, plan, warning
+
+
+def _is_quantized(model: str) -> bool:
+    from qarvd_core.checkpoint import read_manifest, resolve_weights
+
+    try:
+        return read_manifest(resolve_weights(model)).get("format") == "qarvd-quantized"
+    except ValueError:  # not a weights file with a manifest: loading it says what it is, or what is wrong
+        return False
 
 
 def _check_writable(path: Path, what: str) -> None:

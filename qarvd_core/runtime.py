@@ -68,9 +68,11 @@ def plan(
     backend: str = AUTO,
     host: kernels.Host | None = None,
     device: torch.device | str = "cpu",
+    quantized: bool = False,
 ) -> Plan:
     """Resolve `auto` dtype and kernels, and compile=None, for `device` (a resolved one, see
-    `resolve_device`) and, on the CPU, `host` (default: this one)."""
+    `resolve_device`) and, on the CPU, `host` (default: this one); `quantized`: for a model
+    with integer layers, which compiled graphs fuse with their quantize and rescale."""
     device = torch.device(device)
     if device.type == "cuda":
         return _cuda_plan(dtype, compile, backend, device)
@@ -89,11 +91,13 @@ def plan(
     else:
         why_dtype = "forced" if dtype == "fp32" or host.native_bf16 else "forced; no native bf16 here, so it is slow"
     if compile is None:
-        compile = backend == "onednn"
+        # Measured on an AVX2 host (benchmarks/results/host_speed_avx2): compiling a quantized
+        # model is worth its start-up there too, an FP32 one's gain does not repay it.
+        compile = backend == "onednn" or quantized
         why_compile = (
-            "inductor fuses the quantize, rescale and elementwise work around oneDNN's kernels"
+            "inductor fuses the quantize, rescale and elementwise work around the integer GEMMs"
             if compile
-            else f"the {backend} kernels run eagerly: FBGEMM's op stays outside compiled graphs"
+            else f"an FP32 model on {host.capability} without VNNI gains little from compiling"
         )
     else:
         why_compile = "forced"

@@ -97,6 +97,8 @@ def test_auto_picks_the_kernels_dtype_and_compile_the_host_has(host, backend, dt
     p = plan(host=host)
     assert (p.kernels, p.dtype, p.compile) == (backend, dtype, compiled)
     assert all(p.reasons[k] for k in ("kernels", "dtype", "compile"))
+    # A quantized model compiles on every host: the graphs fuse its quantize and rescale.
+    assert plan(host=host, quantized=True).compile
 
 
 def test_forced_choices_are_honoured_on_any_host():
