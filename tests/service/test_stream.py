@@ -121,8 +121,8 @@ def test_messages_before_start_and_bad_start_fields(server):
     c = StreamClient(server.ws_url)
     c.send({"type": "action", "action": "left"})
     assert c.next_json("error")["code"] == "not_started"
-    c.send({"type": "start", "prompt": "moon"})
-    assert c.next_json("error")["code"] == "bad_message"
+    c.send({"type": "start", "prompt": "moon"})  # not a biome, and this model's prompts are biomes
+    assert c.next_json("error")["code"] == "bad_prompt"
     c.send({"type": "start", "model": "../../etc/passwd"})
     assert c.next_json("error")["code"] == "bad_message"
     c.send({"type": "start", "model": "no-such-model"})
