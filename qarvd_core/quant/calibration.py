@@ -37,6 +37,9 @@ class CalibrationSet:
     tokens_per_pass: int = 16  # rows kept per layer per forward pass and stream
     seed: int = 0
     prompts: tuple[str, ...] | None = None
+    # Rollouts run together in one batched pass (0: all): the KV cache of one 21-frame rollout of
+    # a 1.3B Wan model is gigabytes, so text models calibrate one prompt at a time by default.
+    batch: int = 0
 
     @classmethod
     def from_prompts(cls, prompts: list[str], **kw) -> CalibrationSet:
@@ -44,7 +47,7 @@ class CalibrationSet:
         kept = tuple(p.strip() for p in prompts if p.strip())
         if not kept:
             raise ValueError("no calibration prompts: give at least one non-empty line")
-        return cls(rollouts=len(kept), prompts=kept, **kw)
+        return cls(rollouts=len(kept), prompts=kept, **{"batch": 1, **kw})
 
     def scenarios(self, frames_per_chunk: int) -> list[Scenario]:
         frames = self.chunks * frames_per_chunk
@@ -72,6 +75,7 @@ class CalibrationSet:
             "chunks": self.chunks,
             "tokens_per_pass": self.tokens_per_pass,
             "seed": self.seed,
+            "batch": self.batch,
         }
 
 
@@ -129,15 +133,18 @@ def collect_inputs(
     handles = [model.register_forward_pre_hook(tag_pass, with_kwargs=True)]
     handles += [layer.register_forward_hook(record(name)) for name, layer in layers.items()]
     cases = calib.scenarios(model.args.frames_per_chunk)
-    bar = tqdm(total=calib.chunks, desc="calibration rollouts", disable=not progress)
+    size = calib.batch or len(cases)
+    batches = [cases[i : i + size] for i in range(0, len(cases), size)]
+    bar = tqdm(total=calib.chunks * len(batches), desc="calibration rollouts (chunks)", disable=not progress)
     try:
-        rollout(
-            model,
-            [c.biome for c in cases],
-            [list(c.actions) for c in cases],
-            [c.noise_seed for c in cases],
-            on_chunk=lambda k, n: bar.update(1),
-        )
+        for part in batches:
+            rollout(
+                model,
+                [c.biome for c in part],
+                [list(c.actions) for c in part],
+                [c.noise_seed for c in part],
+                on_chunk=lambda k, n: bar.update(1),
+            )
     finally:
         bar.close()
         for h in handles:
