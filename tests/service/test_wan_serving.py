@@ -1,11 +1,15 @@
 """A Wan model card end to end, on a tiny random card: load -> `qarvd quantize --method qarvd
 --w-bits 4 --a-bits 8` on calibration prompts -> save -> load -> a real server streaming the
 quantized model over the WebSocket with a text prompt and a prompt switch, and rendering a
-video of a number of chunks."""
+video of a number of chunks; and the same through a quantization job on a real worker."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import replace
 
 import httpx
@@ -17,6 +21,7 @@ from qarvd_core.checkpoint import load_model, read_manifest
 from qarvd_core.cli import app
 from qarvd_core.eval.metrics import psnr
 from qarvd_core.sampling import Stream
+from service.jobs.embedded import RedisServer
 from tests.support.client import StreamClient
 from tests.support.process import ServerProcess
 from tests.support.wan_card import write_wan_card
@@ -58,6 +63,25 @@ def test_the_checkpoint_records_its_card_and_prompts_and_streams_like_its_base(a
         assert psnr(a, b).mean() > 20  # W4A8 tracks the FP model it was made from
 
 
+@pytest.fixture(scope="module")
+def server(artifacts, tmp_path_factory):
+    """A server on the artifact directory with a Redis server for jobs; shadows every chunk in FP."""
+    redis = RedisServer(tmp_path_factory.mktemp("redis"))
+    server = ServerProcess(
+        artifact_dir=artifacts,
+        default_model="tiny-wan-w4a8",
+        threads=1,
+        data_dir=tempfile.mkdtemp(prefix="qarvd-data-"),
+        redis_url=redis.url,
+        drift_sample_rate="1.0",
+        max_frame_age_s="30",
+    )
+    server.redis = redis
+    yield server
+    server.stop()
+    redis.stop()
+
+
 def _drain(client: StreamClient) -> list:
     """Every frame already on its way."""
     frames = []
@@ -66,59 +90,86 @@ def _drain(client: StreamClient) -> list:
     return frames
 
 
-def test_a_quantized_card_streams_text_prompts_and_renders_videos(artifacts):
-    server = ServerProcess(
-        artifact_dir=artifacts,
-        default_model="tiny-wan-w4a8",
-        threads=1,
-        data_dir=tempfile.mkdtemp(prefix="qarvd-data-"),
-        drift_sample_rate="1.0",
-        max_frame_age_s="30",
-    )
+def test_a_quantized_card_streams_text_prompts_and_renders_videos(artifacts, server):
+    models = {m["id"]: m for m in httpx.get(server.url + "/v1/models").json()}
+    assert models["tiny-wan"]["kind"] == "base"
+    assert models["tiny-wan-w4a8"]["kind"] == "quantized"
+
+    c = StreamClient(server.ws_url)
+    c.send({"type": "start", "model": "tiny-wan-w4a8"})  # a text model needs its prompt
+    assert c.next_json("error")["code"] == "bad_prompt"
+    ready = c.start(model="tiny-wan-w4a8", prompt=FOX, seed=5, format="png")
+    assert (ready["width"], ready["height"], ready["frames_per_chunk"]) == (48, 32, 12)
+    first = c.frames(9)
+    assert [h["index_in_chunk"] for h, _ in first] == list(range(9))
+    assert {(h["chunk"], h["action"]) for h, _ in first} == {(0, None)}
+    assert first[0][1].size == (48, 32)
+    c.send({"type": "action", "action": "left"})
+    assert c.next_json("error")["code"] == "action_not_supported"
+
+    c.send({"type": "pause"})
+    before = first + _drain(c)
+    c.send({"type": "prompt", "prompt": CITY})
+    c.send({"type": "resume"})
+    after = c.frames(12)
+    switched = after[0][0]["chunk"]
+    assert [h["chunk"] for h, _ in after] == [switched] * 12
+    assert len(before) == 9 + 12 * (switched - 1)  # nothing lost on the way
+    c.send({"type": "stop"})
+    assert c.close_code() == 1000
+
+    # The same stream in this process, switching before the same chunk, makes the same frames
+    # (up to the server's kernels); staying on the first prompt makes others.
+    model = load_model(str(artifacts / "tiny-wan-w4a8.safetensors"))
+    here, stayed = Stream(model, FOX, 5), Stream(model, FOX, 5)
+    for _ in range(switched):
+        here.step()
+        stayed.step()
+    here.set_prompt(CITY)
+    got = np.stack([np.asarray(img) for _, img in after])
+    same, other = psnr(got, here.step()), psnr(got, stayed.step())
+    assert same.min() > 60
+    assert other.mean() < same.mean() - 20
+
+    video = httpx.post(server.url + "/v1/videos", json={"prompt": FOX, "chunks": 2}, timeout=60)
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+    refused = httpx.post(server.url + "/v1/videos", json={"prompt": FOX, "actions": "left*3"}, timeout=60)
+    assert refused.status_code == 422 and "takes no actions" in refused.json()["detail"][0]["msg"]
+
+
+def test_a_job_quantizes_a_card_on_prompts_into_a_model_that_streams(artifacts, server):
+    env = {**os.environ, "QARVD_REDIS_URL": server.redis.url, "QARVD_ARTIFACT_DIR": str(artifacts)}
+    env.update(OMP_NUM_THREADS="1", QARVD_WORKER_NICE="0")
+    with open(artifacts.parent / "worker.log", "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "qarvd_core", "worker"], env=env, stdout=log, stderr=log)
     try:
-        models = {m["id"]: m for m in httpx.get(server.url + "/v1/models").json()}
-        assert models["tiny-wan"]["kind"] == "base"
-        assert models["tiny-wan-w4a8"]["kind"] == "quantized"
+        request = {
+            "base_model": "tiny-wan",
+            "method": "qarvd",
+            "w_bits": 4,
+            "a_bits": 8,
+            "options": {"recon_iters": 2, "sensitivity_rollouts": 1},
+            "calibration_prompts": [FOX, CITY],
+            "calibration_chunks": 2,
+        }
+        job = httpx.post(server.url + "/v1/quantization-jobs", json=request, timeout=30).json()["id"]
+        deadline = time.time() + 120
+        while (view := httpx.get(f"{server.url}/v1/quantization-jobs/{job}", timeout=10).json())["status"] not in (
+            "succeeded",
+            "failed",
+        ):
+            assert time.time() < deadline, "the job did not finish"
+            time.sleep(0.3)
+        assert view["status"] == "succeeded", view["error"]
+        model = view["result_model"]
+        assert httpx.get(f"{server.url}/v1/models/{model}").json()["base"] == "tiny-wan"
 
         c = StreamClient(server.ws_url)
-        c.send({"type": "start", "model": "tiny-wan-w4a8"})  # a text model needs its prompt
-        assert c.next_json("error")["code"] == "bad_prompt"
-        ready = c.start(model="tiny-wan-w4a8", prompt=FOX, seed=5, format="png")
-        assert (ready["width"], ready["height"], ready["frames_per_chunk"]) == (48, 32, 12)
-        first = c.frames(9)
-        assert [h["index_in_chunk"] for h, _ in first] == list(range(9))
-        assert {(h["chunk"], h["action"]) for h, _ in first} == {(0, None)}
-        assert first[0][1].size == (48, 32)
-        c.send({"type": "action", "action": "left"})
-        assert c.next_json("error")["code"] == "action_not_supported"
-
-        c.send({"type": "pause"})
-        before = first + _drain(c)
-        c.send({"type": "prompt", "prompt": CITY})
-        c.send({"type": "resume"})
-        after = c.frames(12)
-        switched = after[0][0]["chunk"]
-        assert [h["chunk"] for h, _ in after] == [switched] * 12
-        assert len(before) == 9 + 12 * (switched - 1)  # nothing lost on the way
-        c.send({"type": "stop"})
-        assert c.close_code() == 1000
-
-        # The same stream in this process, switching before the same chunk, makes the same frames
-        # (up to the server's kernels); staying on the first prompt makes others.
-        model = load_model(str(artifacts / "tiny-wan-w4a8.safetensors"))
-        here, stayed = Stream(model, FOX, 5), Stream(model, FOX, 5)
-        for _ in range(switched):
-            here.step()
-            stayed.step()
-        here.set_prompt(CITY)
-        got = np.stack([np.asarray(img) for _, img in after])
-        same, other = psnr(got, here.step()), psnr(got, stayed.step())
-        assert same.min() > 60
-        assert other.mean() < same.mean() - 20
-
-        video = httpx.post(server.url + "/v1/videos", json={"prompt": FOX, "chunks": 2}, timeout=60)
-        assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
-        refused = httpx.post(server.url + "/v1/videos", json={"prompt": FOX, "actions": "left*3"}, timeout=60)
-        assert refused.status_code == 422 and "takes no actions" in refused.json()["detail"][0]["msg"]
+        assert c.start(model=model, prompt=CITY)["model"] == model
+        assert [h["index_in_chunk"] for h, _ in c.frames(21)] == [*range(9), *range(12)]
+        # Every chunk is shadowed on the FP card, from the same state: its frames are close.
+        assert c.next_json("stats", timeout=5)["drift_psnr_db"] > 20
+        c.close()
     finally:
-        server.stop()
+        worker.kill()
+        worker.wait()
