@@ -168,8 +168,13 @@ def speed_warning(model: nn.Module, rows: int) -> str | None:
     speedup = integer_speedup(model, rows)
     if speedup is None or speedup >= 1.0:
         return None
-    host = kernels.probe_host()
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)}, torch._int_mm"
+    else:
+        host = kernels.probe_host()
+        where = f"{host.cpu}, {host.capability}, kernels {kernels.active_backend()}"
     return (
-        f"quantized layers run at {speedup:.2f}x the speed of FP32 ones on this host ({host.cpu}, "
-        f"{host.capability}, kernels {kernels.active_backend()}): this model streams slower than its FP32 base"
+        f"quantized layers run at {speedup:.2f}x the speed of FP32 ones on this host ({where}): "
+        "this model streams slower than its FP32 base"
     )
