@@ -527,6 +527,9 @@ def inspect(path: Path = typer.Argument(..., help="a quantized checkpoint (.safe
     others = {k: v for k, v in cfg.items() if k not in ("method", "w_bits", "a_bits", "keep_fp")}
     if others:
         typer.echo("options      " + ", ".join(f"{k}={v}" for k, v in others.items()))
+    if "card" in m:  # a Wan model: where its text encoder and VAE are loaded from
+        card = m["card"]
+        typer.echo(f"card         recipe {card['recipe']}, text encoder {card['text_encoder']}, VAE {card['vae']}")
     typer.echo(f"calibration  {q['calibration']}")
     if q.get("frame_weights"):
         typer.echo("frame weights " + " ".join(f"{w:.3f}" for w in q["frame_weights"]))

@@ -52,6 +52,8 @@ def test_the_checkpoint_records_its_card_and_prompts_and_streams_like_its_base(a
     assert manifest["card"]["vae"] == str((artifacts / "Wan2.1-T2V-1.3B-Diffusers/vae").resolve())
     calibration = manifest["quantization"]["calibration"]
     assert (calibration["prompts"], calibration["rollouts"]) == ([PROMPTS[0], PROMPTS[2]], 2)
+    shown = CliRunner().invoke(app, ["inspect", str(artifacts / "tiny-wan-w4a8.safetensors")]).output
+    assert f"card         recipe self-forcing, text encoder {manifest['card']['text_encoder']}" in shown
 
     quant = load_model(str(artifacts / "tiny-wan-w4a8.safetensors"))
     base = load_model(str(artifacts / "tiny-wan.json"))
