@@ -199,7 +199,8 @@ def load_quantized(path: Path | str, device: str = "cpu", dtype: torch.dtype = t
 
     info = manifest["quantization"]
     config = config_from_manifest(info["config"])
-    model = WorldModel(ModelArgs(**manifest["args"]))
+    with torch.device("meta"):  # every tensor comes from the file: no random init of a 1.3B model to hold
+        model = WorldModel(ModelArgs(**manifest["args"]))
     for name, layer in info["layers"].items():
         lin = model.get_submodule(name)
         if layer["kind"] == "dual":
@@ -225,7 +226,7 @@ def load_quantized(path: Path | str, device: str = "cpu", dtype: torch.dtype = t
         if f"{name}.smooth" in state:
             q.set_smoothing(state[f"{name}.smooth"])
         swap_module(model, name, q)
-    model.load_state_dict({k: v.float() if v.dtype == torch.float16 else v for k, v in state.items()})
+    model.load_state_dict({k: v.float() if v.dtype == torch.float16 else v for k, v in state.items()}, assign=True)
     model.quant_info = info
     model.manifest = manifest
     if "card" in manifest:
