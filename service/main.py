@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None, on_shutdown: Callable[[], None]
     metrics = Metrics()
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.engine = Engine(settings, metrics, ModelStore(settings.artifact_dir))
+    app.state.engine = Engine(settings, metrics, ModelStore(settings.artifact_dir, settings.model_cards))
     app.state.jobs = None
 
     http.install(app, settings.max_body_bytes, metrics.http_server_errors)

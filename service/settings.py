@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     port: int = 8000
     default_model: str = "tiny-world"
     artifact_dir: Path = Path("artifacts")  # quantized models: NAME.safetensors + NAME.json
+    model_cards: list[Path] = Field(default_factory=list, description="Wan model cards served by their file names")
     data_dir: Path = Path(".qarvd")  # the embedded Redis's files
     max_loaded_models: int = Field(4, ge=1, description="models kept in memory; least recently used unload")
     max_sessions: int = Field(4, ge=1, description="admission control: sessions past this are refused (1013)")

@@ -2,7 +2,8 @@
 
 Ids name the shipped base models, the checkpoints in the artifact directory (the
 quantized models that jobs publish) and the Wan model cards there (`NAME.json` with
-`"format": "qarvd-wan-card"`, base models whose weights live where the card points). The
+`"format": "qarvd-wan-card"`, base models whose weights live where the card points) and
+the cards named by path (`cards`, the QARVD_MODEL_CARDS setting). The
 API lists and deletes models through it, the engine loads from it, and the worker finds
 base models in it and publishes into it.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -49,11 +51,13 @@ class ModelRecord:
 
 
 class ModelStore:
-    """Shipped base models and the checkpoints in `artifact_dir`; reads the disk on every call,
-    so every process sharing the directory sees the same models."""
+    """Shipped base models, the checkpoints and model cards in `artifact_dir`, and the model
+    cards named in `cards`; reads the disk on every call, so every process sharing the
+    directory sees the same models."""
 
-    def __init__(self, artifact_dir: Path):
+    def __init__(self, artifact_dir: Path, cards: Sequence[Path] = ()):
         self.artifact_dir = Path(artifact_dir)
+        self.cards = {Path(c).stem: Path(c) for c in cards}
 
     def path_of(self, model_id: str) -> Path:
         """The weights of `model_id`, which has a manifest beside them, or its model card; raises UnknownModel."""
@@ -63,9 +67,9 @@ class ModelStore:
             p = directory / f"{model_id}.safetensors"
             if p.is_file() and p.with_suffix(".json").is_file():
                 return p
-        card = self.artifact_dir / f"{model_id}.json"
-        if is_card(card):
-            return card
+        for card in (self.artifact_dir / f"{model_id}.json", self.cards.get(model_id)):
+            if card is not None and is_card(card):
+                return card
         raise UnknownModel(f"unknown model {model_id!r}; GET /v1/models lists the available ones")
 
     def ids(self) -> list[str]:
@@ -73,6 +77,7 @@ class ModelStore:
         if self.artifact_dir.is_dir():
             found |= {p.stem for p in self.artifact_dir.glob("*.safetensors") if p.with_suffix(".json").is_file()}
             found |= {p.stem for p in self.artifact_dir.glob("*.json") if is_card(p)}
+        found |= {i for i, p in self.cards.items() if is_card(p)}
         return sorted(i for i in found if _ID.match(i))
 
     def record(self, model_id: str) -> ModelRecord:

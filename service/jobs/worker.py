@@ -65,7 +65,7 @@ async def run_worker(settings: Settings) -> int:
     name = f"{socket.gethostname()}-{os.getpid()}"
 
     async def startup(ctx):
-        ctx["store"] = ModelStore(settings.artifact_dir)
+        ctx["store"] = ModelStore(settings.artifact_dir, settings.model_cards)
         ctx["device"] = device
 
     async def after_process(ctx):

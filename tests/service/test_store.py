@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import pytest
@@ -48,3 +49,20 @@ def test_publish_moves_a_checkpoint_in_and_delete_takes_only_unused_quantized_mo
     assert "q" not in store.ids() and not list(store.artifact_dir.glob("q.*"))
     with pytest.raises(UnknownModel):
         store.delete("q")
+
+
+def test_model_cards_in_the_artifact_dir_or_named_by_path_are_base_models(store, tmp_path):
+    card = {"format": "qarvd-wan-card", "preset": "wan2.1-1.3b-causal", "recipe": "self-forcing"}
+    card |= {"transformer": "sf.pt", "vae": "vae", "text_encoder": "text_encoder", "tokenizer": "tokenizer"}
+    (tmp_path / "cards").mkdir()
+    for folder, name in ((store.artifact_dir, "here"), (tmp_path / "cards", "there")):
+        (folder / f"{name}.json").write_text(json.dumps(card))
+        (folder / "sf.pt").write_bytes(b"x" * 10)
+    (tmp_path / "cards/not-a-card.json").write_text("{}")
+    named = ModelStore(store.artifact_dir, [tmp_path / "cards/there.json", tmp_path / "cards/not-a-card.json"])
+    assert {"here", "there"} <= set(named.ids()) and "not-a-card" not in named.ids()
+    assert "there" not in store.ids()
+    r = named.record("there")
+    assert (r.path, r.kind, r.size_bytes, r.base) == (tmp_path / "cards/there.json", "base", 10, None)
+    with pytest.raises(DeleteRefused):
+        named.delete("here")
