@@ -362,14 +362,28 @@ def evaluate_cmd(
     split: str = typer.Option("heldout", help="worlds to use: heldout, or calibration to choose between checkpoints"),
     action_guidance: float | None = guidance_option(),
     device: str = device_option(),
+    prompts: Path | None = typer.Option(None, help="a text model's prompts, one a line (with --reference)"),
+    chunks: int = typer.Option(3, min=1, help="chunks streamed per prompt (text models)"),
 ):
-    """Quality on held-out worlds: vs a reference model and vs the simulator."""
-    from qarvd_core.eval.evaluate import EvalConfig, evaluate, write_report
+    """Quality on held-out worlds: vs a reference model and vs the simulator. A text model
+    (a Wan card) is compared with --reference on --prompts, per chunk."""
+    import json
+
+    from qarvd_core.eval.evaluate import EvalConfig, evaluate, evaluate_prompts, write_report
 
     _check_writable(json_path, "report")
     device = _device(device)
     net = _load(model, device=device)
     ref = _load(reference, device=device) if reference else None
+    if not net.args.n_prompts:
+        if ref is None or prompts is None:
+            fail(f"{model} is a text model: compare it with --reference on --prompts FILE")
+        lines = [p.strip() for p in prompts.read_text().splitlines() if p.strip()]
+        result = evaluate_prompts(net, ref, lines, chunks)
+        result["model"], result["reference"], result["command"] = model, reference, command_line(ctx)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        typer.echo(json.dumps({k: result[k] for k in ("psnr_db_mean", "ssim_mean", "psnr_db_per_chunk")}))
+        return
     if split not in ("heldout", "calibration"):
         fail(f"--split must be heldout or calibration, got {split!r}")
     cfg = EvalConfig(
@@ -461,7 +475,7 @@ def quantize(
     import json
 
     from qarvd_core.checkpoint import save_quantized
-    from qarvd_core.eval.evaluate import EvalConfig
+    from qarvd_core.eval.evaluate import EvalConfig, quantization_metrics_on_prompts
     from qarvd_core.eval.evaluate import evaluate as run_eval
     from qarvd_core.quant import CalibrationSet, config_from_dict
     from qarvd_core.quant import quantize as run_quantize
@@ -494,7 +508,8 @@ def quantize(
     qmodel = run_quantize(base, config, calib)
     metrics = None
     if evaluate and not base.args.n_prompts:
-        typer.echo("not evaluated: qarvd eval's held-out worlds are biome scenarios, which text models lack", err=True)
+        typer.echo("evaluating against the base model on the calibration prompts, unseen noise", err=True)
+        metrics = quantization_metrics_on_prompts(qmodel, base, list(calib.prompts))
     elif evaluate:
         typer.echo("evaluating against the base model on held-out scenarios", err=True)
         r = run_eval(qmodel, base, EvalConfig(scenarios=4, frames=24, drift_frames=0))

@@ -17,7 +17,7 @@ import numpy as np
 
 from qarvd_core.eval import metrics
 from qarvd_core.model import WorldModel
-from qarvd_core.sampling import DEFAULT_ACTION_GUIDANCE, rollout, to_uint8
+from qarvd_core.sampling import DEFAULT_ACTION_GUIDANCE, Stream, rollout, to_uint8
 from qarvd_core.world.scripts import random_walk, scenarios
 from qarvd_core.world.simulator import BIOME_NAMES
 from qarvd_core.world.simulator import rollout as sim_rollout
@@ -121,6 +121,46 @@ def evaluate(
         result["drift"] = _drift(model, cfg.drift_frames, cfg.action_guidance)
     result["config"] = asdict(cfg)
     return result
+
+
+def evaluate_prompts(model: WorldModel, reference: WorldModel, prompts: list[str], chunks: int, seed: int = 0) -> dict:
+    """A text model (a Wan card) against a reference, the "-FP" protocol on prompts: both stream
+    each prompt with the same noise seed and their decoded frames are compared pairwise."""
+    psnr, ssim = [], []  # per prompt: [frames]
+    per_chunk: list[list[float]] = [[] for _ in range(chunks)]
+    for i, prompt in enumerate(prompts):
+        ours, theirs = Stream(model, prompt, seed + i), Stream(reference, prompt, seed + i)
+        p, s = [], []
+        for k in range(chunks):
+            a, b = ours.step(), theirs.step()
+            p.append(metrics.psnr(a, b))
+            s.append(metrics.ssim(a, b))
+            per_chunk[k].append(float(p[-1].mean()))
+        psnr.append(np.concatenate(p))
+        ssim.append(np.concatenate(s))
+    return {
+        "psnr_db_mean": float(np.concatenate(psnr).mean()),
+        "ssim_mean": float(np.concatenate(ssim).mean()),
+        "psnr_db_per_chunk": [float(np.mean(c)) for c in per_chunk],
+        "psnr_db_per_prompt": [float(p.mean()) for p in psnr],
+        "config": {"prompts": list(prompts), "chunks": chunks, "seed": seed},
+    }
+
+
+# A quantized text model is measured against its base on its calibration prompts under noise seeds
+# the calibration never drew (it draws seed * 1000 + i): no held-out prompt set ships with a card.
+PROMPT_EVAL_CHUNKS, PROMPT_EVAL_SEED = 3, 10**6
+
+
+def quantization_metrics_on_prompts(qmodel: WorldModel, base: WorldModel, prompts: list[str]) -> dict:
+    """What `qarvd quantize` and a job store for a text model: -FP PSNR/SSIM on its calibration prompts."""
+    r = evaluate_prompts(qmodel, base, prompts, PROMPT_EVAL_CHUNKS, PROMPT_EVAL_SEED)
+    out = {k: r[k] for k in ("psnr_db_mean", "ssim_mean", "psnr_db_per_chunk")}
+    out["protocol"] = (
+        f"-FP on the {len(prompts)} calibration prompts x {PROMPT_EVAL_CHUNKS} chunks, noise seeds "
+        f"from {PROMPT_EVAL_SEED} (unseen in calibration)"
+    )
+    return out
 
 
 def _per_chunk(per_frame: np.ndarray, frames_per_chunk: int) -> list[float]:

@@ -25,7 +25,7 @@ from saq.job import Status
 from saq.utils import now
 
 from qarvd_core.checkpoint import load_model, load_quantized, save_quantized
-from qarvd_core.eval.evaluate import EvalConfig, evaluate
+from qarvd_core.eval.evaluate import EvalConfig, evaluate, quantization_metrics_on_prompts
 from qarvd_core.quant import CalibrationSet, config_from_dict, quantize
 from qarvd_core.quant.api import Progress
 from service.jobs.constants import CANCEL_KEY, HEARTBEAT_EVERY_S, LEASE_KEY
@@ -145,7 +145,10 @@ def run_quantization(request: dict, job_id: str, store: ModelStore, attempt: Att
         )
     qmodel = quantize(base, config, calib, Progress(bars=False, callback=attempt.report))
     metrics = None
-    if request.get("evaluate", True) and base.args.n_prompts:  # the held-out worlds are biome scenarios
+    if request.get("evaluate", True) and not base.args.n_prompts:  # a text model
+        attempt.report("evaluating", 0.0)
+        metrics = quantization_metrics_on_prompts(qmodel, base, list(calib.prompts))
+    elif request.get("evaluate", True):
         attempt.report("evaluating", 0.0)
         r = evaluate(qmodel, base, EvalConfig(scenarios=4, frames=24, drift_frames=0))
         metrics = {k: r[k] for k in ("psnr_db_mean", "ssim_mean", "action_accuracy", "reference_action_accuracy")}

@@ -5,6 +5,7 @@ video of a number of chunks; and the same through a quantization job on a real w
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,11 +48,13 @@ def artifacts(tmp_path_factory):
     return arts
 
 
-def test_the_checkpoint_records_its_card_and_prompts_and_streams_like_its_base(artifacts):
+def test_the_checkpoint_records_its_card_and_prompts_and_streams_like_its_base(artifacts, tmp_path):
     manifest = read_manifest(artifacts / "tiny-wan-w4a8.safetensors")
     assert manifest["card"]["vae"] == str((artifacts / "Wan2.1-T2V-1.3B-Diffusers/vae").resolve())
     calibration = manifest["quantization"]["calibration"]
     assert (calibration["prompts"], calibration["rollouts"]) == ([PROMPTS[0], PROMPTS[2]], 2)
+    evaluation = manifest["evaluation"]  # -FP on the calibration prompts, unseen noise
+    assert len(evaluation["psnr_db_per_chunk"]) == 3 and evaluation["psnr_db_mean"] > 20
     shown = CliRunner().invoke(app, ["inspect", str(artifacts / "tiny-wan-w4a8.safetensors")]).output
     assert f"card         recipe self-forcing, text encoder {manifest['card']['text_encoder']}" in shown
 
@@ -63,6 +66,21 @@ def test_the_checkpoint_records_its_card_and_prompts_and_streams_like_its_base(a
         a, b = q.step(), fp.step()
         assert a.shape == b.shape == (n, 32, 48, 3)
         assert psnr(a, b).mean() > 20  # W4A8 tracks the FP model it was made from
+
+    prompts, report = tmp_path / "eval.txt", tmp_path / "eval.json"
+    prompts.write_text(f"{FOX}\n{CITY}\n")
+    args = [
+        "eval",
+        "--model",
+        str(artifacts / "tiny-wan-w4a8.safetensors"),
+        "--reference",
+        str(artifacts / "tiny-wan.json"),
+    ]
+    result = CliRunner().invoke(app, [*args, "--prompts", str(prompts), "--chunks", "2", "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    measured = json.loads(report.read_text())
+    assert len(measured["psnr_db_per_chunk"]) == 2 and len(measured["psnr_db_per_prompt"]) == 2
+    assert measured["psnr_db_mean"] > 20
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +181,7 @@ def test_a_job_quantizes_a_card_on_prompts_into_a_model_that_streams(artifacts, 
             assert time.time() < deadline, "the job did not finish"
             time.sleep(0.3)
         assert view["status"] == "succeeded", view["error"]
+        assert view["metrics"]["psnr_db_mean"] > 20
         model = view["result_model"]
         assert httpx.get(f"{server.url}/v1/models/{model}").json()["base"] == "tiny-wan"
 
