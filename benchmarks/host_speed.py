@@ -78,7 +78,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
         "host": asdict(kernels.probe_host()),
-        "auto": asdict(runtime.plan()),
+        "auto": {"fp32": asdict(runtime.plan()), "quantized": asdict(runtime.plan(quantized=True))},
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
@@ -120,7 +120,9 @@ def main() -> None:
         + (" --compiled" if a.compiled else "")
         + "`; x FP32: median over rounds of the per-round ratio to FP32 eager (range in brackets).",
         "",
-        f"`auto` here: {runtime.plan().describe()}.",
+        f"`auto` here, FP32 models: {runtime.plan().describe()}.",
+        "",
+        f"`auto` here, quantized models: {runtime.plan(quantized=True).describe()}.",
         "",
         "| model | variant | frames/s | x FP32 |",
         "|---|---|---|---|",
