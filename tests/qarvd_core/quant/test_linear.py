@@ -123,3 +123,21 @@ def test_each_backend_agrees_with_simulate_mode_per_layer_and_in_the_stream(mini
             sqnr = 10 * torch.log10(ref.pow(2).mean() / (m(x) - ref).pow(2).mean())
             assert sqnr >= 40, (backend, m, float(sqnr))
     assert psnr(frames["deploy"], frames["simulate"]).min() >= README_W8A8_PSNR_DB
+
+
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="FBGEMM is built for x86 only")
+def test_compiled_blocks_call_fbgemm_without_a_graph_break(mini):
+    # Compiled, FBGEMM's int8 linear is a custom op taking its packed weight's handle: one graph
+    # for every block, no break at each linear, and the eager stream within the W8A8 PSNR.
+    q = set_mode(quantize(mini, RTNConfig(), CalibrationSet(rollouts=1, chunks=2), progress=False), "deploy")
+    use_backend("fbgemm")
+    try:
+        eager = Stream(q, "islands", 0).step("right")
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compiled = Stream(q.compile_blocks(), "islands", 0).step("right")
+    finally:
+        use_backend(None)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert psnr(compiled, eager).min() >= README_W8A8_PSNR_DB
