@@ -27,6 +27,9 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/v1/stream"
+        # fp32 eager unless a test asks: `auto` picks bf16 and compiles on AMX hosts, which would
+        # make a test's numbers and start-up time depend on the machine it runs on.
+        settings = {"dtype": "fp32", "compile": "false", **settings}
         env = {**os.environ, **{f"QARVD_{k.upper()}": str(v) for k, v in settings.items()}}
         # Output goes to a file: a pipe nobody drains fills up (64 KiB of access log) and
         # then blocks the server's event loop on its next log line.
