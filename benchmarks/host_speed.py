@@ -21,24 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from quant_speed import model_named  # benchmarks run as scripts: this folder is on the path
 
 from qarvd_core import runtime
-from qarvd_core.checkpoint import load_model
 from qarvd_core.eval.bench import bench_stream
-from qarvd_core.model import ModelArgs, WorldModel
+from qarvd_core.model import WorldModel
 from qarvd_core.quant import CalibrationSet, RTNConfig, kernels, quantize, set_mode
-
-
-def base_model(name: str) -> WorldModel:
-    try:
-        return load_model(name)
-    except ValueError:  # a preset without shipped weights: speed does not depend on the values
-        torch.manual_seed(0)
-        m = WorldModel(ModelArgs.from_name(name))
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-        return m.eval()
 
 
 def rtn(fp32: WorldModel, w_bits: int = 8) -> WorldModel:
@@ -48,14 +36,14 @@ def rtn(fp32: WorldModel, w_bits: int = 8) -> WorldModel:
 
 def variants(name: str, compiled: bool, backends: list[str]) -> dict:
     """label -> (model, kernels backend or None, compiled)."""
-    fp32 = base_model(name)
+    fp32 = model_named(name)
     out = {"fp32 eager": (fp32, None, False)}
     for backend in backends:
         out[f"W8A8 {backend} eager"] = (rtn(fp32), backend, False)
         # Weights of 7 bits or fewer need no split on FBGEMM's AVX2 kernel (`kernels.fbgemm_needs_split`).
         out[f"W4A8 {backend} eager"] = (rtn(fp32, 4), backend, False)
     if compiled:
-        out["fp32 compiled"] = (base_model(name).compile_blocks(), None, True)
+        out["fp32 compiled"] = (model_named(name).compile_blocks(), None, True)
         for backend in backends:
             kernels.use_backend(backend)
             out[f"W8A8 {backend} compiled"] = (rtn(fp32).compile_blocks(), backend, True)
