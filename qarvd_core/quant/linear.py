@@ -154,6 +154,11 @@ class QuantLinear(nn.Module):
         w = self.dequantized_weight().to(x.dtype)
         return F.linear(self.quantize_input(x), w, None if self.bias is None else self.bias.to(x.dtype))
 
+    def __getstate__(self) -> dict:
+        # The deploy cache is derived from the buffers, and FBGEMM's packed weights in it are found
+        # by handle through a registry of live objects: a copy or pickle rebuilds its own.
+        return {**super().__getstate__(), "_deploy_cache": None}
+
     def _deploy_tensors(self) -> dict:
         # Unpacked int8 weights, their row sums and integer zero points, and what the backend
         # prepacks: once per weight change, device or backend.

@@ -141,3 +141,22 @@ def test_compiled_blocks_call_fbgemm_without_a_graph_break(mini):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert not torch._dynamo.utils.counters["graph_break"]
     assert psnr(compiled, eager).min() >= README_W8A8_PSNR_DB
+
+
+def test_a_copy_of_a_deploy_mode_layer_runs_after_the_original_is_gone(backend):
+    """The deploy cache holds prepacked kernel objects; a deep copy (a second model from one
+    loaded checkpoint) must rebuild its own, not keep a handle to the original's."""
+    import copy
+    import gc
+
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 64), torch.randn(10, 64)
+    q = _layer(w, torch.randn(48), 8, 8, x=x)
+    set_mode(q, "deploy")
+    expected = q(x)
+    twin = copy.deepcopy(q)
+    del q
+    gc.collect()
+    torch.testing.assert_close(twin(x), expected)
+    # Traced (as compiled blocks are), FBGEMM's layers name their packed weight by handle.
+    torch.testing.assert_close(torch.compile(twin, backend="eager")(x), expected)
