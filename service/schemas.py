@@ -104,6 +104,9 @@ class ModelInfo(BaseModel):
     size_bytes: int
     metrics: dict | None = None
     created: str | None = None
+    speed_warning: str | None = Field(
+        None, description="set when the model, once loaded, measured slower than FP32 on this host's kernels"
+    )
 
 
 class JobRequest(Strict):  # strict: "seed": false or "w_bits": 8.0 is an error

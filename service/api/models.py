@@ -16,22 +16,22 @@ router = APIRouter(
 )
 
 
-def model_info(record: ModelRecord) -> ModelInfo:
-    """The wire form: everything but where the files are."""
+def model_info(record: ModelRecord, engine: Engine) -> ModelInfo:
+    """The wire form: everything but where the files are, and the engine's speed warning."""
     fields = asdict(record)
     del fields["path"]
-    return ModelInfo(**fields)
+    return ModelInfo(**fields, speed_warning=engine.speed_warning(record.id))
 
 
 @router.get("", response_model=list[ModelInfo])
 def list_models(engine: Engine = Depends(get_engine)) -> list[ModelInfo]:
-    return [model_info(r) for r in engine.models()]
+    return [model_info(r, engine) for r in engine.models()]
 
 
 @router.get("/{model_id}", response_model=ModelInfo, responses=error_responses(404))
 def get_model(model_id: str = Path(..., max_length=128), engine: Engine = Depends(get_engine)) -> ModelInfo:
     try:
-        return model_info(engine.model(model_id))
+        return model_info(engine.model(model_id), engine)
     except UnknownModel as e:
         raise HTTPException(404, str(e)) from e
 

@@ -206,10 +206,6 @@ class Engine:
         model_id = self.settings.default_model
         model = await self._on_compute(self._models.get, model_id)
         # Compiled blocks specialise on the batch size: compile every size the loop can batch now.
-        rows = model.args.tokens_per_frame * model.args.frames_per_chunk
-        warning = await self._on_compute(runtime.speed_warning, model, rows)
-        if warning:
-            log.warning("model %s: %s", model_id, warning)
         sizes = self.settings.max_sessions if self.plan.compile and self.settings.batch_sessions else 1
         for n in range(1, sizes + 1):
             warm = [Stream(model, DEFAULT_BIOME, i) for i in range(n)]  # any text prompts a text model
@@ -388,6 +384,10 @@ class Engine:
     def model(self, model_id: str) -> ModelRecord:
         """Raises UnknownModel."""
         return self._store.record(model_id)
+
+    def speed_warning(self, model_id: str) -> str | None:
+        """Set once the model has loaded, if its integer layers measured slower than FP32 here."""
+        return self._models.speed_warnings.get(model_id)
 
     def delete_model(self, model_id: str) -> None:
         """Remove a quantized model that no session or render is using; raises UnknownModel or DeleteRefused."""

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 
+from qarvd_core import runtime
 from qarvd_core.checkpoint import load_model
 from qarvd_core.model import WorldModel
 from service.store import ModelStore
+
+log = logging.getLogger("qarvd.engine")
 
 
 class LoadedModels:
@@ -36,6 +40,8 @@ class LoadedModels:
         self.device, self.dtype = device, dtype
         self.compile_blocks, self.max_autotune = compile_blocks, max_autotune
         self._loaded: OrderedDict[str, WorldModel] = OrderedDict()
+        # Quantized models measured slower than FP32 on this host, with why: logged and shown in /v1/models.
+        self.speed_warnings: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def get(self, model_id: str) -> WorldModel:
@@ -43,6 +49,10 @@ class LoadedModels:
         with self._lock:
             if model_id not in self._loaded:
                 model = load_model(str(self.store.path_of(model_id)), dtype=self.dtype, device=self.device)
+                rows = model.args.tokens_per_frame * model.args.frames_per_chunk
+                if warning := runtime.speed_warning(model, rows):
+                    log.warning("model %s: %s", model_id, warning)
+                    self.speed_warnings[model_id] = warning
                 self._loaded[model_id] = model.compile_blocks(self.max_autotune) if self.compile_blocks else model
                 self._evict(keep=model_id)
             self._loaded.move_to_end(model_id)

@@ -92,3 +92,26 @@ def test_renders_take_their_share_only_while_sessions_are_due(artifact_dir):
         await engine.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_quantized_model_slower_than_fp32_here_says_so_once_loaded(artifact_dir, monkeypatch, caplog):
+    from qarvd_core import runtime
+    from service.api.models import model_info
+
+    # The measurement itself is timing (runtime.integer_speedup); here it reports a slow host.
+    monkeypatch.setattr(runtime, "integer_speedup", lambda model, rows: 0.5 if hasattr(model, "quant_info") else None)
+
+    async def scenario():
+        engine = make_engine(artifact_dir)
+        await engine.start()
+        try:
+            assert engine.speed_warning("mini-rtn-w8a8") is None  # not loaded yet: not measured
+            await engine.render("mini-rtn-w8a8", "forest", 0, ["right"])
+            return {r.id: model_info(r, engine) for r in engine.models()}
+        finally:
+            await engine.stop()
+
+    infos = asyncio.run(scenario())
+    assert infos["mini"].speed_warning is None
+    assert "0.50x the speed of FP32" in infos["mini-rtn-w8a8"].speed_warning
+    assert "mini-rtn-w8a8" in caplog.text and "0.50x" in caplog.text
