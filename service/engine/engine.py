@@ -160,6 +160,10 @@ class Engine:
         device = runtime.resolve_device(settings.device)
         self.plan = runtime.plan(settings.dtype, settings.compile, settings.kernels, device=device).apply()
         log.info("runtime: %s", self.plan.describe())
+        # `auto` compile may differ for models with integer layers (compiling fuses their quantize and rescale).
+        quantized_plan = runtime.plan(settings.dtype, settings.compile, settings.kernels, device=device, quantized=True)
+        if quantized_plan.compile != self.plan.compile:
+            log.info("runtime for quantized models: compile on (%s)", quantized_plan.reasons["compile"])
         self.device = torch.device(self.plan.device)
         metrics.device_memory.device = self.device
         self._models = LoadedModels(
@@ -168,6 +172,7 @@ class Engine:
             in_use=self.models_in_use,
             dtype=DTYPES[self.plan.dtype],
             compile_blocks=self.plan.compile,
+            compile_quantized=quantized_plan.compile,
             max_autotune=settings.compile_max_autotune,
             device=self.plan.device,
         )
@@ -206,7 +211,7 @@ class Engine:
         model_id = self.settings.default_model
         model = await self._on_compute(self._models.get, model_id)
         # Compiled blocks specialise on the batch size: compile every size the loop can batch now.
-        sizes = self.settings.max_sessions if self.plan.compile and self.settings.batch_sessions else 1
+        sizes = self.settings.max_sessions if self._models.compiles(model) and self.settings.batch_sessions else 1
         for n in range(1, sizes + 1):
             warm = [Stream(model, DEFAULT_BIOME, i) for i in range(n)]  # any text prompts a text model
             await self._on_compute(step_streams, warm, [idle_action(model)] * n)

@@ -18,7 +18,8 @@ log = logging.getLogger("qarvd.engine")
 
 
 class LoadedModels:
-    """Up to `max_loaded` models in memory, on `device` in `dtype`, their blocks compiled if asked.
+    """Up to `max_loaded` models in memory, on `device` in `dtype`, their blocks compiled if asked
+    (`compile_quantized`, when given, for models with integer layers).
 
     Past the budget the least recently used model that no session is using is unloaded
     (`in_use` says which are). Thread-safe.
@@ -31,6 +32,7 @@ class LoadedModels:
         in_use: Callable[[], set[str]] = set,
         dtype: torch.dtype = torch.float32,
         compile_blocks: bool = False,
+        compile_quantized: bool | None = None,
         max_autotune: bool = False,
         device: str = "cpu",
     ):
@@ -39,6 +41,7 @@ class LoadedModels:
         self.in_use = in_use
         self.device, self.dtype = device, dtype
         self.compile_blocks, self.max_autotune = compile_blocks, max_autotune
+        self.compile_quantized = compile_blocks if compile_quantized is None else compile_quantized
         self._loaded: OrderedDict[str, WorldModel] = OrderedDict()
         # Quantized models measured slower than FP32 on this host, with why: logged and shown in /v1/models.
         self.speed_warnings: dict[str, str] = {}
@@ -53,10 +56,13 @@ class LoadedModels:
                 if warning := runtime.speed_warning(model, rows):
                     log.warning("model %s: %s", model_id, warning)
                     self.speed_warnings[model_id] = warning
-                self._loaded[model_id] = model.compile_blocks(self.max_autotune) if self.compile_blocks else model
+                self._loaded[model_id] = model.compile_blocks(self.max_autotune) if self.compiles(model) else model
                 self._evict(keep=model_id)
             self._loaded.move_to_end(model_id)
             return self._loaded[model_id]
+
+    def compiles(self, model: WorldModel) -> bool:
+        return self.compile_quantized if hasattr(model, "quant_info") else self.compile_blocks
 
     def ids(self) -> list[str]:
         return list(self._loaded)

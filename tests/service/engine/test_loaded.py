@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qarvd_core.quant import QuantLinear
-from qarvd_core.sampling import Stream
+from qarvd_core.sampling import Stream, step_streams
 from service.engine.loaded import LoadedModels
 from service.store import ModelStore, UnknownModel
 
@@ -40,3 +40,13 @@ def test_models_load_in_the_configured_dtype_and_compiled(artifact_dir):
     for act in ("left", "up"):
         x, y = a.step(act), b.step(act)
         assert np.abs(x.astype(int) - y.astype(int)).mean() < 1.0  # bf16 rounding, not a different model
+
+
+def test_quantized_models_compile_by_their_own_setting(artifact_dir):
+    """`auto` compile can differ for models with integer layers (runtime.plan(quantized=True))."""
+    models = LoadedModels(ModelStore(artifact_dir), compile_blocks=False, compile_quantized=True)
+    fp, q = models.get("mini"), models.get("mini-rtn-w8a8")
+    assert not models.compiles(fp) and models.compiles(q)
+    assert "_compiled_call_impl" not in vars(fp.blocks[0]) and "_compiled_call_impl" in vars(q.blocks[0])
+    streams = [Stream(q, "forest", 0)]
+    step_streams(streams, ["right"])  # the compiled quantized model streams
