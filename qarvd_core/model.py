@@ -18,12 +18,16 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qarvd_core.world.simulator import ACTION_MOTION, ACTIONS, BIOME_NAMES
+
+if TYPE_CHECKING:
+    from qarvd_core.quant.kv import KVQuantConfig
 
 
 @dataclass(frozen=True)
@@ -209,14 +213,36 @@ class KVCache:
     Holds at most sink + window chunks between steps (plus one slot for the chunk being
     committed). `time_offset` is the RoPE time position of the next chunk's first frame, and
     `camera` [B, 2] the camera position after the last committed frame (for `camera_rope`).
+
+    With `quant` (`KVQuantConfig`) the committed chunks are stored quantized, the sink and the
+    window each at their own bits, and a pass reads one layer at a time, dequantized into a
+    buffer of that layer only. A rolled window's quantized keys are moved as stored and rotated
+    back in time when read (`_age`), so rolling adds no quantization error.
     """
 
-    def __init__(self, args: ModelArgs, batch: int, device=None, dtype=torch.float32):
+    def __init__(
+        self, args: ModelArgs, batch: int, device=None, dtype=torch.float32, quant: KVQuantConfig | None = None
+    ):
         self.args = args
-        cap = (args.context_chunks) * args.chunk_tokens
-        shape = (args.n_layers, batch, args.n_heads, cap, args.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.quant = quant if quant is not None and quant.enabled else None
+        self.capacity = args.context_chunks * args.chunk_tokens
+        shape = (args.n_layers, batch, args.n_heads, self.capacity, args.head_dim)
+        self.dtype = dtype
+        if self.quant is None:
+            self.k = torch.zeros(shape, device=device, dtype=dtype)
+            self.v = torch.zeros(shape, device=device, dtype=dtype)
+            self.device = self.k.device
+        else:
+            self.device = torch.device(device or "cpu")
+            from qarvd_core.quant.kv import TokenStore  # the quant package imports this module
+
+            sink = args.sink_chunks * args.chunk_tokens
+            parts = ((self.quant.sink_bits, sink), (self.quant.window_bits, self.capacity - sink))
+            self.stores = [
+                [TokenStore((*shape[:3], n, args.head_dim), bits, device, dtype) for _ in "kv"] for bits, n in parts
+            ]
+            # Chunks each held chunk's keys are to be rotated back in time when read.
+            self._age = [0] * args.context_chunks
         self.n_chunks = 0  # chunks held now
         self.committed = 0  # chunks ever committed
         self.camera = torch.zeros(batch, 2, dtype=torch.long)
@@ -233,16 +259,61 @@ class KVCache:
     def time_offset(self) -> int:
         return self.n_chunks * self.args.frames_per_chunk
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored keys and values (all streams of the batch)."""
+        if self.quant is None:
+            return self.k.nbytes + self.v.nbytes
+        return sum(s.nbytes for pair in self.stores for s in pair)
+
     def view(self, layer: int) -> tuple[Tensor, Tensor]:
-        return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
+        if self.quant is None:
+            return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
+        k, v = self.layer(layer, None)[:2]
+        return k[:, :, : self.length], v[:, :, : self.length]
 
     def slot(self) -> tuple[Tensor, Tensor]:
         """Where the next chunk goes and what it may see, as tensors (so one compiled graph fits every
         cache length): token indices [chunk_tokens] of the slot after the held chunks, and the key
         mask [1, capacity] over the whole buffer (held chunks and the slot)."""
-        ct, cap = self.args.chunk_tokens, self.k.shape[3]
-        idx = torch.arange(self.length, self.length + ct, device=self.k.device)
-        return idx, (torch.arange(cap, device=self.k.device) < self.length + ct)[None]
+        ct, cap = self.args.chunk_tokens, self.capacity
+        idx = torch.arange(self.length, self.length + ct, device=self.device)
+        return idx, (torch.arange(cap, device=self.device) < self.length + ct)[None]
+
+    def layer(self, i: int, slot: Tensor | None) -> CachedKV:
+        """Layer i's key and value buffers [B, H, capacity, hd] for a cached pass, with `slot`."""
+        if self.quant is None:
+            return self.k[i], self.v[i], slot
+        a, n = self.args, self.length
+        sink = a.sink_chunks * a.chunk_tokens
+        bufs = []
+        for j in range(2):
+            held = [self.stores[0][j].read(i, min(n, sink)), self.stores[1][j].read(i, max(n - sink, 0))]
+            buf = torch.zeros(*held[0].shape[:2], self.capacity, a.head_dim, device=self.device, dtype=self.dtype)
+            buf[:, :, :n] = torch.cat(held, dim=2)
+            bufs.append(buf)
+        self._rotate_aged(bufs[0])
+        return bufs[0], bufs[1], slot
+
+    def _rotate_aged(self, k: Tensor) -> None:
+        """Rotate the keys of rolled window chunks back in time by their age, in place."""
+        ct, F_ = self.args.chunk_tokens, self.args.frames_per_chunk
+        for c in range(self.n_chunks):
+            if self._age[c]:
+                ang = _axis_angles(torch.tensor([-self._age[c] * F_]), self._t_dims, self.args.rope_theta)[0]
+                keys = k[:, :, c * ct : (c + 1) * ct, : self._t_dims]
+                keys.copy_(rotate(keys, ang.cos().float().to(k.device), ang.sin().float().to(k.device)))
+
+    def store(self, i: int, kv: CachedKV) -> None:
+        """Keep what a committing pass wrote into layer i's slot (a quantized cache stores it)."""
+        if self.quant is None:
+            return  # written in place
+        a, ct, n = self.args, self.args.chunk_tokens, self.length
+        sink = a.sink_chunks * ct
+        part, start = (0, n) if n < sink else (1, n - sink)
+        for j in range(2):
+            self.stores[part][j].write(i, start, kv[j][:, :, n : n + ct])
+        self._age[self.n_chunks] = 0
 
     def advance(self, camera: Tensor | None = None) -> None:
         """Count the chunk just written (its last frame's camera: `camera`); roll the window if over-full."""
@@ -254,12 +325,34 @@ class KVCache:
         if self.n_chunks <= a.sink_chunks + a.window_chunks:
             return
         lo, hi = a.sink_chunks * ct, self.n_chunks * ct
+        if self.quant is not None:
+            # Drop the oldest window chunk; the rest move left as stored and age by one chunk.
+            for store in self.stores[1]:
+                store.move(slice(ct, hi - lo), slice(0, hi - lo - ct))
+            self._age[a.sink_chunks : self.n_chunks - 1] = [x + 1 for x in self._age[a.sink_chunks + 1 : self.n_chunks]]
+            self.n_chunks -= 1
+            return
         # Drop the oldest window chunk; shift the rest left and one chunk back in time.
         kept = self.k[:, :, :, lo + ct : hi].clone()
         kept[..., : self._t_dims] = rotate(kept[..., : self._t_dims], self._roll_cos, self._roll_sin)
         self.k[:, :, :, lo : hi - ct] = kept
         self.v[:, :, :, lo : hi - ct] = self.v[:, :, :, lo + ct : hi].clone()
         self.n_chunks -= 1
+
+    def copy_from(self, src: KVCache, src_rows: slice = slice(None), dst_rows: slice = slice(None)) -> None:
+        """Copy src's state (keys, values, camera, lengths), all of it: the one place that lists it."""
+        if self.quant != src.quant:
+            raise ValueError(f"cannot copy a cache quantized as {src.quant} into one quantized as {self.quant}")
+        if self.quant is None:
+            self.k[:, dst_rows] = src.k[:, src_rows]
+            self.v[:, dst_rows] = src.v[:, src_rows]
+        else:
+            for mine, theirs in zip(self.stores, src.stores):
+                for m, t in zip(mine, theirs):
+                    m.copy_rows(t, src_rows, dst_rows)
+            self._age = list(src._age)
+        self.camera[dst_rows] = src.camera[src_rows]
+        self.n_chunks, self.committed = src.n_chunks, src.committed
 
     def reset(self) -> None:
         self.n_chunks = 0
@@ -450,6 +543,7 @@ class WorldModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(args.dim, 6 * args.dim))
         self.blocks = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.head = Head(args)
+        self.kv_quant: KVQuantConfig | None = None  # how streams of this model store their KV cache
         # Scene prompts of the tiny presets are learned token sequences (one per biome);
         # the Wan preset takes text-encoder embeddings instead.
         if args.n_prompts:
@@ -566,7 +660,10 @@ class WorldModel(nn.Module):
             freqs = rope_freqs(a, cache.time_offset, T, camera).to(x.device, compute_dtype(x.dtype))
             slot, mask = cache.slot()
         for i, block in enumerate(self.blocks):
-            h = block(h, e0, context, freqs, mask, None if cache is None else (cache.k[i], cache.v[i], slot))
+            kv = None if cache is None else cache.layer(i, slot)
+            h = block(h, e0, context, freqs, mask, kv)
+            if commit and kv is not None:
+                cache.store(i, kv)
         if cache is not None and commit:
             cache.advance(None if camera is None else camera[:, -1])
         out = self.head(h, e)  # [B, T*N, C*p*p]

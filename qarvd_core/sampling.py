@@ -195,14 +195,6 @@ class _HeldChunk:
     camera: Tensor  # [B, F, 2]: where each frame was seen (a re-commit must not lose the path before it)
 
 
-def _copy_cache(src: KVCache, dst: KVCache, src_rows: slice = slice(None), dst_rows: slice = slice(None)) -> None:
-    """Copy a cache's state (keys, values, camera, lengths), all of it: the one place that lists it."""
-    dst.k[:, dst_rows] = src.k[:, src_rows]
-    dst.v[:, dst_rows] = src.v[:, src_rows]
-    dst.camera[dst_rows] = src.camera[src_rows]
-    dst.n_chunks, dst.committed = src.n_chunks, src.committed
-
-
 @dataclass(frozen=True)
 class StreamState:
     """A copy of everything a stream's next chunks depend on besides its model (`Stream.snapshot`).
@@ -286,7 +278,7 @@ class Stream:
         self.sampler = Sampler.for_model(model, steps, shift, action_guidance)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.cache = KVCache(self.args, 1, self.device, self.dtype)
+        self.cache = KVCache(self.args, 1, self.device, self.dtype, model.kv_quant)
         parts = getattr(model, "parts", None)
         self.decoder = None if parts is None else parts.decoder()
         self.reset(seed, prompt)
@@ -314,8 +306,8 @@ class Stream:
 
     def snapshot(self) -> StreamState:
         """A copy of this stream's state: stepping the stream afterwards does not change it."""
-        cache = KVCache(self.args, 1, self.device, self.dtype)
-        _copy_cache(self.cache, cache)
+        cache = KVCache(self.args, 1, self.device, self.dtype, self.cache.quant)
+        cache.copy_from(self.cache)
         return StreamState(
             self.prompt,
             self.seed,
@@ -337,7 +329,8 @@ class Stream:
         state = self.snapshot()
         twin = Stream(model or self.model, state.prompt, state.seed)
         twin.sampler = state.sampler
-        _copy_cache(state.cache, twin.cache)
+        twin.cache = KVCache(twin.args, 1, twin.device, twin.dtype, state.cache.quant)
+        twin.cache.copy_from(state.cache)
         twin.generator.set_state(state.generator)
         twin.held = list(state.held)
         twin.decoder = None if state.decoder is None else state.decoder.copy()
@@ -416,7 +409,7 @@ def rollout(
     if n_chunks == 0:
         raise ValueError(f"action scripts must hold at least one chunk ({Fr} frames)")
     p = next(model.parameters())
-    cache = KVCache(a, B, p.device, p.dtype)
+    cache = KVCache(a, B, p.device, p.dtype, model.kv_quant)
     contexts: dict[int, Tensor] = {}
     ids = torch.stack([action_ids(x[: n_chunks * Fr]) for x in actions]).to(p.device)
     gens = [torch.Generator(p.device).manual_seed(s) for s in seeds]
@@ -457,9 +450,9 @@ def step_streams(streams: list[Stream], actions: list[str | list[str] | None]) -
     ):
         raise ValueError("batched streams must share a model, a cache length and sampler settings")
     ids = torch.stack([chunk_actions(first.model, a) for a in actions]).to(first.device)
-    cache = KVCache(first.args, len(streams), first.device, first.dtype)
+    cache = KVCache(first.args, len(streams), first.device, first.dtype, first.cache.quant)
     for i, s in enumerate(streams):
-        _copy_cache(s.cache, cache, dst_rows=slice(i, i + 1))
+        cache.copy_from(s.cache, dst_rows=slice(i, i + 1))
     camera = camera_path(ids, cache.camera)
     context = torch.cat([s.context for s in streams])
 
@@ -470,7 +463,7 @@ def step_streams(streams: list[Stream], actions: list[str | list[str] | None]) -
     out = []
     for i, s in enumerate(streams):
         committed = s.cache.committed + 1  # batched streams share a cache length, not a chunk count
-        _copy_cache(cache, s.cache, src_rows=slice(i, i + 1))
+        s.cache.copy_from(cache, src_rows=slice(i, i + 1))
         s.cache.committed = committed
         s._hold(_HeldChunk(x0[i : i + 1], ids[i : i + 1], camera[i : i + 1]))
         out.append(s._frames(x0[i : i + 1]))

@@ -1,0 +1,122 @@
+"""Quantized KV-cache storage: int8 or packed int4 keys and values, one scale per token and head.
+
+A committed chunk's keys (after RoPE) and values are quantized symmetrically over each head's
+vector: codes round(x / s) with s = max |x| / qmax, stored as int8 (or two 4-bit codes per byte)
+with s in float16. The sink chunks, which the whole stream attends to, can keep more bits than
+the rolling window (`KVQuantConfig`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qarvd_core.quant.linear import pack_int4, unpack_int4
+from qarvd_core.quant.primitives import QuantSpec, quantize
+
+KV_BITS = (4, 8)
+# Smallest stored scale: float16's smallest normal number. A token whose entries are all below
+# qmax times it (about 0.008 at int8) is stored with this coarser step, an error under 3e-5.
+_MIN_SCALE = 2.0**-14
+
+
+def _normal_bits(bits: int | None) -> int | None:
+    if bits in (None, 16):
+        return None
+    if bits not in KV_BITS:
+        raise ValueError(f"KV-cache bits must be 4, 8 or 16 (full precision), got {bits}")
+    return bits
+
+
+@dataclass(frozen=True)
+class KVQuantConfig:
+    """Bits of the cached keys and values: `sink_bits` for the sink chunks, `window_bits` for the
+    rolling window; None (or 16) keeps that part in the model's dtype."""
+
+    sink_bits: int | None = 8
+    window_bits: int | None = 8
+
+    def __post_init__(self):
+        object.__setattr__(self, "sink_bits", _normal_bits(self.sink_bits))
+        object.__setattr__(self, "window_bits", _normal_bits(self.window_bits))
+
+    @property
+    def enabled(self) -> bool:
+        return self.sink_bits is not None or self.window_bits is not None
+
+    @classmethod
+    def parse(cls, text: str) -> KVQuantConfig:
+        """'8' (sink and window at 8 bits), '8,4' (sink 8, window 4) or '16' (full precision)."""
+        parts = [int(p) for p in text.split(",")]
+        if len(parts) not in (1, 2):
+            raise ValueError(f"--kv-bits takes BITS or SINK_BITS,WINDOW_BITS, got {text!r}")
+        return cls(parts[0], parts[-1])
+
+    def to_dict(self) -> dict:
+        return {"sink_bits": self.sink_bits, "window_bits": self.window_bits}
+
+
+def quantize_tokens(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """x [..., hd] -> (codes, scale [..., 1] float16): int8 codes [..., hd], or for 4 bits two
+    codes per byte, uint8 [..., hd / 2]. |x - dequantize| <= scale / 2 elementwise."""
+    spec = QuantSpec(bits, symmetric=True)
+    xf = x.float()
+    scale = (xf.abs().amax(-1, keepdim=True) / spec.qmax).clamp_min(_MIN_SCALE).half()
+    # Quantize with the stored scale, so the bound holds for what is read back (its float16
+    # rounding moves max |x| / scale by under 0.1 %: no code clips).
+    codes = quantize(xf, scale.float(), 0.0, spec).to(torch.int8)
+    if bits == 4:
+        codes = pack_int4(codes.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+    return codes, scale
+
+
+def dequantize_tokens(codes: Tensor, scale: Tensor, bits: int, dtype: torch.dtype) -> Tensor:
+    """Inverse of `quantize_tokens`, in `dtype`."""
+    if bits == 4:
+        hd = 2 * codes.shape[-1]
+        codes = unpack_int4(codes.reshape(-1, codes.shape[-1]), hd).view(*codes.shape[:-1], hd)
+    return (codes.float() * scale.float()).to(dtype)
+
+
+class TokenStore:
+    """Tokens [layers, batch, heads, n, hd] at `bits` (None: in `dtype`), written and read by token range."""
+
+    def __init__(self, shape: tuple[int, ...], bits: int | None, device, dtype: torch.dtype):
+        self.bits, self.dtype = bits, dtype
+        *lead, hd = shape
+        if bits is None:
+            self.tensors = [torch.zeros(shape, device=device, dtype=dtype)]
+        else:
+            code_dim = hd // 2 if bits == 4 else hd
+            code_dtype = torch.uint8 if bits == 4 else torch.int8
+            self.tensors = [
+                torch.zeros(*lead, code_dim, device=device, dtype=code_dtype),
+                torch.ones(*lead, 1, device=device, dtype=torch.float16),
+            ]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def write(self, layer: int, start: int, x: Tensor) -> None:
+        """Store x [batch, heads, n, hd] at tokens start .. start + n of `layer`."""
+        stop = start + x.shape[2]
+        parts = [x.to(self.dtype)] if self.bits is None else quantize_tokens(x, self.bits)
+        for t, p in zip(self.tensors, parts):
+            t[layer, :, :, start:stop] = p
+
+    def read(self, layer: int, stop: int) -> Tensor:
+        """Tokens 0 .. stop of `layer` [batch, heads, stop, hd] in `dtype`."""
+        held = [t[layer, :, :, :stop] for t in self.tensors]
+        return held[0] if self.bits is None else dequantize_tokens(*held, self.bits, self.dtype)
+
+    def move(self, src: slice, dst: slice) -> None:
+        """Copy tokens `src` onto `dst` (same length) in every layer, as stored (no requantization)."""
+        for t in self.tensors:
+            t[:, :, :, dst] = t[:, :, :, src].clone()
+
+    def copy_rows(self, other: TokenStore, src_rows: slice, dst_rows: slice) -> None:
+        for t, o in zip(self.tensors, other.tensors, strict=True):
+            t[:, dst_rows] = o[:, src_rows]

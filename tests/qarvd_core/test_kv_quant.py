@@ -1,0 +1,144 @@
+"""Quantized KV cache: round trips, a rolling window over a quantized sink, bytes per stream, and
+the shipped tiny-world streamed with a quantized cache against its full-precision cache."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from qarvd_core.checkpoint import load_model
+from qarvd_core.eval.metrics import psnr
+from qarvd_core.model import KVCache, ModelArgs
+from qarvd_core.quant.kv import KVQuantConfig, dequantize_tokens, quantize_tokens
+from qarvd_core.sampling import Stream, rollout, step_streams, to_uint8
+from tests.conftest import MINI
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_round_trip_is_within_half_a_step_per_token_and_head(bits):
+    x = torch.randn(2, 3, 40, 64) * torch.logspace(-4, 2, 40)[:, None]  # tokens of very different sizes
+    codes, scale = quantize_tokens(x, bits)
+    assert codes.dtype == (torch.uint8 if bits == 4 else torch.int8)
+    assert codes.shape[-1] == (32 if bits == 4 else 64) and scale.shape == (2, 3, 40, 1)
+    err = (dequantize_tokens(codes, scale, bits, torch.float32) - x).abs()
+    assert (err <= scale.float() / 2 * (1 + 1e-3)).all()
+    # Relative to each token's largest entry: half a step of 2^(bits-1) - 1 levels, for tokens
+    # above the float16 scale floor (2^-14 per level; below it the step is the floor's).
+    qmax, amax = 2 ** (bits - 1) - 1, x.abs().amax(-1)
+    above = amax / qmax > 2**-14
+    assert 0 < above.sum() < above.numel()
+    assert (err.amax(-1) / amax)[above].max() <= 0.5 / qmax * 1.002
+
+
+def test_config_parses_bits_and_keeps_full_precision_as_none():
+    assert KVQuantConfig.parse("8,4") == KVQuantConfig(8, 4)
+    assert KVQuantConfig.parse("8") == KVQuantConfig(8, 8)
+    assert not KVQuantConfig.parse("16").enabled and KVQuantConfig(16, 4).sink_bits is None
+    with pytest.raises(ValueError):
+        KVQuantConfig(8, 3)
+
+
+@pytest.mark.parametrize("quant", [KVQuantConfig(8, 8), KVQuantConfig(8, 4)])
+def test_rolled_window_over_a_quantized_sink_reads_back_the_full_precision_cache(make_mini, quant):
+    """After the window rolled three times, the first layer's keys and values (which depend on
+    each chunk alone) read back as the full-precision cache's within a quantization step: the
+    stored codes move as they are and are rotated back in time when read."""
+    mini = make_mini(args=replace(MINI, camera_rope=True))
+    a = mini.args
+    ctx = mini.encode_prompt(torch.tensor([0]))
+    g = torch.Generator().manual_seed(1)
+    t0 = torch.zeros(1, a.frames_per_chunk)
+    quantized, exact = KVCache(a, 1, quant=quant), KVCache(a, 1)
+    with torch.no_grad():
+        for _ in range(6):
+            chunk = torch.randn(1, a.frames_per_chunk, 3, 64, 64, generator=g)
+            act = torch.randint(0, a.n_actions, (1, a.frames_per_chunk), generator=g)
+            for cache in (quantized, exact):
+                mini(chunk, t0, act, ctx, cache=cache, commit=True)
+    assert quantized.n_chunks == a.sink_chunks + a.window_chunks and quantized.committed == 6
+    assert quantized._age[a.sink_chunks : quantized.n_chunks] == [2, 1]  # rolls each window chunk lived through
+    (qk, qv), (ek, ev) = quantized.view(0), exact.view(0)
+    sink = a.sink_chunks * a.chunk_tokens
+    for part, bits in ((slice(0, sink), quant.sink_bits), (slice(sink, None), quant.window_bits)):
+        qmax = 2 ** (bits - 1) - 1
+        # A rotation mixes pairs of entries: the error of a rotated key is at most sqrt(2) half-steps,
+        # of a step set by the unrotated key's largest entry, itself at most sqrt(2) times the rotated one's.
+        assert ((qk - ek)[:, :, part].abs() <= ek[:, :, part].abs().amax(-1, keepdim=True) / qmax + 1e-6).all()
+        assert ((qv - ev)[:, :, part].abs() <= ev[:, :, part].abs().amax(-1, keepdim=True) * 0.51 / qmax + 1e-6).all()
+
+
+def test_quantized_cache_stays_bounded_over_a_long_stream(make_mini):
+    args = ModelArgs(dim=16, n_layers=1, n_heads=1, ffn_dim=32, text_dim=8, frame_height=16, frame_width=16,
+                     window_chunks=2, sink_chunks=1)  # fmt: skip
+    model = make_mini(args=args)
+    cache = KVCache(args, 1, quant=KVQuantConfig(8, 4))
+    ctx = model.encode_prompt(torch.tensor([0]))
+    x, t0, acts = torch.randn(1, 3, 3, 16, 16), torch.zeros(1, 3), torch.full((1, 3), 4)
+    nbytes, offsets = {cache.nbytes}, set()
+    with torch.no_grad():
+        for _ in range(300):
+            out = model(x, t0, acts, ctx, cache=cache, commit=True)
+            nbytes.add(cache.nbytes)
+            offsets.add(cache.time_offset)
+    assert cache.committed == 300 and len(nbytes) == 1
+    assert max(offsets) == (args.sink_chunks + args.window_chunks) * 3
+    assert max(cache._age) == args.window_chunks  # a chunk is rotated back at most once per roll it lives through
+    assert torch.isfinite(out).all()
+
+
+@pytest.fixture(scope="module")
+def _tiny_world():
+    return load_model("tiny-world")
+
+
+@pytest.fixture
+def tiny_world(_tiny_world):
+    """The shipped tiny-world, its cache back at full precision after the test."""
+    yield _tiny_world
+    _tiny_world.kv_quant = None
+
+
+def test_cache_bytes_per_stream_shrink(tiny_world):
+    """Bytes of one stream's stored keys and values against the same cache in float32 and bfloat16."""
+    a = tiny_world.args
+    fp32, bf16 = KVCache(a, 1).nbytes, KVCache(a, 1, dtype=torch.bfloat16).nbytes
+    int8 = KVCache(a, 1, quant=KVQuantConfig(8, 8)).nbytes
+    int4 = KVCache(a, 1, quant=KVQuantConfig(4, 4)).nbytes
+    int4_sink8 = KVCache(a, 1, quant=KVQuantConfig(8, 4)).nbytes
+    # head_dim 64: 64 codes (32 bytes at int4) + a float16 scale per token and head.
+    assert bf16 / int8 >= 1.9 and fp32 / int8 >= 3.7
+    assert bf16 / int4 >= 3.5 and fp32 / int4 >= 7.0
+    assert int4 < int4_sink8 < int8
+
+
+def test_quantized_stream_forks_and_batches_exactly(tiny_world):
+    tiny_world.kv_quant = KVQuantConfig(8, 4)
+    s = Stream(tiny_world, "islands", seed=2)
+    for act in ("right", "up", "left", "down", "none"):  # past the first roll of the window
+        s.step(act)
+    twin, first, second = s.fork(), s.fork(), s.fork()
+    batched = step_streams([first, second], ["right", "up"])
+    frames = s.step("right")
+    np.testing.assert_array_equal(twin.step("right"), frames)
+    assert np.abs(batched[0].astype(int) - frames.astype(int)).max() <= 1
+    np.testing.assert_array_equal(first.step("left"), s.step("left"))  # batched caches copied back whole
+
+
+def test_tiny_world_streams_with_a_quantized_cache_keep_their_frames(tiny_world):
+    """Three streams (6 chunks: the window rolls twice), same noise, full-precision cache
+    against quantized ones; PSNR of each stream's whole clip. One stream can drift away from
+    its reference (a small change that grows), so the median is what is asserted."""
+    scripts = [["right", "right", "up", "left", "none", "down"] * 3] * 3
+    prompts, seeds = ["islands", "snow", "islands"], [3, 4, 5]
+
+    def clips(quant):
+        tiny_world.kv_quant = quant
+        return to_uint8(rollout(tiny_world, prompts, scripts, seeds))
+
+    ref = clips(None)
+    for quant, floor in ((KVQuantConfig(8, 8), 45.0), (KVQuantConfig(8, 4), 28.0)):
+        video = clips(quant)
+        whole = [psnr(v.reshape(1, -1, *v.shape[2:]), r.reshape(1, -1, *r.shape[2:]))[0] for v, r in zip(video, ref)]
+        print(f"kv {quant.sink_bits}/{quant.window_bits}: PSNR per stream", ", ".join(f"{p:.2f}" for p in whole))
+        assert np.median(whole) >= floor
