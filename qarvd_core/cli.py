@@ -203,6 +203,22 @@ def compile_option():
     return typer.Option(None, "--compile/--no-compile", help="torch.compile the transformer blocks (default: by host)")
 
 
+def kv_bits_option():
+    return typer.Option(
+        None, "--kv-bits", help="KV-cache bits: 8 or 4 for the whole cache, SINK,WINDOW (e.g. 8,4), 16: full precision"
+    )
+
+
+def _set_kv_bits(net, kv_bits: str | None) -> None:
+    """Streams of `net` store their KV cache as `--kv-bits` says (default: full precision)."""
+    from qarvd_core.quant.kv import KVQuantConfig
+
+    try:
+        net.kv_quant = None if kv_bits is None else KVQuantConfig.parse(kv_bits)
+    except ValueError as e:
+        fail(str(e))
+
+
 def kernels_option():
     return typer.Option("auto", help="quantized models' integer GEMMs: auto (by CPU), onednn, fbgemm or int_mm")
 
@@ -275,6 +291,7 @@ def generate(
     compile_blocks: bool | None = compile_option(),
     kernels: str = kernels_option(),
     device: str = device_option(),
+    kv_bits: str | None = kv_bits_option(),
 ):
     """Stream a video from a model: under an action script (frame i is generated under action i),
     or for a text-to-video model, `--chunks` chunks under its prompt."""
@@ -299,6 +316,7 @@ def generate(
             fail(f"--frames-dir {frames_dir} exists and is not empty; give a new directory")
         _check_writable(frames_dir, "frames directory")
     net = _load_planned(model, dtype, compile_blocks, kernels, device=device)[0]
+    _set_kv_bits(net, kv_bits)
     if net.args.n_actions and chunks is not None:
         fail(f"{model} is steered by actions: its action script (--actions) sets the length, not --chunks")
     if not net.args.n_actions and actions is not None:
@@ -415,6 +433,7 @@ def bench(
     ),
     kernels: str = kernels_option(),
     device: str = device_option(),
+    kv_bits: str | None = kv_bits_option(),
 ):
     """Streaming speed: time per chunk (p50/p95) and frames per second, and the host and kernels that ran."""
     import contextlib
@@ -431,6 +450,7 @@ def bench(
     if max_autotune and not compile_blocks:
         fail("--max-autotune needs --compile")
     net, plan, warning = _load_planned(model, dtype, compile_blocks, kernels, max_autotune, device)
+    _set_kv_bits(net, kv_bits)
     with profile_compiled_kernels() if profile and plan.compile else contextlib.nullcontext():
         result = bench_stream(
             net,

@@ -1,6 +1,7 @@
 """Quantized KV cache: round trips, a rolling window over a quantized sink, bytes per stream, and
 the shipped tiny-world streamed with a quantized cache against its full-precision cache."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -142,3 +143,26 @@ def test_tiny_world_streams_with_a_quantized_cache_keep_their_frames(tiny_world)
         whole = [psnr(v.reshape(1, -1, *v.shape[2:]), r.reshape(1, -1, *r.shape[2:]))[0] for v, r in zip(video, ref)]
         print(f"kv {quant.sink_bits}/{quant.window_bits}: PSNR per stream", ", ".join(f"{p:.2f}" for p in whole))
         assert np.median(whole) >= floor
+
+
+def test_bench_and_generate_take_kv_bits(mini_weights, tmp_path):
+    from typer.testing import CliRunner
+
+    from qarvd_core.cli import app
+
+    runner, (path, _) = CliRunner(), mini_weights
+    bytes_at = {}
+    for kv_bits in ("16", "8", "8,4"):
+        out = tmp_path / f"bench-{kv_bits}.json"
+        argv = ["--chunks", "1", "--warmup", "3", "--kv-bits", kv_bits, "--json", str(out)]
+        r = runner.invoke(app, ["bench", "--model", str(path), *argv])
+        assert r.exit_code == 0, r.output
+        result = json.loads(out.read_text())
+        bytes_at[kv_bits] = result["kv_cache_bytes_per_stream"]
+    assert result["kv_bits"] == {"sink_bits": 8, "window_bits": 4}
+    assert bytes_at["16"] > bytes_at["8"] > bytes_at["8,4"]
+    argv = ["--kv-bits", "8", "--actions", "right*6", "--out", str(tmp_path / "v.mp4")]
+    r = runner.invoke(app, ["generate", "--model", str(path), *argv])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["bench", "--model", str(path), "--kv-bits", "3"])
+    assert r.exit_code != 0 and "4, 8 or 16" in r.output
