@@ -94,9 +94,19 @@ class ActionNotSupported(ValueError):
 
 
 def to_uint8(frames: Tensor) -> np.ndarray:
-    """[..., C, H, W] in [-1, 1] -> [..., H, W, C] uint8."""
-    x = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.movedim(-3, -1).cpu().numpy()
+    """[..., C, H, W] in [-1, 1] -> [..., H, W, C] uint8 on the host.
+
+    Converted where the frames are, so frames on a CUDA device leave it once, as bytes (a
+    quarter of float32's), by a non-blocking copy into pinned memory (the copy engine's fast
+    path; pinned blocks are cached by torch and reused).
+    """
+    x = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1)
+    if x.device.type == "cpu":
+        return x.numpy()
+    host = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(x.contiguous(), non_blocking=True)
+    torch.cuda.current_stream(x.device).synchronize()
+    return host.numpy()
 
 
 def from_uint8(frames: np.ndarray) -> Tensor:
@@ -361,11 +371,20 @@ class Stream:
         shape = (1, a.frames_per_chunk, a.in_channels, a.frame_height, a.frame_width)
         return torch.randn(shape, generator=self.generator, device=self.device).to(self.dtype)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this stream's state on its device: its KV cache (as stored: quantized or not)
+        and, for a latent model, its VAE decoder's cache (full once a chunk is decoded)."""
+        decoder = 0 if self.decoder is None else sum(t.nbytes for t in self.decoder.cache if isinstance(t, Tensor))
+        return self.cache.nbytes + decoder
+
+    def _decoded(self, x0: Tensor) -> Tensor:
+        """A generated chunk [1, F, C, H, W] as frames [F', C, H', W'] in [-1, 1] (a latent chunk decoded)."""
+        return (x0 if self.decoder is None else self.decoder.decode(x0))[0]
+
     def _frames(self, x0: Tensor) -> np.ndarray:
-        """A generated chunk [1, F, C, H, W] as frames [F', H', W', 3] uint8 (a latent chunk decoded)."""
-        if self.decoder is not None:
-            x0 = self.decoder.decode(x0)
-        return to_uint8(x0[0])
+        """A generated chunk [1, F, C, H, W] as frames [F', H', W', 3] uint8 on the host."""
+        return to_uint8(self._decoded(x0))
 
     @torch.no_grad()
     def step(self, action: str | list[str] | None = None) -> np.ndarray:
@@ -460,11 +479,13 @@ def step_streams(streams: list[Stream], actions: list[str | list[str] | None]) -
         return torch.cat([s._noise() for s in streams])
 
     x0 = denoise_chunk(first.model, cache, context, ids, noise, first.sampler)
-    out = []
+    decoded = []
     for i, s in enumerate(streams):
         committed = s.cache.committed + 1  # batched streams share a cache length, not a chunk count
         s.cache.copy_from(cache, src_rows=slice(i, i + 1))
         s.cache.committed = committed
         s._hold(_HeldChunk(x0[i : i + 1], ids[i : i + 1], camera[i : i + 1]))
-        out.append(s._frames(x0[i : i + 1]))
-    return out
+        decoded.append(s._decoded(x0[i : i + 1]))
+    # Every stream's frames leave the device together: one conversion, one copy.
+    frames = to_uint8(torch.cat(decoded))
+    return np.split(frames, np.cumsum([len(d) for d in decoded[:-1]]))
