@@ -117,13 +117,18 @@ def save_quantized(
     """Write the checkpoint pair atomically (temp files, fsync, rename); returns the weights path.
 
     `base` is the base model's id as the registry knows it; `base_path` its weights file
-    when the id is not a shipped name or a path (e.g. a model in the artifact directory).
+    when the id is not a shipped name or a path (e.g. a model in the artifact directory). A base
+    given as a file (weights or a Wan card) is recorded by its name, the file's stem, which is
+    its id in a model store holding it, and by its path, which loading checks it against.
     """
     if not hasattr(qmodel, "quant_info"):
         raise ValueError("the model has no quant_info: pass the result of quantize(...)")
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
+    base_record = {"id": base}
+    if base_path is None and Path(base).is_file():
+        base_record = {"id": Path(base).stem, "path": str(Path(base).resolve())}
     base_path = Path(base_path) if base_path is not None else resolve_weights(base)
     quant_prefixes = tuple(qmodel.quant_info["layers"])
     state = {}
@@ -139,7 +144,7 @@ def save_quantized(
     manifest = {
         "format": QUANTIZED_FORMAT,
         "format_version": QUANTIZED_FORMAT_VERSION,
-        "base_model": {"id": base, "sha256": sha256_of(base_path)},
+        "base_model": {**base_record, "sha256": sha256_of(base_path)},
         "args": qmodel.args.to_dict(),
         "quantization": qmodel.quant_info,
         "sha256": sha256_of(tmp),
@@ -179,7 +184,8 @@ def load_quantized(path: Path | str, device: str = "cpu", dtype: torch.dtype = t
         )
     base = manifest["base_model"]
     try:
-        base_path = resolve_weights(base["id"])
+        # A base quantized from a file is checked against that file, wherever the id resolves.
+        base_path = resolve_weights(base.get("path", base["id"]))
     except ValueError:
         base_path = None  # the base is not installed here; the checkpoint is self-contained
     if base_path is not None and sha256_of(base_path) != base["sha256"]:

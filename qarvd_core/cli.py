@@ -385,30 +385,31 @@ def evaluate_cmd(
 ):
     """Quality on held-out worlds: vs a reference model and vs the simulator. A text model
     (a Wan card) is compared with --reference on --prompts, per chunk."""
-    import json
-
     from qarvd_core.eval.evaluate import EvalConfig, evaluate, evaluate_prompts, write_report
 
     _check_writable(json_path, "report")
     device = _device(device)
     net = _load(model, device=device)
     ref = _load(reference, device=device) if reference else None
+    examples: list = []
     if not net.args.n_prompts:
         if ref is None or prompts is None:
             fail(f"{model} is a text model: compare it with --reference on --prompts FILE")
         lines = [p.strip() for p in prompts.read_text().splitlines() if p.strip()]
         result = evaluate_prompts(net, ref, lines, chunks)
-        result["model"], result["reference"], result["command"] = model, reference, command_line(ctx)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-        typer.echo(json.dumps({k: result[k] for k in ("psnr_db_mean", "ssim_mean", "psnr_db_per_chunk")}))
-        return
-    if split not in ("heldout", "calibration"):
-        fail(f"--split must be heldout or calibration, got {split!r}")
-    cfg = EvalConfig(
-        scenarios=scenarios, frames=frames, drift_frames=drift_frames, split=split, **sampler_kwargs(action_guidance)
-    )
-    examples: list = []
-    result = evaluate(net, ref, cfg, lambda stage: typer.echo(f"eval: {stage}", err=True), revisit_examples=examples)
+    else:
+        if split not in ("heldout", "calibration"):
+            fail(f"--split must be heldout or calibration, got {split!r}")
+        cfg = EvalConfig(
+            scenarios=scenarios,
+            frames=frames,
+            drift_frames=drift_frames,
+            split=split,
+            **sampler_kwargs(action_guidance),
+        )
+        result = evaluate(
+            net, ref, cfg, lambda stage: typer.echo(f"eval: {stage}", err=True), revisit_examples=examples
+        )
     result["model"], result["reference"], result["command"] = model, reference, command_line(ctx)
     title = f"qarvd eval: {model}" + (f" vs {reference}" if reference else "")
     paths = write_report(result, json_path, title, examples)
@@ -564,7 +565,8 @@ def inspect(path: Path = typer.Argument(..., help="a quantized checkpoint (.safe
         typer.echo("options      " + ", ".join(f"{k}={v}" for k, v in others.items()))
     if "card" in m:  # a Wan model: where its text encoder and VAE are loaded from
         card = m["card"]
-        typer.echo(f"card         recipe {card['recipe']}, text encoder {card['text_encoder']}, VAE {card['vae']}")
+        sampling = card.get("sampling", card.get("recipe"))  # `recipe` in manifests before sampling presets
+        typer.echo(f"card         sampling {sampling}, text encoder {card['text_encoder']}, VAE {card['vae']}")
     typer.echo(f"calibration  {q['calibration']}")
     if q.get("frame_weights"):
         typer.echo("frame weights " + " ".join(f"{w:.3f}" for w in q["frame_weights"]))

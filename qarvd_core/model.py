@@ -5,7 +5,8 @@ real Self-Forcing / CausVid checkpoints map 1:1. Generation is chunk by chunk: t
 k attend to chunks <= k, earlier chunks come from a per-layer KV cache (keys stored after
 RoPE), and the cache rolls: `sink_chunks` first chunks are kept forever, then a window of
 `window_chunks`. When the window rolls, the kept keys are rotated back in time so that RoPE
-time positions never grow, however long the stream runs.
+time positions never grow, however long the stream runs (or, with `absolute_time`, keep the
+absolute positions Wan's causal models give them).
 
 With `camera_rope`, the spatial RoPE positions are world positions rather than screen
 positions: each frame's (h, w) grid is shifted by the camera position, integrated from the
@@ -59,6 +60,10 @@ class ModelArgs:
     patch_channels_last: bool = False  # a patch's outputs are (ph, pw, C) (Wan) rather than (C, ph, pw)
     fp64_timestep: bool = False  # the timestep sinusoid in float64, as Wan builds it
     clamp_x0: bool = True  # clamp predicted x0 to [-1, 1] while sampling (pixel space)
+    # RoPE time positions of a rolling cache. The tiny presets rotate rolled window keys back in
+    # time, so positions stay bounded however long a stream runs; Wan's causal models (Self-Forcing,
+    # CausVid, LongLive) rope every frame at its absolute index and never move a cached key.
+    absolute_time: bool = False
 
     def __post_init__(self):
         if self.camera_rope and not self.n_actions:
@@ -124,6 +129,7 @@ PRESETS: dict[str, dict] = {
         patch_channels_last=True,
         fp64_timestep=True,
         clamp_x0=False,
+        absolute_time=True,
     ),
 }
 
@@ -181,9 +187,11 @@ def rope_freqs(args: ModelArgs, first_frame: int, T: int, camera: Tensor | None 
     return torch.stack([ang.cos(), ang.sin()], dim=-1)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _screen_freqs(args: ModelArgs, first_frame: int, T: int) -> Tensor:
-    # Cached: a stream only ever asks for sink + window + 1 distinct offsets.
+    # Cached: a rolled cache only ever asks for sink + window + 1 distinct offsets, and an
+    # absolute-time one for the same offset on each of a chunk's passes (few entries: each of the
+    # 1.3B preset's is 4.8 MB).
     return rope_freqs(args, first_frame, T, torch.zeros(1, T, 2, dtype=torch.long))
 
 
@@ -257,7 +265,10 @@ class KVCache:
 
     @property
     def time_offset(self) -> int:
-        return self.n_chunks * self.args.frames_per_chunk
+        """RoPE time position of the next chunk's first frame: its index among every frame
+        committed (`absolute_time`), or after the held ones (rolled keys are rotated back)."""
+        chunks = self.committed if self.args.absolute_time else self.n_chunks
+        return chunks * self.args.frames_per_chunk
 
     @property
     def nbytes(self) -> int:
@@ -325,16 +336,20 @@ class KVCache:
         if self.n_chunks <= a.sink_chunks + a.window_chunks:
             return
         lo, hi = a.sink_chunks * ct, self.n_chunks * ct
+        aging = 0 if a.absolute_time else 1  # absolute positions: keys keep theirs
         if self.quant is not None:
             # Drop the oldest window chunk; the rest move left as stored and age by one chunk.
             for store in self.stores[1]:
                 store.move(slice(ct, hi - lo), slice(0, hi - lo - ct))
-            self._age[a.sink_chunks : self.n_chunks - 1] = [x + 1 for x in self._age[a.sink_chunks + 1 : self.n_chunks]]
+            self._age[a.sink_chunks : self.n_chunks - 1] = [
+                x + aging for x in self._age[a.sink_chunks + 1 : self.n_chunks]
+            ]
             self.n_chunks -= 1
             return
-        # Drop the oldest window chunk; shift the rest left and one chunk back in time.
+        # Drop the oldest window chunk; shift the rest left (and one chunk back in time).
         kept = self.k[:, :, :, lo + ct : hi].clone()
-        kept[..., : self._t_dims] = rotate(kept[..., : self._t_dims], self._roll_cos, self._roll_sin)
+        if aging:
+            kept[..., : self._t_dims] = rotate(kept[..., : self._t_dims], self._roll_cos, self._roll_sin)
         self.k[:, :, :, lo : hi - ct] = kept
         self.v[:, :, :, lo : hi - ct] = self.v[:, :, :, lo + ct : hi].clone()
         self.n_chunks -= 1
@@ -358,6 +373,11 @@ class KVCache:
         self.n_chunks = 0
         self.committed = 0
         self.camera.zero_()
+
+    def rewind(self, keep: int) -> None:
+        """Hold only the first `keep` chunks, to re-commit the others (a prompt switch); `committed`
+        is left to the caller, which sets it to each re-committed chunk's number."""
+        self.n_chunks = min(keep, self.n_chunks)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -622,11 +642,13 @@ class WorldModel(nn.Module):
         cache: KVCache | None = None,
         commit: bool = False,
         camera: Tensor | None = None,
+        sigma: Tensor | None = None,
     ) -> Tensor:
         """x [B, T, C, H, W] noisy frames, t [B, T] flow times, actions [B, T] -> x0 [B, T, C, H, W].
 
-        A flow-predicting model's velocity v becomes x0 = x - t * v, computed in float64 as
-        Self-Forcing does, so the sampler always works with x0.
+        A flow-predicting model's velocity v becomes x0 = x - sigma * v, computed in float64 as
+        Self-Forcing does, so the sampler always works with x0; sigma [B, T] is t unless given
+        (CausVid feeds its model timestep k and converts with the scheduler's sigma nearest to k).
 
         Without a cache, T frames are processed as T / frames_per_chunk block-causal chunks
         (training, reference). With a cache, x is one chunk placed after the cached ones;
@@ -673,6 +695,6 @@ class WorldModel(nn.Module):
             out = out.view(B, T, gh, gw, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
         out = out.reshape(B, T, C, H, W)
         if a.prediction == "flow":
-            sigma = t.double()[:, :, None, None, None]
+            sigma = (t if sigma is None else sigma).double()[:, :, None, None, None]
             out = (x.double() - sigma * out.double()).to(x.dtype)
         return out

@@ -39,6 +39,13 @@ def flow_schedule(steps: int = DEFAULT_STEPS, shift: float = DEFAULT_SHIFT) -> l
     return [float(shift * v / (1 + (shift - 1) * v)) for v in s]
 
 
+def flowmatch_sigmas(shift: float, train_steps: int = 1000) -> Tensor:
+    """The FlowMatch scheduler's sigmas (sigma_min 0, extra_one_step) in float32: linspace(1, 0,
+    train_steps + 1)[:-1] shifted to shift*s / (1 + (shift-1)*s); its timesteps are 1000 times these."""
+    s = torch.linspace(1.0, 0.0, train_steps + 1)[:-1]
+    return shift * s / (1 + (shift - 1) * s)
+
+
 def flowmatch_schedule(steps: list[int], shift: float, train_steps: int = 1000) -> list[float]:
     """Flow times of a step list on the 1000-step FlowMatch schedule Wan models are distilled on.
 
@@ -48,26 +55,51 @@ def flowmatch_schedule(steps: list[int], shift: float, train_steps: int = 1000) 
     1, 0.9375, 0.8333, 0.625. The values are those float32 sigmas exactly, so a model's
     timestep 1000 t is the scheduler's timestep bit for bit.
     """
+    _check_steps(steps, train_steps)
+    sigmas = torch.cat([flowmatch_sigmas(shift, train_steps), torch.zeros(1)])
+    return [float(sigmas[train_steps - k]) for k in steps]
+
+
+def flowmatch_nearest(steps: list[int], shift: float, train_steps: int = 1000) -> tuple[list[float], list[float]]:
+    """Unwarped steps on the FlowMatch schedule, as CausVid samples: (flow times, sigmas).
+
+    The model is fed the step k itself as its timestep (flow time k / 1000; 1000 t in float32 is
+    k exactly for the steps accepted here), while x0 = x_t - sigma v and the re-noising use the
+    scheduler's sigma whose timestep is nearest k (`argmin |timesteps - k|`), as CausVid's
+    wrapper and `FlowMatchScheduler.add_noise` look it up.
+    """
+    _check_steps(steps, train_steps)
+    times = torch.tensor([k / train_steps for k in steps], dtype=torch.float32)
+    if not torch.equal(times * train_steps, torch.tensor(steps, dtype=torch.float32)):
+        raise ValueError(f"steps {steps}: some k / {train_steps} do not give the timestep k back in float32")
+    sigmas = flowmatch_sigmas(shift, train_steps)
+    nearest = (sigmas.double()[None] * train_steps - torch.tensor(steps, dtype=torch.float64)[:, None]).abs().argmin(1)
+    return [float(t) for t in times], [float(sigmas[i]) for i in nearest]
+
+
+def _check_steps(steps: list[int], train_steps: int) -> None:
     if not steps or any(not 0 <= k <= train_steps for k in steps):
         raise ValueError(f"steps must be a non-empty list within [0, {train_steps}], got {steps}")
-    s = torch.linspace(1.0, 0.0, train_steps + 1)[:-1]
-    sigmas = torch.cat([shift * s / (1 + (shift - 1) * s), torch.zeros(1)])
-    return [float(sigmas[train_steps - k]) for k in steps]
 
 
 @dataclass(frozen=True)
 class Sampler:
     """How a chunk is denoised: its flow times, how x moves from one to the next, action guidance.
 
-    After each step but the last, x moves to the next time t' along a noise eps:
-    x = (1 - t') x0 + t' eps. By default eps is the noise the current x implies,
-    eps = (x - (1 - t) x0) / t (deterministic, DDIM); with `fresh_noise` it is drawn anew from
-    the stream's noise generator, as Self-Forcing and LongLive sample.
+    The model is fed each flow time of `schedule`; `sigmas`, when given, are the flow-matching
+    sigmas its output is read with (x0 = x - sigma v) and x moves along, where they differ from
+    the times (CausVid's unwarped steps, `flowmatch_nearest`). After each step but the last, x
+    moves to the next sigma s' along a noise eps: x = (1 - s') x0 + s' eps. By default eps is the
+    noise the current x implies, eps = (x - (1 - s) x0) / s (deterministic, DDIM); with
+    `fresh_noise` it is drawn anew from the stream's noise generator, as Self-Forcing, CausVid
+    and LongLive sample. `global_sink`: a prompt switch keeps the sink's cache (`Stream.set_prompt`).
     """
 
     schedule: tuple[float, ...]
     fresh_noise: bool = False
     action_guidance: float = DEFAULT_ACTION_GUIDANCE
+    sigmas: tuple[float, ...] | None = None
+    global_sink: bool = False
 
     @classmethod
     def for_model(
@@ -77,16 +109,18 @@ class Sampler:
         shift: float | None = None,
         action_guidance: float = DEFAULT_ACTION_GUIDANCE,
     ) -> Sampler:
-        """The model's own sampler: its card's recipe (Wan) or `flow_schedule`; `steps` or `shift`
-        given put the model on `flow_schedule(steps, shift)` instead."""
-        recipe = getattr(getattr(model, "card", None), "recipe", None)
-        if recipe is not None and steps is None and shift is None:
-            schedule = flowmatch_schedule(list(recipe.steps), recipe.shift)
+        """The model's own sampler: its card's sampling preset (Wan) or `flow_schedule`; `steps` or
+        `shift` given put the model on `flow_schedule(steps, shift)` instead."""
+        preset = getattr(getattr(model, "card", None), "sampling", None)
+        sigmas = None
+        if preset is not None and steps is None and shift is None:
+            schedule, sigmas = preset.times()
         else:
             steps = DEFAULT_STEPS if steps is None else steps
             schedule = flow_schedule(steps, DEFAULT_SHIFT if shift is None else shift)
-        fresh = recipe is not None and recipe.fresh_noise
-        return cls(tuple(schedule), fresh, action_guidance)
+        fresh = preset is not None and preset.fresh_noise
+        global_sink = preset is not None and preset.global_sink
+        return cls(tuple(schedule), fresh, action_guidance, None if sigmas is None else tuple(sigmas), global_sink)
 
 
 class ActionNotSupported(ValueError):
@@ -176,24 +210,26 @@ def denoise_chunk(
     """
     B, Fr = actions.shape
     schedule, g = sampler.schedule, sampler.action_guidance
+    sigmas = schedule if sampler.sigmas is None else sampler.sigmas
     x = noise()
     guide = g > 0 and model.args.n_actions > 0
     for i, t in enumerate(schedule):
         tt = torch.full((B, Fr), t, device=x.device)
-        x0 = model(x, tt, actions, context, cache=cache)
+        ss = None if sampler.sigmas is None else torch.full((B, Fr), sigmas[i], device=x.device)
+        x0 = model(x, tt, actions, context, cache=cache, sigma=ss)
         if guide and i == 0:
-            still = model(x, tt, torch.full_like(actions, ACTIONS.index("none")), context, cache=cache)
+            still = model(x, tt, torch.full_like(actions, ACTIONS.index("none")), context, cache=cache, sigma=ss)
             x0 = x0 + g * (x0 - still)
         if model.args.clamp_x0:  # pixel space; latents are unbounded
             x0 = x0.clamp(-1, 1)
         if i + 1 == len(schedule):
             break
-        t_next = schedule[i + 1]
+        s, s_next = sigmas[i], sigmas[i + 1]
         if sampler.fresh_noise:  # in float32, then the model's dtype, as Self-Forcing's scheduler adds noise
-            x = ((1 - t_next) * x0.float() + t_next * noise().float()).to(x0.dtype)
+            x = ((1 - s_next) * x0.float() + s_next * noise().float()).to(x0.dtype)
         else:
-            eps = (x - (1 - t) * x0) / t
-            x = (1 - t_next) * x0 + t_next * eps
+            eps = (x - (1 - s) * x0) / s
+            x = (1 - s_next) * x0 + s_next * eps
     model(x0, torch.zeros(B, Fr, device=x.device), actions, context, cache=cache, commit=True)
     return x0
 
@@ -203,6 +239,7 @@ class _HeldChunk:
     frames: Tensor  # [B, F, C, H, W]
     actions: Tensor  # [B, F]
     camera: Tensor  # [B, F, 2]: where each frame was seen (a re-commit must not lose the path before it)
+    index: int  # the chunk's number in its stream (its time position, for an absolute-time cache)
 
 
 @dataclass(frozen=True)
@@ -304,15 +341,25 @@ class Stream:
 
     @torch.no_grad()
     def set_prompt(self, prompt: str) -> None:
-        """Switch the scene prompt; the held chunks are re-run under it so the cache matches."""
+        """Switch the scene prompt; the held chunks are re-run under it, each at its own time
+        position, so the cache matches (LongLive's KV re-cache).
+
+        With the sampler's `global_sink`, once the cache window (sink, window and the chunk being
+        made) no longer reaches the stream's first chunk, the sink keeps the cache its chunks got
+        under the earlier prompt and only the window is re-run, as LongLive's `global_sink` does.
+        """
         self.context = encode_prompts(self.model, [prompt])
         self.prompt = prompt
-        held, self.held = self.held, []
-        self.cache.reset()
-        for chunk in held:
+        a, committed = self.args, self.cache.committed
+        keep = a.sink_chunks if self.sampler.global_sink and committed > a.context_chunks else 0
+        held, self.held = self.held, self.held[:keep]
+        self.cache.rewind(keep)
+        for chunk in held[keep:]:
+            self.cache.committed = chunk.index
             t0 = torch.zeros(chunk.actions.shape, device=self.device)
             self.model(chunk.frames, t0, chunk.actions, self.context, self.cache, commit=True, camera=chunk.camera)
             self._hold(chunk)
+        self.cache.committed = committed
 
     def snapshot(self) -> StreamState:
         """A copy of this stream's state: stepping the stream afterwards does not change it."""
@@ -395,8 +442,9 @@ class Stream:
         """
         ids = chunk_actions(self.model, action)[None].to(self.device)
         camera = camera_path(ids, self.cache.camera)
+        index = self.cache.committed
         x0 = denoise_chunk(self.model, self.cache, self.context, ids, self._noise, self.sampler)
-        self._hold(_HeldChunk(x0, ids, camera))
+        self._hold(_HeldChunk(x0, ids, camera, index))
         return self._frames(x0)
 
 
@@ -454,8 +502,9 @@ def rollout(
 def step_streams(streams: list[Stream], actions: list[str | list[str] | None]) -> list[np.ndarray]:
     """One chunk for several streams of the same model in one batched forward pass.
 
-    Streams must share a model and hold the same number of cached chunks (the server groups
-    them so); each keeps its own cache, noise generator, prompt, held context and decoder. The
+    Streams must share a model and the time position of their next chunk (the same number of held
+    chunks, and of chunks ever made for an absolute-time cache; the server groups them so); each
+    keeps its own cache, noise generator, prompt, held context and decoder. The
     result equals calling `stream.step(action)` on each (up to float rounding).
     """
     if not streams:
@@ -464,10 +513,12 @@ def step_streams(streams: list[Stream], actions: list[str | list[str] | None]) -
         return [streams[0].step(actions[0])]
     first = streams[0]
     if any(
-        s.model is not first.model or s.cache.n_chunks != first.cache.n_chunks or s.sampler != first.sampler
+        s.model is not first.model
+        or (s.cache.n_chunks, s.cache.time_offset) != (first.cache.n_chunks, first.cache.time_offset)
+        or s.sampler != first.sampler
         for s in streams
     ):
-        raise ValueError("batched streams must share a model, a cache length and sampler settings")
+        raise ValueError("batched streams must share a model, a cache length and time position and sampler settings")
     ids = torch.stack([chunk_actions(first.model, a) for a in actions]).to(first.device)
     cache = KVCache(first.args, len(streams), first.device, first.dtype, first.cache.quant)
     for i, s in enumerate(streams):
@@ -481,10 +532,10 @@ def step_streams(streams: list[Stream], actions: list[str | list[str] | None]) -
     x0 = denoise_chunk(first.model, cache, context, ids, noise, first.sampler)
     decoded = []
     for i, s in enumerate(streams):
-        committed = s.cache.committed + 1  # batched streams share a cache length, not a chunk count
+        index = s.cache.committed  # batched streams share a cache length, not a chunk count
         s.cache.copy_from(cache, src_rows=slice(i, i + 1))
-        s.cache.committed = committed
-        s._hold(_HeldChunk(x0[i : i + 1], ids[i : i + 1], camera[i : i + 1]))
+        s.cache.committed = index + 1
+        s._hold(_HeldChunk(x0[i : i + 1], ids[i : i + 1], camera[i : i + 1], index))
         decoded.append(s._decoded(x0[i : i + 1]))
     # Every stream's frames leave the device together: one conversion, one copy.
     frames = to_uint8(torch.cat(decoded))

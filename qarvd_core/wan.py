@@ -16,8 +16,8 @@ the layouts these projects publish:
 Loading is strict: a missing, unexpected or wrongly shaped key is refused with its name, both
 shapes and what to check. Model cards (`"format": "qarvd-wan-card"`) are JSON files beside the
 weights; paths in them are relative to the card. A model loaded from a card carries the card's
-recipe (its sampler) and its text encoder and VAE (`CardParts`), so a `sampling.Stream` over it
-takes text prompts and yields decoded frames.
+sampling preset (how its project runs inference: `SAMPLING_PRESETS`) and its text encoder and
+VAE (`CardParts`), so a `sampling.Stream` over it takes text prompts and yields decoded frames.
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from qarvd_core.model import ModelArgs, WorldModel
+from qarvd_core.sampling import flowmatch_nearest, flowmatch_schedule
 from qarvd_core.wan_text import TextEncoder
 from qarvd_core.wan_vae import StreamDecoder, load_vae
 
 CARD_FORMAT = "qarvd-wan-card"
 # Training-checkpoint entries holding a generator's weights, in order of preference when a
-# checkpoint is loaded without a recipe (EMA first, as Self-Forcing's README runs inference).
+# checkpoint is loaded without a card (EMA first, as Self-Forcing's README runs inference).
 GENERATOR_KEYS = ("generator_ema", "generator")
 LORA_KEY = "generator_lora"
 # Wrapper modules that insert a name segment anywhere in a key, and prefixes of the outermost
@@ -257,10 +258,11 @@ class ModelCard:
     """What a Wan model is made of; paths resolved against the card's folder.
 
     JSON fields: `format` ("qarvd-wan-card"), `preset` (a qarvd preset) and optional `args`
-    (fields overriding it), `transformer` (the checkpoint file), optional `weights_key`,
-    optional `lora` {file, rank, alpha}, `vae` and `text_encoder` (diffusers-style folders, e.g.
-    `Wan2.1-T2V-1.3B-Diffusers/vae`), `tokenizer`, and `recipe` (a name in RECIPES; its weights_key
-    is the default).
+    (fields overriding it and the sampling preset's), `transformer` (the checkpoint file),
+    optional `weights_key`, optional `lora` {file, rank, alpha}, `vae` and `text_encoder`
+    (diffusers-style folders, e.g. `Wan2.1-T2V-1.3B-Diffusers/vae`), `tokenizer`, and `sampling`
+    (a name in SAMPLING_PRESETS; its weights_key is the default). Cards that name it `recipe`
+    still load.
     """
 
     path: Path
@@ -272,25 +274,53 @@ class ModelCard:
     vae: Path
     text_encoder: Path
     tokenizer: Path
-    recipe: Recipe
+    sampling: SamplingPreset
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """How a project runs its checkpoint: which weights its inference loads, its denoising
-    steps on the 1000-step FlowMatch schedule (`sampling.flowmatch_schedule`) and whether it
-    re-noises with fresh noise between steps (`sampling.Sampler`)."""
+class SamplingPreset:
+    """How a project runs inference on its checkpoint (not a quantization recipe): which weights
+    it loads, its denoising steps on the 1000-step FlowMatch schedule and the schedule's shift,
+    whether the steps are warped onto the scheduler's timesteps (`sampling.flowmatch_schedule`)
+    or fed as they are (`sampling.flowmatch_nearest`), and the model settings its config sets
+    (`args`: the attention window). Every preset re-noises with fresh noise between steps
+    (`scheduler.add_noise(x0, randn_like(x0), t')`); `global_sink`: a prompt switch re-caches
+    the window and keeps the sink (`sampling.Stream.set_prompt`)."""
 
     weights_key: str
     steps: tuple[int, ...]
     shift: float
-    fresh_noise: bool
+    warp: bool = True
+    args: tuple[tuple[str, object], ...] = ()
+    global_sink: bool = False
+    fresh_noise: bool = True
+
+    def times(self) -> tuple[list[float], list[float] | None]:
+        """The flow times the model is fed and, when they differ, the sigmas it is read with."""
+        if self.warp:
+            return flowmatch_schedule(list(self.steps), self.shift), None
+        return flowmatch_nearest(list(self.steps), self.shift)
 
 
-# Both pipelines add fresh noise between steps (`scheduler.add_noise(x0, randn_like(x0), t')`).
-RECIPES = {
-    "self-forcing": Recipe("generator_ema", (1000, 750, 500, 250), 5.0, True),
-    "longlive": Recipe("generator", (1000, 750, 500, 250), 5.0, True),
+# Each from its project's inference config and pipeline code:
+# - Self-Forcing: EMA weights (its README runs inference with --use_ema), [1000, 750, 500, 250]
+#   warped at shift 5.
+# - CausVid (configs/wan_causal_dmd.yaml, causal_inference.py): `generator`, [1000, 757, 522, 0]
+#   at shift 8, not warped; the trailing 0 is dropped (it is the clean commit).
+# - LongLive (configs/longlive_inference.yaml, longlive_interactive_inference.yaml): `generator`
+#   plus its LoRA, Self-Forcing's steps; 3-frame chunks attending to a 12-frame window whose
+#   first 3 frames are a sink (local_attn_size 12, sink_size 3: sink 1 chunk, then the 2 newest
+#   chunks besides the one being made), global_sink true.
+SAMPLING_PRESETS = {
+    "self-forcing": SamplingPreset("generator_ema", (1000, 750, 500, 250), 5.0),
+    "causvid": SamplingPreset("generator", (1000, 757, 522), 8.0, warp=False),
+    "longlive": SamplingPreset(
+        "generator",
+        (1000, 750, 500, 250),
+        5.0,
+        args=(("frames_per_chunk", 3), ("sink_chunks", 1), ("window_chunks", 2)),
+        global_sink=True,
+    ),
 }
 
 
@@ -316,7 +346,7 @@ def read_card(path: Path | str) -> ModelCard:
 def card_to_dict(card: ModelCard) -> dict:
     """A card as JSON with absolute paths and full args: what a quantized checkpoint records, so it
     finds its text encoder and VAE wherever it is copied (`card_from_dict` reads it back)."""
-    recipe = next(name for name, r in RECIPES.items() if r == card.recipe)
+    sampling = next(name for name, p in SAMPLING_PRESETS.items() if p == card.sampling)
     out = {
         "format": CARD_FORMAT,
         "preset": card.preset,
@@ -325,7 +355,7 @@ def card_to_dict(card: ModelCard) -> dict:
         "vae": str(card.vae.resolve()),
         "text_encoder": str(card.text_encoder.resolve()),
         "tokenizer": str(card.tokenizer.resolve()),
-        "recipe": recipe,
+        "sampling": sampling,
     }
     if card.weights_key is not None:
         out["weights_key"] = card.weights_key
@@ -338,14 +368,20 @@ def card_from_dict(card: dict, path: Path) -> ModelCard:
     """A card's JSON -> ModelCard; relative paths are taken from `path`'s folder."""
     if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
         raise ValueError(f'{path} is not a model card (it needs "format": "{CARD_FORMAT}")')
-    required = ("preset", "transformer", "vae", "text_encoder", "tokenizer", "recipe")
+    if "recipe" in card and "sampling" not in card:  # the key's name before sampling presets
+        card = {**card, "sampling": card["recipe"]}
+    required = ("preset", "transformer", "vae", "text_encoder", "tokenizer", "sampling")
     absent = [k for k in required if k not in card]
     if absent:
         raise ValueError(f"model card {path} lacks {', '.join(absent)}")
-    if card["recipe"] not in RECIPES:
-        raise ValueError(f"model card {path}: unknown recipe {card['recipe']!r}; choose one of {', '.join(RECIPES)}")
+    preset = SAMPLING_PRESETS.get(card["sampling"])
+    if preset is None:
+        raise ValueError(
+            f"model card {path}: unknown sampling preset {card['sampling']!r}; "
+            f"choose one of {', '.join(SAMPLING_PRESETS)}"
+        )
     try:
-        args = replace(ModelArgs.from_name(card["preset"]), **card.get("args", {}))
+        args = replace(ModelArgs.from_name(card["preset"]), **{**dict(preset.args), **card.get("args", {})})
     except TypeError as e:
         raise ValueError(f"model card {path}: bad args ({e})") from e
     here = path.parent
@@ -360,12 +396,12 @@ def card_from_dict(card: dict, path: Path) -> ModelCard:
         preset=card["preset"],
         args=args,
         transformer=here / card["transformer"],
-        weights_key=card.get("weights_key", RECIPES[card["recipe"]].weights_key),
+        weights_key=card.get("weights_key", preset.weights_key),
         lora=lora,
         vae=here / card["vae"],
         text_encoder=here / card["text_encoder"],
         tokenizer=here / card["tokenizer"],
-        recipe=RECIPES[card["recipe"]],
+        sampling=preset,
     )
 
 

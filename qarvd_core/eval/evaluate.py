@@ -204,8 +204,10 @@ def _drift(model: WorldModel, frames: int, action_guidance: float) -> dict:
 def write_report(result: dict, json_path: Path, title: str, revisit_examples: list | None = None) -> list[Path]:
     """JSON, a Markdown table and PNG plots side by side; returns the paths written.
 
-    With `revisit_examples` (from `evaluate`), also NAME-revisits.png: one row per pair,
-    simulator then model, the first visit left of the return.
+    A world model's result (`evaluate`) gets its action, revisit and drift rows and plots; a text
+    model's (`evaluate_prompts`) its -FP rows and PSNR per chunk and per prompt. With
+    `revisit_examples` (from `evaluate`), also NAME-revisits.png: one row per pair, simulator then
+    model, the first visit left of the return.
     """
     import matplotlib
 
@@ -214,6 +216,36 @@ def write_report(result: dict, json_path: Path, title: str, revisit_examples: li
 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
+    text_model = "prompts" in result["config"]
+    rows = _prompt_rows(result) if text_model else _world_rows(result)
+    made_by = [f"Made by `{result['command']}`.", ""] if result.get("command") else []
+    md = [f"# {title}", "", *made_by, "| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text("\n".join(md) + "\n")
+
+    panels = 2 if text_model or "psnr_db_per_chunk" not in result else 3
+    fig, axes = plt.subplots(1, panels, figsize=(13 if panels == 3 else 9, 3.6))
+    (_prompt_plots if text_model else _world_plots)(axes, result)
+    fig.tight_layout()
+    if result.get("command"):
+        fig.text(0.0, 1.0, result["command"], fontsize=7, family="monospace", va="bottom")
+    png = json_path.with_suffix(".png")
+    fig.savefig(png, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    written = [json_path, md_path, png]
+    if revisit_examples:
+        from PIL import Image
+
+        gap = np.full_like(revisit_examples[0][0][:, :4], 255)
+        strips = [np.concatenate([a, b, gap, c, d], axis=1) for a, b, c, d in revisit_examples]
+        strip = np.concatenate([np.concatenate([r, np.full_like(r[:4], 255)]) for r in strips])
+        path = json_path.with_name(json_path.stem + "-revisits.png")
+        Image.fromarray(strip).resize((strip.shape[1] * 3, strip.shape[0] * 3), Image.NEAREST).save(path)
+        written.append(path)
+    return written
+
+
+def _world_rows(result: dict) -> list[tuple[str, object]]:
     d = result["drift"]
     rows = [
         (f"action accuracy ({result['config']['split']})", result["action_accuracy"]),
@@ -248,12 +280,22 @@ def write_report(result: dict, json_path: Path, title: str, revisit_examples: li
             ("SSIM vs reference", result["ssim_mean"]),
             ("reference action accuracy", result["reference_action_accuracy"]),
         ]
-    made_by = [f"Made by `{result['command']}`.", ""] if result.get("command") else []
-    md = [f"# {title}", "", *made_by, "| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
-    md_path = json_path.with_suffix(".md")
-    md_path.write_text("\n".join(md) + "\n")
+    return rows
 
-    fig, axes = plt.subplots(1, 3 if "psnr_db_per_chunk" in result else 2, figsize=(13, 3.6))
+
+def _prompt_rows(result: dict) -> list[tuple[str, object]]:
+    c = result["config"]
+    return [
+        ("PSNR dB vs reference", result["psnr_db_mean"]),
+        ("SSIM vs reference", result["ssim_mean"]),
+        ("PSNR dB per chunk", ", ".join(f"{v:.2f}" for v in result["psnr_db_per_chunk"])),
+        ("PSNR dB per prompt", ", ".join(f"{v:.2f}" for v in result["psnr_db_per_prompt"])),
+        ("prompts x chunks (noise seeds)", f"{len(c['prompts'])} x {c['chunks']} (from {c['seed']})"),
+    ]
+
+
+def _world_plots(axes, result: dict) -> None:
+    d = result["drift"]
     axes[0].plot(d["curve_frame"], d["sharpness_curve"], label="sharpness / simulator")
     axes[0].plot(d["curve_frame"], np.array(d["palette_error_curve"]) / 10, label="palette error / 10")
     axes[0].set(xlabel="frame", title=f"drift over a {d['frames']}-frame stream")
@@ -263,23 +305,14 @@ def write_report(result: dict, json_path: Path, title: str, revisit_examples: li
     if "psnr_db_per_chunk" in result:
         axes[2].plot(result["psnr_db_per_chunk"], marker="o")
         axes[2].set(xlabel="chunk", ylabel="PSNR dB", title="PSNR vs reference per chunk")
-    fig.tight_layout()
-    if result.get("command"):
-        fig.text(0.0, 1.0, result["command"], fontsize=7, family="monospace", va="bottom")
-    png = json_path.with_suffix(".png")
-    fig.savefig(png, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    written = [json_path, md_path, png]
-    if revisit_examples:
-        from PIL import Image
 
-        gap = np.full_like(revisit_examples[0][0][:, :4], 255)
-        rows = [np.concatenate([a, b, gap, c, d], axis=1) for a, b, c, d in revisit_examples]
-        strip = np.concatenate([np.concatenate([r, np.full_like(r[:4], 255)]) for r in rows])
-        path = json_path.with_name(json_path.stem + "-revisits.png")
-        Image.fromarray(strip).resize((strip.shape[1] * 3, strip.shape[0] * 3), Image.NEAREST).save(path)
-        written.append(path)
-    return written
+
+def _prompt_plots(axes, result: dict) -> None:
+    axes[0].plot(result["psnr_db_per_chunk"], marker="o")
+    axes[0].set(xlabel="chunk", ylabel="PSNR dB", title="PSNR vs reference per chunk")
+    per_prompt = result["psnr_db_per_prompt"]
+    axes[1].bar(range(len(per_prompt)), per_prompt)
+    axes[1].set(xlabel="prompt (line of the prompts file)", ylabel="PSNR dB", title="PSNR vs reference per prompt")
 
 
 def _fmt(v) -> str:

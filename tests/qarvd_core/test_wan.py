@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 from qarvd_core.checkpoint import load_model
-from qarvd_core.model import KVCache, ModelArgs, WorldModel
-from qarvd_core.sampling import Sampler, denoise_chunk, flowmatch_schedule
-from qarvd_core.wan import RECIPES, diffusers_name, is_card, load_card_model, load_checkpoint, read_card
+from qarvd_core.model import KVCache, ModelArgs, WorldModel, timestep_embedding
+from qarvd_core.sampling import Sampler, denoise_chunk, flowmatch_nearest, flowmatch_schedule
+from qarvd_core.wan import SAMPLING_PRESETS, diffusers_name, is_card, load_card_model, load_checkpoint, read_card
 from tests.support.wan_card import TINY_WAN, tiny_vae
 from tests.support.wan_card import random_wan_state as random_state
 
@@ -206,7 +206,7 @@ def _write_card(tmp_path, **fields):
         "vae": "Wan2.1-T2V-1.3B-Diffusers/vae",
         "text_encoder": "Wan2.1-T2V-1.3B-Diffusers/text_encoder",
         "tokenizer": "Wan2.1-T2V-1.3B-Diffusers/tokenizer",
-        "recipe": "self-forcing",
+        "sampling": "self-forcing",
         **fields,
     }
     path = tmp_path / "self-forcing.json"
@@ -222,8 +222,8 @@ def test_a_model_card_names_the_files_and_loads_the_model(tmp_path):
     path = _write_card(tmp_path, args={**json.loads(_write_card(tmp_path).read_text())["args"], "text_len": 7})
     assert is_card(path) and not is_card(checkpoint)
     card = read_card(path)
-    assert card.vae == tmp_path / "Wan2.1-T2V-1.3B-Diffusers/vae" and card.recipe == RECIPES["self-forcing"]
-    assert card.weights_key == "generator_ema"  # the recipe's default
+    assert card.vae == tmp_path / "Wan2.1-T2V-1.3B-Diffusers/vae" and card.sampling == SAMPLING_PRESETS["self-forcing"]
+    assert card.weights_key == "generator_ema"  # the sampling preset's default
     model = load_model(str(path), dtype=torch.bfloat16)  # load_model takes a card where it takes a weights path
     assert model.card == card and model.args.prediction == "flow" and model.args.patch_channels_last
     assert next(model.parameters()).dtype == torch.bfloat16
@@ -246,21 +246,33 @@ def test_a_longlive_card_merges_its_lora(tmp_path):
         },
         tmp_path / "lora.pt",
     )
-    path = _write_card(tmp_path, recipe="longlive", lora={"file": "lora.pt", "rank": 2, "alpha": 4})
-    merged = load_card_model(path).state_dict()["blocks.1.self_attn.o.weight"]
+    path = _write_card(tmp_path, sampling="longlive", lora={"file": "lora.pt", "rank": 2, "alpha": 4})
+    model = load_card_model(path)
+    merged = model.state_dict()["blocks.1.self_attn.o.weight"]
     torch.testing.assert_close(merged, state["blocks.1.self_attn.o.weight"] + 2 * b @ a)
+    # LongLive's window (local_attn_size 12, sink_size 3, 3-frame chunks), its RoPE and re-cache.
+    a = model.args
+    assert (a.frames_per_chunk, a.sink_chunks, a.window_chunks, a.absolute_time) == (3, 1, 2, True)
+    assert a.context_chunks * a.frames_per_chunk == 12 and Sampler.for_model(model).global_sink
+
+
+def test_cards_naming_their_sampling_preset_recipe_still_load(tmp_path):
+    card = json.loads(_write_card(tmp_path).read_text())
+    card["recipe"] = card.pop("sampling")
+    (tmp_path / "old.json").write_text(json.dumps(card))
+    assert read_card(tmp_path / "old.json").sampling == SAMPLING_PRESETS["self-forcing"]
 
 
 def test_bad_model_cards_say_what_is_wrong(tmp_path):
-    with pytest.raises(ValueError, match="unknown recipe 'fast'.*self-forcing"):
-        read_card(_write_card(tmp_path, recipe="fast"))
+    with pytest.raises(ValueError, match="unknown sampling preset 'fast'.*self-forcing, causvid, longlive"):
+        read_card(_write_card(tmp_path, sampling="fast"))
     with pytest.raises(ValueError, match="bad args"):
         read_card(_write_card(tmp_path, args={"width": 3}))
     with pytest.raises(ValueError, match="no checkpoint file at .*self_forcing_dmd.pt"):
         load_card_model(_write_card(tmp_path))
     path = tmp_path / "partial.json"
     path.write_text(json.dumps({"format": "qarvd-wan-card", "preset": "wan2.1-1.3b-causal"}))
-    with pytest.raises(ValueError, match="lacks transformer, vae, text_encoder, tokenizer, recipe"):
+    with pytest.raises(ValueError, match="lacks transformer, vae, text_encoder, tokenizer, sampling"):
         read_card(path)
 
 
@@ -471,12 +483,64 @@ def test_flowmatch_schedule_is_the_schedulers_float32_sigmas():
         flowmatch_schedule([1001], shift)
 
 
+def test_causvid_feeds_its_steps_as_timesteps_and_reads_them_with_the_nearest_sigma(tmp_path):
+    """CausVid's inference (causal_inference.py, wan_wrapper.py, flow_match.py), written here from
+    its code: FlowMatchScheduler(shift=8, sigma_min=0, extra_one_step=True) with 1000 training
+    timesteps; denoising_step_list [1000, 757, 522, 0] without its trailing 0 and not warped; the
+    model gets the timestep k itself; x0 = x_t - sigma v with sigma = sigmas[argmin |timesteps - k|]
+    in float64; add_noise looks the next step's sigma up the same way in float32, with fresh
+    noise; the clean chunk is committed at timestep 0."""
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"generator": {f"model.{k}": v for k, v in random_state().items()}}, tmp_path / "checkpoints/m.pt")
+    model = load_card_model(_write_card(tmp_path, sampling="causvid", transformer="checkpoints/m.pt"))
+    shift = 8.0
+    sigmas = torch.linspace(1.0, 0.0, 1001)[:-1]
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    timesteps = sigmas * 1000
+    steps = torch.tensor([1000, 757, 522, 0])[:-1]
+
+    sampler = Sampler.for_model(model)
+    assert sampler.fresh_noise and len(sampler.schedule) == 3
+    t = torch.tensor(sampler.schedule)
+    # The model's timestep is k, bit for bit: its sinusoid is Wan's of the integer step.
+    half = TINY.freq_dim // 2
+    wan = steps.double()[:, None] * torch.pow(10000, -torch.arange(half).double() / half)
+    assert torch.equal(timestep_embedding(t, TINY.freq_dim, fp64=True), torch.cat([wan.cos(), wan.sin()], 1))
+    assert not torch.equal(torch.tensor(sampler.sigmas), t)  # the nearest sigmas are not k / 1000
+
+    a = model.args
+    shape = (1, a.frames_per_chunk, a.in_channels, a.frame_height, a.frame_width)
+    text = torch.randn(1, a.text_len, a.text_dim, generator=torch.Generator().manual_seed(2))
+    context = model.embed_text(text)
+    expected, g = [], torch.Generator().manual_seed(7)
+    cache = KVCache(a, 1)
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.randn(shape, generator=g)
+            for i, k in enumerate(steps):
+                sigma = sigmas.double()[torch.argmin((timesteps.double() - k.double()).abs())]
+                tt = torch.full((1, a.frames_per_chunk), k.item() / 1000)
+                x0 = model(x, tt, None, context, cache=cache, sigma=sigma.expand(1, a.frames_per_chunk))
+                if i + 1 < len(steps):
+                    s = sigmas[torch.argmin((timesteps - steps[i + 1]).abs())]
+                    x = ((1 - s) * x0 + s * torch.randn(shape, generator=g)).type_as(x0)
+            model(x0, torch.zeros(1, a.frames_per_chunk), None, context, cache=cache, commit=True)
+            expected.append(x0)
+    ours, cache, g = [], KVCache(a, 1), torch.Generator().manual_seed(7)
+    actions = torch.zeros(1, a.frames_per_chunk, dtype=torch.long)
+    for _ in range(2):
+        ours.append(denoise_chunk(model, cache, context, actions, lambda: torch.randn(shape, generator=g), sampler))
+    assert torch.equal(torch.cat(ours, 1), torch.cat(expected, 1))
+    with pytest.raises(ValueError, match="timestep k back"):
+        flowmatch_nearest([127], shift)  # 0.127 in float32, times 1000, is not 127
+
+
 def test_latent_models_are_not_clamped_while_sampling():
     model = tiny_model()
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(1, 3, TINY.in_channels, TINY.frame_height, TINY.frame_width, generator=g)
     context = model.embed_text(torch.randn(1, TINY.text_len, TINY.text_dim, generator=g))
-    schedule = flowmatch_schedule(list(RECIPES["self-forcing"].steps), RECIPES["self-forcing"].shift)
+    schedule, _ = SAMPLING_PRESETS["self-forcing"].times()
     actions = torch.zeros(1, 3, dtype=torch.long)
     x0 = denoise_chunk(model, KVCache(TINY, 1), context, actions, lambda: noise, Sampler(tuple(schedule)))
     assert x0.abs().max() > 1.5

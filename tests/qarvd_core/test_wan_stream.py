@@ -198,6 +198,79 @@ def test_a_prompt_switch_re_encodes_and_re_caches(wan):
     assert torch.equal(again.cache.k[:, :, :, : again.cache.length], s.cache.k[:, :, :, : s.cache.length])
 
 
+@pytest.fixture(scope="module")
+def longlive(tmp_path_factory):
+    return load_model(str(write_wan_card(tmp_path_factory.mktemp("longlive"), sampling="longlive")))
+
+
+def _chunk_keys(cache: KVCache, slot: int) -> torch.Tensor:
+    ct = cache.args.chunk_tokens
+    return cache.k[:, :, :, slot * ct : (slot + 1) * ct].clone()
+
+
+def test_a_longlive_stream_runs_past_its_window_with_absolute_time_positions(longlive):
+    """LongLive's cache (causal_model.py): 12 latent frames, the first 3 a sink; keys roped at their
+    absolute frame and never moved in time; a 3-frame chunk attends to the sink and the 9 newest
+    frames, its own included."""
+    s = Stream(longlive, PROMPT, 3)
+    shape = s.cache.k.shape
+    committed = []
+    for k in range(6):
+        s.step()
+        assert s.cache.n_chunks == min(k + 1, 3) and s.cache.time_offset == 3 * (k + 1)
+        assert torch.isfinite(s.held[-1].frames).all() and s.held[-1].frames.abs().mean() > 0.1
+        committed.append(_chunk_keys(s.cache, s.cache.n_chunks - 1))
+    assert s.cache.k.shape == shape  # bounded: sink, 2 window chunks and the slot
+    assert [h.index for h in s.held] == [0, 4, 5]
+    for slot, k in enumerate((0, 4, 5)):  # rolled keys moved as they were made, not rotated back
+        assert torch.equal(_chunk_keys(s.cache, slot), committed[k])
+
+
+def _recommitted(model, held, contexts) -> KVCache:
+    """A cache holding `held` committed one by one at their own chunk numbers, each under its context."""
+    cache = KVCache(model.args, 1)
+    with torch.no_grad():
+        for chunk, context in zip(held, contexts):
+            cache.committed = chunk.index
+            model(chunk.frames, torch.zeros(chunk.actions.shape), chunk.actions, context, cache, commit=True)
+    return cache
+
+
+@pytest.mark.parametrize("made", [6, 2])
+def test_a_longlive_prompt_switch_re_caches_the_window_and_keeps_the_global_sink(longlive, made):
+    """LongLive's `_recache_after_switch` with global_sink: the last local_attn_size (12) frames
+    are re-run under the new prompt at their own positions; the sink slots are left as they were
+    unless the re-cache starts at frame 0 (a stream of 4 chunks or fewer), when they are re-run too."""
+    city = "blue city at night"
+    s = Stream(longlive, PROMPT, 5)
+    for _ in range(made):
+        s.step()
+    old = s.context
+    s.set_prompt(city)
+    assert s.cache.committed == made and s.cache.time_offset == 3 * made
+    keep = made > longlive.args.context_chunks
+    contexts = [old if keep and i == 0 else s.context for i in range(len(s.held))]
+    expected = _recommitted(longlive, s.held, contexts)
+    n = s.cache.length
+    assert torch.equal(s.cache.k[:, :, :, :n], expected.k[:, :, :, :n])
+    assert torch.equal(s.cache.v[:, :, :, :n], expected.v[:, :, :, :n])
+    stayed = _recommitted(longlive, s.held, [old] * len(s.held))
+    sink_same = torch.equal(_chunk_keys(s.cache, 0), _chunk_keys(stayed, 0))
+    assert sink_same == keep and not torch.equal(_chunk_keys(s.cache, 1), _chunk_keys(stayed, 1))
+    assert torch.isfinite(torch.from_numpy(s.step().astype(np.float32))).all()
+
+
+def test_batched_absolute_time_streams_must_share_their_time_position(longlive):
+    a, b = Stream(longlive, PROMPT, 1), Stream(longlive, PROMPT, 2)
+    for _ in range(4):
+        a.step()
+    for _ in range(3):
+        b.step()
+    assert a.cache.n_chunks == b.cache.n_chunks == 3  # same cache length, other positions
+    with pytest.raises(ValueError, match="time position"):
+        step_streams([a, b], [None, None])
+
+
 def test_an_action_to_a_model_without_actions_is_refused_clearly(wan, mini):
     s = Stream(wan, PROMPT, 0)
     twin = s.fork()

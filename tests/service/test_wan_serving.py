@@ -50,13 +50,16 @@ def artifacts(tmp_path_factory):
 
 def test_the_checkpoint_records_its_card_and_prompts_and_streams_like_its_base(artifacts, tmp_path):
     manifest = read_manifest(artifacts / "tiny-wan-w4a8.safetensors")
+    # Quantized from the card's path: the base is named as the store knows it, and its file kept.
+    base = manifest["base_model"]
+    assert (base["id"], base["path"]) == ("tiny-wan", str((artifacts / "tiny-wan.json").resolve()))
     assert manifest["card"]["vae"] == str((artifacts / "Wan2.1-T2V-1.3B-Diffusers/vae").resolve())
     calibration = manifest["quantization"]["calibration"]
     assert (calibration["prompts"], calibration["rollouts"]) == ([PROMPTS[0], PROMPTS[2]], 2)
     evaluation = manifest["evaluation"]  # -FP on the calibration prompts, unseen noise
     assert len(evaluation["psnr_db_per_chunk"]) == 3 and evaluation["psnr_db_mean"] > 20
     shown = CliRunner().invoke(app, ["inspect", str(artifacts / "tiny-wan-w4a8.safetensors")]).output
-    assert f"card         recipe self-forcing, text encoder {manifest['card']['text_encoder']}" in shown
+    assert f"card         sampling self-forcing, text encoder {manifest['card']['text_encoder']}" in shown
 
     quant = load_model(str(artifacts / "tiny-wan-w4a8.safetensors"))
     base = load_model(str(artifacts / "tiny-wan.json"))
@@ -81,6 +84,11 @@ def test_the_checkpoint_records_its_card_and_prompts_and_streams_like_its_base(a
     measured = json.loads(report.read_text())
     assert len(measured["psnr_db_per_chunk"]) == 2 and len(measured["psnr_db_per_prompt"]) == 2
     assert measured["psnr_db_mean"] > 20
+    # The same report as a world model's: the Markdown table (printed) and the plots beside the JSON.
+    per_chunk = ", ".join(f"{v:.2f}" for v in measured["psnr_db_per_chunk"])
+    assert f"| PSNR dB per chunk | {per_chunk} |" in result.stdout
+    assert f"| PSNR dB vs reference | {measured['psnr_db_mean']:.3f} |" in report.with_suffix(".md").read_text()
+    assert report.with_suffix(".png").stat().st_size > 1000
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +140,8 @@ def test_a_quantized_card_streams_text_prompts_and_renders_videos(artifacts, ser
     c.send({"type": "prompt", "prompt": CITY})
     c.send({"type": "resume"})
     after = c.frames(12)
+    # Shadowed on the card it was quantized from, which the manifest names by its path.
+    assert c.next_json("stats", timeout=5)["drift_psnr_db"] > 20
     switched = after[0][0]["chunk"]
     assert [h["chunk"] for h, _ in after] == [switched] * 12
     assert len(before) == 9 + 12 * (switched - 1)  # nothing lost on the way

@@ -103,7 +103,7 @@ def tiny_vae(z_dim: int, seed: int = 0):
     ).eval()
 
 
-def write_wan_card(folder: Path, args: ModelArgs = TINY_WAN, recipe: str = "self-forcing") -> Path:
+def write_wan_card(folder: Path, args: ModelArgs = TINY_WAN, sampling: str = "self-forcing") -> Path:
     """Write a tiny random Wan model and its card into `folder`; returns the card's path."""
     folder.mkdir(parents=True, exist_ok=True)
     parts = folder / "Wan2.1-T2V-1.3B-Diffusers"
@@ -122,7 +122,7 @@ def write_wan_card(folder: Path, args: ModelArgs = TINY_WAN, recipe: str = "self
         "vae": "Wan2.1-T2V-1.3B-Diffusers/vae",
         "text_encoder": "Wan2.1-T2V-1.3B-Diffusers/text_encoder",
         "tokenizer": "Wan2.1-T2V-1.3B-Diffusers/tokenizer",
-        "recipe": recipe,
+        "sampling": sampling,
     }
     path = folder / "tiny-wan.json"
     path.write_text(json.dumps(card, indent=1))

@@ -33,7 +33,7 @@ def test_captured_rows_are_bounded_float32_on_the_cpu(tmp_path):
     calib = CalibrationSet.from_prompts(["a cat", "a dog", "a red city"], chunks=2, tokens_per_pass=8)
     inputs = collect_inputs(model, {layer: model.get_submodule(layer)}, calib, progress=False)
     x, chunk, t = inputs[layer].stacked()
-    passes = len(model.card.recipe.steps) + 1  # the denoising steps and the commit at t = 0
+    passes = len(model.card.sampling.steps) + 1  # the denoising steps and the commit at t = 0
     assert x.shape == (3 * 2 * passes * 8, TINY_WAN.dim)
     assert x.device == torch.device("cpu") and x.dtype == torch.float32
     assert sorted(set(chunk.tolist())) == [0, 1]
