@@ -162,7 +162,11 @@ def choose_backend(host: Host) -> tuple[str, str]:
     return "int_mm", f"{host.capability} without VNNI or FBGEMM: only `_int_mm`, which is exact but slow here"
 
 
-_active: str | None = None  # the forced backend; None: `choose_backend(probe_host())`
+# The backend of deploy-mode layers, resolved here once and not when first asked: compiled blocks
+# read it as they trace, and tracing `probe_host` (a /proc read) would break their graph at
+# every quantized layer.
+_HOST_BACKEND = choose_backend(probe_host())[0]
+_active = _HOST_BACKEND
 
 
 def use_backend(name: str | None) -> None:
@@ -170,11 +174,11 @@ def use_backend(name: str | None) -> None:
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown kernels {name!r}; choose one of {', '.join(BACKENDS)}")
     global _active
-    _active = name
+    _active = name or _HOST_BACKEND
 
 
 def active_backend() -> str:
-    return _active or choose_backend(probe_host())[0]
+    return _active
 
 
 def onednn_pack(w: Tensor) -> Tensor:
@@ -249,8 +253,11 @@ class FbgemmWeight:
 
     Custom ops and compiled graphs take tensors, not the TorchScript object FBGEMM packs into,
     so the packed weight is kept in a registry while this object lives, and `fbgemm_linear` is
-    given its handle as a 0-d tensor: a graph input like any weight, so every block still shares
-    one compiled graph.
+    given its handle as a tensor: a graph input like any weight, so every block still shares
+    one compiled graph. Frozen compiles (inductor's freezing) make it a constant of the graph,
+    and inductor's on-disk graph cache keys the values of 1-d constants of up to 8 elements
+    but only the shape of others: so the handle has shape [1], and a cached graph can never
+    name a handle of another process (handles are never reused within one).
     """
 
     _registry: weakref.WeakValueDictionary[int, FbgemmWeight] = weakref.WeakValueDictionary()
@@ -259,7 +266,7 @@ class FbgemmWeight:
     def __init__(self, packed: object, split: bool, n: int):
         key = next(self._next)
         self._registry[key] = self
-        self.packed, self.split, self.n, self.handle = packed, split, n, torch.tensor(key)
+        self.packed, self.split, self.n, self.handle = packed, split, n, torch.tensor([key])
 
     @classmethod
     def named(cls, handle: int) -> FbgemmWeight:

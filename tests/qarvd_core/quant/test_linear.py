@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -125,7 +129,60 @@ def test_each_backend_agrees_with_simulate_mode_per_layer_and_in_the_stream(mini
     assert psnr(frames["deploy"], frames["simulate"]).min() >= README_W8A8_PSNR_DB
 
 
-@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="FBGEMM is built for x86 only")
+needs_fbgemm = pytest.mark.skipif(
+    "fbgemm" not in torch.backends.quantized.supported_engines, reason="FBGEMM is built for x86 only"
+)
+
+
+def test_a_quantized_block_traces_as_one_graph_with_the_host_kernels(mini):
+    # With no backend forced (the default), tracing a deploy-mode layer must not reach the host
+    # probe: a break there splits a compiled block at every quantized layer.
+    q = set_mode(quantize(mini, RTNConfig(), CalibrationSet(rollouts=1, chunks=2), progress=False), "deploy")
+    seen = {}
+
+    def keep_inputs(module, args, kwargs):
+        seen.setdefault("inputs", (args, kwargs))
+
+    hook = q.blocks[0].register_forward_pre_hook(keep_inputs, with_kwargs=True)
+    Stream(q, "islands", 0).step("right")
+    hook.remove()
+    args, kwargs = seen["inputs"]
+    explained = torch._dynamo.explain(q.blocks[0])(*args, **kwargs)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
+# A frozen compile of an FBGEMM layer after `sys.argv[1]` other weights were packed, so that its
+# packed weight's handle differs from one process to the next.
+FROZEN_FBGEMM_COMPILE = """
+import sys, torch
+from qarvd_core.model import compile_inference
+from qarvd_core.quant.kernels import fbgemm_pack, use_backend
+from qarvd_core.quant.linear import QuantLinear, set_mode
+from qarvd_core.quant.primitives import QuantSpec
+use_backend("fbgemm")
+for _ in range(int(sys.argv[1])):
+    fbgemm_pack(torch.ones(4, 4, dtype=torch.int8), torch.zeros(4, dtype=torch.int32), torch.ones(4), None)
+torch.manual_seed(0)
+w, x = torch.randn(24, 32), torch.randn(20, 32)
+q = QuantLinear.from_float(w, torch.randn(24), QuantSpec(8, True), QuantSpec(8, False))
+q.init_activation(x)
+set_mode(q, "deploy").prepare_compile(frozen=True)
+with torch.inference_mode():
+    torch.testing.assert_close(compile_inference(q, max_autotune=True)(x), q(x))
+"""
+
+
+@needs_fbgemm
+def test_a_frozen_compile_from_the_disk_cache_runs_in_another_process(tmp_path):
+    # Frozen, the packed weight's handle is a constant of the compiled graph; inductor's on-disk
+    # cache, shared by processes, must not serve one process's handle to another.
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    for earlier in (0, 3):
+        run = subprocess.run([sys.executable, "-c", FROZEN_FBGEMM_COMPILE, str(earlier)], env=env, capture_output=True)
+        assert run.returncode == 0, run.stderr.decode()[-2000:]
+
+
+@needs_fbgemm
 def test_compiled_blocks_call_fbgemm_without_a_graph_break(mini):
     # Compiled, FBGEMM's int8 linear is a custom op taking its packed weight's handle: one graph
     # for every block, no break at each linear, and the eager stream within the W8A8 PSNR.
