@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from qarvd_core.model import ModelArgs, WorldModel
 from qarvd_core.quant.api import config_from_manifest, swap_module
+from qarvd_core.quant.kv import KVQuantConfig
 from qarvd_core.quant.linear import DualScaleQuantLinear, QuantLinear, set_compute_dtype, set_mode
 from qarvd_core.wan import CardParts, card_from_dict, card_to_dict, is_card, load_card_model
 
@@ -149,6 +150,8 @@ def save_quantized(
         "quantization": qmodel.quant_info,
         "sha256": sha256_of(tmp),
         "evaluation": evaluation,
+        # How streams of the model store their KV cache (absent: full precision).
+        **({"kv_cache": qmodel.kv_quant.to_dict()} if getattr(qmodel, "kv_quant", None) is not None else {}),
         # A Wan model's card, so loading the checkpoint finds its text encoder and VAE.
         **({"card": card_to_dict(qmodel.card)} if getattr(qmodel, "card", None) is not None else {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -235,6 +238,8 @@ def load_quantized(path: Path | str, device: str = "cpu", dtype: torch.dtype = t
     model.load_state_dict({k: v.float() if v.dtype == torch.float16 else v for k, v in state.items()}, assign=True)
     model.quant_info = info
     model.manifest = manifest
+    if "kv_cache" in manifest:
+        model.kv_quant = KVQuantConfig.from_dict(manifest["kv_cache"])
     if "card" in manifest:
         model.card = card_from_dict(manifest["card"], path)
         model.parts = CardParts(model.card, device, dtype)

@@ -205,16 +205,24 @@ def compile_option():
 
 def kv_bits_option():
     return typer.Option(
-        None, "--kv-bits", help="KV-cache bits: 8 or 4 for the whole cache, SINK,WINDOW (e.g. 8,4), 16: full precision"
+        None,
+        "--kv-bits",
+        help="KV-cache bits: 8 or 4 for the whole cache, SINK,WINDOW (e.g. 8,4), auto (8,4: the measured trade-off), "
+        "16: full precision; default: the checkpoint's, else full precision",
     )
 
 
 def _set_kv_bits(net, kv_bits: str | None) -> None:
-    """Streams of `net` store their KV cache as `--kv-bits` says (default: full precision)."""
+    """Streams of `net` store their KV cache as `--kv-bits` says (default: as its checkpoint says)."""
+    if kv_bits is not None:
+        net.kv_quant = _kv_config(kv_bits)
+
+
+def _kv_config(kv_bits: str):
     from qarvd_core.quant.kv import KVQuantConfig
 
     try:
-        net.kv_quant = None if kv_bits is None else KVQuantConfig.parse(kv_bits)
+        return KVQuantConfig.parse(kv_bits)
     except ValueError as e:
         fail(str(e))
 
@@ -491,6 +499,12 @@ def quantize(
     ),
     evaluate: bool = typer.Option(True, help="measure PSNR/SSIM/action accuracy vs the base and store them"),
     device: str = device_option(),
+    kv_bits: str | None = typer.Option(
+        None,
+        "--kv-bits",
+        help="KV-cache bits its streams use, saved in the checkpoint (and measured by --evaluate): "
+        "8, 4, SINK,WINDOW (e.g. 8,4), auto (8,4) or 16; default: full precision",
+    ),
 ):
     """Quantize a model and write a versioned checkpoint usable wherever a model name is."""
     import json
@@ -516,6 +530,7 @@ def quantize(
         fail(str(e))
     if out.suffix != ".safetensors":
         fail(f"--out must end in .safetensors, got {out}")
+    kv_quant = None if kv_bits is None else _kv_config(kv_bits)
     _check_writable(out, "checkpoint")
     base = _load(model, device=_device(device))  # calibration rollouts run there; captured activations on the CPU
     try:
@@ -527,6 +542,7 @@ def quantize(
     except (OSError, ValueError) as e:
         fail(str(e))
     qmodel = run_quantize(base, config, calib)
+    qmodel.kv_quant = kv_quant if kv_quant is not None and kv_quant.enabled else None
     metrics = None
     if evaluate and not base.args.n_prompts:
         typer.echo("evaluating against the base model on the calibration prompts, unseen noise", err=True)

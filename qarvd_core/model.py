@@ -247,7 +247,8 @@ class KVCache:
             sink = args.sink_chunks * args.chunk_tokens
             parts = ((self.quant.sink_bits, sink), (self.quant.window_bits, self.capacity - sink))
             self.stores = [
-                [TokenStore((*shape[:3], n, args.head_dim), bits, device, dtype) for _ in "kv"] for bits, n in parts
+                [TokenStore((*shape[:3], n, args.head_dim), bits, device, dtype, self.quant.rotate) for _ in "kv"]
+                for bits, n in parts
             ]
             # Chunks each held chunk's keys are to be rotated back in time when read.
             self._age = [0] * args.context_chunks

@@ -5,8 +5,9 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from qarvd_core.quant.kv import KVQuantConfig
 from qarvd_core.recipes import RECIPES
 from qarvd_core.world.simulator import ACTIONS, BIOME_NAMES
 from service.store import MODEL_ID_PATTERN
@@ -104,6 +105,9 @@ class ModelInfo(BaseModel):
     size_bytes: int
     metrics: dict | None = None
     created: str | None = None
+    kv_cache: dict | None = Field(
+        None, description="how its streams store their KV cache: sink_bits, window_bits, rotate; null: full precision"
+    )
     speed_warning: str | None = Field(
         None, description="set when the model, once loaded, measured slower than FP32 on this host's kernels"
     )
@@ -149,6 +153,20 @@ class JobRequest(Strict):  # strict: "seed": false or "w_bits": 8.0 is an error
     calibration_chunks: int = Field(7, ge=2, le=32)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     evaluate: bool = True
+    kv_bits: str | None = Field(
+        None,
+        max_length=8,
+        examples=["auto", "8,4", "8"],
+        description="KV-cache bits the model's streams use, saved in its checkpoint: 8, 4, SINK,WINDOW (e.g. 8,4), "
+        "auto (8,4) or 16; null: full precision",
+    )
+
+    @field_validator("kv_bits")
+    @classmethod
+    def _kv_bits(cls, value: str | None) -> str | None:
+        if value is not None:
+            KVQuantConfig.parse(value)  # a ValueError becomes a 422 naming the field
+        return value
 
 
 class JobView(BaseModel):

@@ -48,6 +48,7 @@ class ModelRecord:
     a_bits: int | None = None
     metrics: dict | None = None
     created: str | None = None
+    kv_cache: dict | None = None  # how its streams store their KV cache (None: full precision)
 
 
 class ModelStore:
@@ -99,6 +100,7 @@ class ModelStore:
             a_bits=cfg["a_bits"],
             metrics=m.get("evaluation"),
             created=m.get("created"),
+            kv_cache=m.get("kv_cache"),
             **common,
         )
 

@@ -2,12 +2,16 @@
 
 A committed chunk's keys (after RoPE) and values are quantized symmetrically over each head's
 vector: codes round(x / s) with s = max |x| / qmax, stored as int8 (or two 4-bit codes per byte)
-with s in float16. The sink chunks, which the whole stream attends to, can keep more bits than
-the rolling window (`KVQuantConfig`).
+with s in float16. By default each vector is first multiplied by an orthonormal Hadamard matrix
+H (QuaRot's rotation, undone when read: x = (x H) H^T): a few large channels, which the keys of
+qk-normed heads have, are spread over all of them, so one scale per vector loses far less. The
+sink chunks, which the whole stream attends to, can keep more bits than the rolling window
+(`KVQuantConfig`).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +41,7 @@ class KVQuantConfig:
 
     sink_bits: int | None = 8
     window_bits: int | None = 8
+    rotate: bool = True  # Hadamard-rotate each head's vector before quantizing it
 
     def __post_init__(self):
         object.__setattr__(self, "sink_bits", _normal_bits(self.sink_bits))
@@ -48,14 +53,46 @@ class KVQuantConfig:
 
     @classmethod
     def parse(cls, text: str) -> KVQuantConfig:
-        """'8' (sink and window at 8 bits), '8,4' (sink 8, window 4) or '16' (full precision)."""
-        parts = [int(p) for p in text.split(",")]
+        """'8' (sink and window at 8 bits), '8,4' (sink 8, window 4), '16' (full precision) or
+        'auto' (`AUTO`)."""
+        if text == "auto":
+            return AUTO
+        try:
+            parts = [int(p) for p in text.split(",")]
+        except ValueError:
+            parts = []
         if len(parts) not in (1, 2):
-            raise ValueError(f"--kv-bits takes BITS or SINK_BITS,WINDOW_BITS, got {text!r}")
+            raise ValueError(f"--kv-bits takes BITS, SINK_BITS,WINDOW_BITS or auto, got {text!r}")
         return cls(parts[0], parts[-1])
 
     def to_dict(self) -> dict:
-        return {"sink_bits": self.sink_bits, "window_bits": self.window_bits}
+        return {"sink_bits": self.sink_bits, "window_bits": self.window_bits, "rotate": self.rotate}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KVQuantConfig:
+        unknown = set(d) - {"sink_bits", "window_bits", "rotate"}
+        if unknown:
+            raise ValueError(f"unknown KV-cache settings {sorted(unknown)}; known: sink_bits, window_bits, rotate")
+        return cls(**d)
+
+    def describe(self) -> str:
+        return "full precision" if not self.enabled else f"{self.sink_bits or 16},{self.window_bits or 16}"
+
+
+# The measured trade-off (benchmarks/kv_cache.py): the sink chunk, whose cache moves the final
+# frames far more than any window chunk's, at 8 bits; the window at 4; both rotated.
+AUTO = KVQuantConfig(8, 4)
+
+
+@functools.cache
+def hadamard(n: int) -> Tensor:
+    """The orthonormal Sylvester-Hadamard matrix [n, n] (n a power of two), float32."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"the KV-cache rotation needs a power-of-two head_dim, got {n}; use rotate=False")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h / n**0.5
 
 
 def quantize_tokens(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
@@ -81,11 +118,13 @@ def dequantize_tokens(codes: Tensor, scale: Tensor, bits: int, dtype: torch.dtyp
 
 
 class TokenStore:
-    """Tokens [layers, batch, heads, n, hd] at `bits` (None: in `dtype`), written and read by token range."""
+    """Tokens [layers, batch, heads, n, hd] at `bits` (None: in `dtype`), written and read by token
+    range; with `rotate`, quantized in a Hadamard-rotated basis."""
 
-    def __init__(self, shape: tuple[int, ...], bits: int | None, device, dtype: torch.dtype):
+    def __init__(self, shape: tuple[int, ...], bits: int | None, device, dtype: torch.dtype, rotate: bool = False):
         self.bits, self.dtype = bits, dtype
         *lead, hd = shape
+        self.rotation = hadamard(hd).to(device) if rotate and bits is not None else None
         if bits is None:
             self.tensors = [torch.zeros(shape, device=device, dtype=dtype)]
         else:
@@ -103,6 +142,8 @@ class TokenStore:
     def write(self, layer: int, start: int, x: Tensor) -> None:
         """Store x [batch, heads, n, hd] at tokens start .. start + n of `layer`."""
         stop = start + x.shape[2]
+        if self.rotation is not None:
+            x = x.float() @ self.rotation
         parts = [x.to(self.dtype)] if self.bits is None else quantize_tokens(x, self.bits)
         for t, p in zip(self.tensors, parts):
             t[layer, :, :, start:stop] = p
@@ -110,7 +151,11 @@ class TokenStore:
     def read(self, layer: int, stop: int) -> Tensor:
         """Tokens 0 .. stop of `layer` [batch, heads, stop, hd] in `dtype`."""
         held = [t[layer, :, :, :stop] for t in self.tensors]
-        return held[0] if self.bits is None else dequantize_tokens(*held, self.bits, self.dtype)
+        if self.bits is None:
+            return held[0]
+        if self.rotation is None:
+            return dequantize_tokens(*held, self.bits, self.dtype)
+        return (dequantize_tokens(*held, self.bits, torch.float32) @ self.rotation.T).to(self.dtype)
 
     def move(self, src: slice, dst: slice) -> None:
         """Copy tokens `src` onto `dst` (same length) in every layer, as stored (no requantization)."""

@@ -28,6 +28,7 @@ from qarvd_core.checkpoint import load_model, load_quantized, save_quantized
 from qarvd_core.eval.evaluate import EvalConfig, evaluate, quantization_metrics_on_prompts
 from qarvd_core.quant import CalibrationSet, config_from_dict, quantize
 from qarvd_core.quant.api import Progress
+from qarvd_core.quant.kv import KVQuantConfig
 from service.jobs.constants import CANCEL_KEY, HEARTBEAT_EVERY_S, LEASE_KEY
 from service.store import ModelStore
 
@@ -144,6 +145,9 @@ def run_quantization(request: dict, job_id: str, store: ModelStore, attempt: Att
             rollouts=request["calibration_rollouts"], chunks=request["calibration_chunks"], seed=request["seed"]
         )
     qmodel = quantize(base, config, calib, Progress(bars=False, callback=attempt.report))
+    if request.get("kv_bits"):  # measured below and saved with the model: its streams use it when served
+        kv_quant = KVQuantConfig.parse(request["kv_bits"])
+        qmodel.kv_quant = kv_quant if kv_quant.enabled else None
     metrics = None
     if request.get("evaluate", True) and not base.args.n_prompts:  # a text model
         attempt.report("evaluating", 0.0)

@@ -11,7 +11,7 @@ import torch
 from qarvd_core.checkpoint import load_model
 from qarvd_core.eval.metrics import psnr
 from qarvd_core.model import KVCache, ModelArgs
-from qarvd_core.quant.kv import KVQuantConfig, dequantize_tokens, quantize_tokens
+from qarvd_core.quant.kv import AUTO, KVQuantConfig, dequantize_tokens, hadamard, quantize_tokens
 from qarvd_core.sampling import Stream, rollout, step_streams, to_uint8
 from tests.conftest import MINI
 
@@ -36,11 +36,19 @@ def test_config_parses_bits_and_keeps_full_precision_as_none():
     assert KVQuantConfig.parse("8,4") == KVQuantConfig(8, 4)
     assert KVQuantConfig.parse("8") == KVQuantConfig(8, 8)
     assert not KVQuantConfig.parse("16").enabled and KVQuantConfig(16, 4).sink_bits is None
+    assert KVQuantConfig.parse("auto") == AUTO and AUTO.rotate
+    assert KVQuantConfig.from_dict(AUTO.to_dict()) == AUTO
+    with pytest.raises(ValueError, match="auto"):
+        KVQuantConfig.parse("eight")
+    with pytest.raises(ValueError, match="unknown"):
+        KVQuantConfig.from_dict({"sink_bits": 8, "group": 32})
     with pytest.raises(ValueError):
         KVQuantConfig(8, 3)
 
 
-@pytest.mark.parametrize("quant", [KVQuantConfig(8, 8), KVQuantConfig(8, 4)])
+@pytest.mark.parametrize(
+    "quant", [KVQuantConfig(8, 8, rotate=False), KVQuantConfig(8, 4, rotate=False), KVQuantConfig(8, 4)]
+)
 def test_rolled_window_over_a_quantized_sink_reads_back_the_full_precision_cache(make_mini, quant):
     """After the window rolled three times, the first layer's keys and values (which depend on
     each chunk alone) read back as the full-precision cache's within a quantization step: the
@@ -63,10 +71,29 @@ def test_rolled_window_over_a_quantized_sink_reads_back_the_full_precision_cache
     sink = a.sink_chunks * a.chunk_tokens
     for part, bits in ((slice(0, sink), quant.sink_bits), (slice(sink, None), quant.window_bits)):
         qmax = 2 ** (bits - 1) - 1
+        if quant.rotate:
+            # Half a step per entry of the Hadamard-rotated vector, whose largest entry is at most
+            # the vector's norm; rotations (Hadamard's and RoPE's) keep norms.
+            for q, e in ((qk, ek), (qv, ev)):
+                bound = e[:, :, part].norm(dim=-1) * a.head_dim**0.5 * 0.501 / qmax + 1e-5
+                assert ((q - e)[:, :, part].norm(dim=-1) <= bound).all()
+            continue
         # A rotation mixes pairs of entries: the error of a rotated key is at most sqrt(2) half-steps,
         # of a step set by the unrotated key's largest entry, itself at most sqrt(2) times the rotated one's.
         assert ((qk - ek)[:, :, part].abs() <= ek[:, :, part].abs().amax(-1, keepdim=True) / qmax + 1e-6).all()
         assert ((qv - ev)[:, :, part].abs() <= ev[:, :, part].abs().amax(-1, keepdim=True) * 0.51 / qmax + 1e-6).all()
+
+
+def test_hadamard_rotation_is_orthonormal_and_spreads_an_outlier_channel():
+    h = hadamard(64)
+    torch.testing.assert_close(h @ h.T, torch.eye(64))
+    x = torch.randn(500, 64)
+    x[:, 5] *= 30  # one channel far larger than the rest, as qk-normed keys have
+    plain = (dequantize_tokens(*quantize_tokens(x, 4), 4, torch.float32) - x).norm()
+    rotated = ((dequantize_tokens(*quantize_tokens(x @ h, 4), 4, torch.float32) @ h.T) - x).norm()
+    assert rotated < plain / 3
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard(48)
 
 
 def test_quantized_cache_stays_bounded_over_a_long_stream(make_mini):
@@ -128,8 +155,8 @@ def test_quantized_stream_forks_and_batches_exactly(tiny_world):
 
 def test_tiny_world_streams_with_a_quantized_cache_keep_their_frames(tiny_world):
     """Three streams (6 chunks: the window rolls twice), same noise, full-precision cache
-    against quantized ones; PSNR of each stream's whole clip. One stream can drift away from
-    its reference (a small change that grows), so the median is what is asserted."""
+    against quantized ones; PSNR of each stream's whole clip. A stream can drift away from its
+    reference (a small change that grows): the snow stream does with unrotated int4 keys (29.9 dB)."""
     scripts = [["right", "right", "up", "left", "none", "down"] * 3] * 3
     prompts, seeds = ["islands", "snow", "islands"], [3, 4, 5]
 
@@ -138,11 +165,11 @@ def test_tiny_world_streams_with_a_quantized_cache_keep_their_frames(tiny_world)
         return to_uint8(rollout(tiny_world, prompts, scripts, seeds))
 
     ref = clips(None)
-    for quant, floor in ((KVQuantConfig(8, 8), 45.0), (KVQuantConfig(8, 4), 28.0)):
+    for quant, floor in ((KVQuantConfig(8, 8), 45.0), (AUTO, 32.0)):
         video = clips(quant)
         whole = [psnr(v.reshape(1, -1, *v.shape[2:]), r.reshape(1, -1, *r.shape[2:]))[0] for v, r in zip(video, ref)]
-        print(f"kv {quant.sink_bits}/{quant.window_bits}: PSNR per stream", ", ".join(f"{p:.2f}" for p in whole))
-        assert np.median(whole) >= floor
+        print(f"kv {quant.describe()}: PSNR per stream", ", ".join(f"{p:.2f}" for p in whole))
+        assert min(whole) >= floor
 
 
 def test_bench_and_generate_take_kv_bits(mini_weights, tmp_path):
@@ -159,10 +186,24 @@ def test_bench_and_generate_take_kv_bits(mini_weights, tmp_path):
         assert r.exit_code == 0, r.output
         result = json.loads(out.read_text())
         bytes_at[kv_bits] = result["kv_cache_bytes_per_stream"]
-    assert result["kv_bits"] == {"sink_bits": 8, "window_bits": 4}
+    assert result["kv_bits"] == {"sink_bits": 8, "window_bits": 4, "rotate": True}
     assert bytes_at["16"] > bytes_at["8"] > bytes_at["8,4"]
     argv = ["--kv-bits", "8", "--actions", "right*6", "--out", str(tmp_path / "v.mp4")]
     r = runner.invoke(app, ["generate", "--model", str(path), *argv])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["bench", "--model", str(path), "--kv-bits", "3"])
     assert r.exit_code != 0 and "4, 8 or 16" in r.output
+
+
+def test_quantize_saves_the_kv_config_and_loading_streams_with_it(mini_weights, tmp_path):
+    from typer.testing import CliRunner
+
+    from qarvd_core.cli import app
+
+    path, out = mini_weights[0], tmp_path / "q.safetensors"
+    argv = ["--model", str(path), "--method", "rtn", "--calib-rollouts", "1", "--calib-chunks", "2", "--no-evaluate"]
+    r = CliRunner().invoke(app, ["quantize", *argv, "--kv-bits", "auto", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.with_suffix(".json").read_text())["kv_cache"] == AUTO.to_dict()
+    model = load_model(str(out))
+    assert model.kv_quant == AUTO and Stream(model, "forest", 0).cache.quant == AUTO

@@ -12,9 +12,14 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from redis import Redis as RedisClient
 
+from qarvd_core.checkpoint import load_model
+from qarvd_core.eval.metrics import psnr
+from qarvd_core.quant.kv import KVQuantConfig
+from qarvd_core.sampling import Stream
 from service.jobs.embedded import RedisServer, thread_budgets
 from service.settings import Settings
 from tests.support.client import StreamClient
@@ -113,13 +118,14 @@ def quantized_models(stack) -> list[str]:
 
 def test_job_runs_registers_a_model_that_streams(stack):
     stack.worker()
-    r = submit(stack.url, FAST)
+    r = submit(stack.url, {**FAST, "kv_bits": "4"})
     assert r.status_code == 202 and r.headers["location"] == f"/v1/quantization-jobs/{r.json()['id']}"
     view = wait_for(stack.url, r.json()["id"], {"succeeded", "failed"})
     assert view["status"] == "succeeded" and view["progress"] == 1.0 and view["attempts"] == 1
     assert view["created"] <= view["started"] <= view["finished"]
     model = view["result_model"]
-    assert model in [m["id"] for m in httpx.get(stack.url + "/v1/models").json()]
+    info = {m["id"]: m for m in httpx.get(stack.url + "/v1/models").json()}[model]
+    assert view["request"]["kv_bits"] == "4" and info["kv_cache"] == {"sink_bits": 4, "window_bits": 4, "rotate": True}
     events = httpx.get(f"{stack.url}/v1/quantization-jobs/{view['id']}/events", timeout=10).text
     assert events.startswith("data: ") and '"succeeded"' in events
     deadline, text = time.time() + 10, ""
@@ -130,8 +136,19 @@ def test_job_runs_registers_a_model_that_streams(stack):
     assert "qarvd_jobs_queue_depth 0.0" in text and 'qarvd_jobs{state="succeeded"} 1.0' in text
     assert "qarvd_worker_heartbeat_age_seconds{" in text
     c = StreamClient(stack.api.ws_url)  # selectable in a new stream without a restart
-    assert c.start(model=model)["model"] == model and len(c.frames(3)) == 3
+    assert c.start(model=model, format="png")["model"] == model
+    served = np.stack([np.asarray(img) for _, img in c.frames(9)])
     c.close()
+    # Its streams store their KV cache at 4 bits, as its checkpoint says: the served frames are
+    # those of the model streamed here with that cache, not with a full-precision one.
+    loaded = load_model(str(stack.artifacts / f"{model}.safetensors"))  # integer kernels, as served
+    assert loaded.kv_quant == KVQuantConfig(4, 4)
+    here = Stream(loaded, "islands", 0)
+    quantized = np.concatenate([here.step("none") for _ in range(3)])
+    loaded.kv_quant = None
+    here = Stream(loaded, "islands", 0)
+    full = np.concatenate([here.step("none") for _ in range(3)])
+    assert psnr(served, quantized).min() > 60 and psnr(served, full)[3:].max() < 58
     assert not list(stack.artifacts.glob(".job-*"))
 
 
@@ -156,6 +173,7 @@ def test_same_idempotency_key_twenty_times_concurrently_is_one_job(stack):
         ({**FAST, "calibration_rollouts": -1}, "calibration_rollouts"),
         ({**FAST, "colour": "red"}, "colour"),
         ({**FAST, "options": {"alpha": 0.5}}, "options"),
+        ({**FAST, "kv_bits": "3"}, "kv_bits"),
     ],
 )
 def test_bad_input_is_422_naming_the_field_and_enqueues_nothing(stack, body, field):
