@@ -2,8 +2,9 @@
 
 Weights and the text encoder are counted on the meta device from their real configurations
 (nothing is downloaded or allocated); the KV cache per session is the `KVCache` a stream
-holds; the VAE's decoder cache per stream is measured by decoding a latent chunk with a randomly
-initialised `AutoencoderKLWan` of Wan 2.1's configuration and summing the tensors
+holds, in bf16 and quantized (`--kv-bits 8` and `auto`), as tensor bytes; the VAE's decoder
+cache per stream is measured by decoding a latent chunk with a randomly initialised
+`AutoencoderKLWan` of Wan 2.1's configuration and summing the tensors
 `StreamDecoder` keeps (the last two frames at every causal convolution). Every cached tensor
 is [B, C, 2, h, w] at the latent size times 1, 2, 4 or 8, so its size is proportional to the
 latent area: the chunk is decoded at a quarter of the 60x104 latent's height and width (a
@@ -22,9 +23,12 @@ from pathlib import Path
 import torch
 
 from qarvd_core.model import KVCache, ModelArgs, WorldModel
+from qarvd_core.quant.kv import AUTO, KVQuantConfig
 from qarvd_core.wan_vae import StreamDecoder
 
 MIB = 2**20
+KV_SETTINGS = {"int8": KVQuantConfig(8, 8), "int4 (sink int8)": AUTO}
+DEVICE_GIB = (80, 141)  # H100 80 GB, H200 141 GB
 # UMT5-XXL's encoder as Wan2.1-T2V-1.3B-Diffusers/text_encoder/config.json describes it.
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
 
@@ -57,7 +61,8 @@ def main() -> None:
         transformer = numel(WorldModel(args))
         text = numel(UMT5EncoderModel(UMT5Config(**UMT5_XXL)))
     cache = KVCache(args, 1, device="meta", dtype=torch.bfloat16)
-    kv = cache.k.numel() * 2 + cache.v.numel() * 2
+    kv = cache.nbytes
+    kv_at = {name: KVCache(args, 1, "meta", torch.bfloat16, quant).nbytes for name, quant in KV_SETTINGS.items()}
     vae, vae_cache = vae_cache_bytes(args)
     rows = {
         "transformer parameters": transformer,
@@ -69,10 +74,22 @@ def main() -> None:
         "text encoder (UMT5-XXL) parameters": text,
         "text encoder bf16 MiB": text * 2 / MIB,
         "prompt states per prompt, bf16 MiB": args.text_len * args.text_dim * 2 / MIB,
+        **{f"KV cache per session, {name} MiB": n / MIB for name, n in kv_at.items()},
+    }
+    # Sessions one device holds: what is left after the resident models (transformer at bf16 or
+    # int8 weights, and the VAE; the text encoder is released once prompts are encoded), over
+    # one session's KV and VAE decoder caches. Activations of a chunk in flight are not counted.
+    resident = {"bf16 weights": transformer * 2 + vae * 2, "int8 weights": transformer + vae * 2}
+    sessions = {
+        f"{gib} GiB device, {w}, KV {name}": int((gib * 2**30 - r) // (n + vae_cache))
+        for gib in DEVICE_GIB
+        for w, r in resident.items()
+        for name, n in {"bf16": kv, **kv_at}.items()
     }
     result = {
         "rows": {k: round(v, 1) if isinstance(v, float) else v for k, v in rows.items()},
         "kv_cache_shape": list(cache.k.shape),
+        "sessions_per_device": sessions,
         "command": "python benchmarks/wan_memory.py " + " ".join(sys.argv[1:]),
     }
     text_out = json.dumps(result, indent=2)
