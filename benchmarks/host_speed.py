@@ -40,7 +40,7 @@ def variants(name: str, compiled: bool, backends: list[str]) -> dict:
     out = {"fp32 eager": (fp32, None, False)}
     for backend in backends:
         out[f"W8A8 {backend} eager"] = (rtn(fp32), backend, False)
-        # Weights of 7 bits or fewer need no split on FBGEMM's AVX2 kernel (`kernels.fbgemm_needs_split`).
+        # Weights of 7 bits or fewer need no extra columns on FBGEMM's AVX2 kernel (`kernels.fbgemm_columns`).
         out[f"W4A8 {backend} eager"] = (rtn(fp32, 4), backend, False)
     if compiled:
         out["fp32 compiled"] = (model_named(name).compile_blocks(), None, True)

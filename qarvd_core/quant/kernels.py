@@ -31,7 +31,7 @@ from torch import Tensor
 
 BACKENDS = {
     "onednn": "torch._int_mm; oneDNN's int8 linear in frozen compiled blocks",
-    "fbgemm": "FBGEMM's int8 linear, weights split where its 16-bit pair sums could saturate",
+    "fbgemm": "FBGEMM's int8 linear, with extra input columns where its 16-bit pair sums could saturate",
     "int_mm": "torch._int_mm alone",
 }
 
@@ -235,17 +235,53 @@ def int8_linear_dynamic(
 
 # FBGEMM's AVX2 kernel multiplies unsigned 8-bit activations by signed 8-bit weights and adds
 # neighbouring products, k = 2i and 2i+1, into a saturating 16-bit sum (vpmaddubsw) before it
-# widens to 32 bits. With activation codes up to 255 that sum is exact when the pair's weight
-# codes sum to at most 128 in magnitude: always for weights of 7 bits or fewer, rarely for
-# trained 8-bit ones (a quarter of tiny-world's pairs exceed it). Such weights are split into two
-# halves, w = floor(w / 2) + ceil(w / 2), each within +-64, stacked as 2N outputs and added back.
+# widens to 32 bits. With activation codes up to 255 that sum is exact when the pair's weights
+# have opposite signs or sum to at most 128 in magnitude: always for weights of 7 bits or fewer,
+# not for trained 8-bit ones (7-14% of tiny-world's and small-world's pairs exceed it in some
+# output row, and every pair in some row, so no reordering of the inputs avoids it). Such weights
+# get extra input columns (`fbgemm_columns`): about half as many again, where splitting every
+# weight in two would double the GEMM.
 FBGEMM_PAIR_LIMIT = 128
 
 
-def fbgemm_needs_split(w: Tensor) -> bool:
-    """Whether int8 codes w [N, K] have a pair (2i, 2i+1) whose magnitudes exceed FBGEMM's exact limit."""
-    a = F.pad(w.abs().to(torch.int16), (0, w.shape[1] % 2))
-    return bool((a[:, 0::2] + a[:, 1::2]).max() > FBGEMM_PAIR_LIMIT)
+def fbgemm_columns(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact int8 weights for FBGEMM's AVX2 kernel: integer weights [N, K] (magnitudes up to 255)
+    -> codes [N, K'] whose pairs all keep within `FBGEMM_PAIR_LIMIT`, and the input columns
+    `extra` [K' - K] such that cat(x, x[:, extra]) @ codes^T == x @ values^T.
+
+    Each pass keeps what fits (clamped to int8; a pair over the limit gives its excess up from the
+    even column, which can always give it since the odd one is at most 128) and appends, as new
+    columns, the columns where something was left; the rest is split the same way, pairing them
+    anew. Appended columns are padded with zeros to a multiple of about K/8, so that layers of
+    one shape mostly share one compiled graph.
+    """
+    k = values.shape[1]
+    v, cols = values.to(torch.int32), torch.arange(k)
+    blocks, taken = [], []
+    for _ in range(16):  # each pass leaves at most the excess; a few passes empty it
+        # A pass pairs its own columns, so it starts on an even column: odd ones get a zero column.
+        v, cols = F.pad(v, (0, v.shape[1] % 2)), F.pad(cols, (0, cols.shape[0] % 2))
+        a, b = v.clamp(-128, 127).unflatten(1, (-1, 2)).unbind(-1)
+        over = ((a * b) > 0) * (a.abs() + b.abs() - FBGEMM_PAIR_LIMIT).clamp_min(0)
+        r = torch.stack([a - over * a.sign(), b], -1).flatten(1)
+        blocks.append(r)
+        taken.append(cols)
+        v = v - r
+        left = v.ne(0).any(0)
+        if not left.any():
+            break
+        v, cols = v[:, left], cols[left]
+    else:
+        raise AssertionError("FBGEMM column split did not converge")
+    extra = torch.cat(taken)[k:]
+    step = 2 * max(4, -(-k // 16))
+    pad = -len(extra) % step if len(extra) else 0
+    return F.pad(torch.cat(blocks, 1), (0, pad)).to(torch.int8), F.pad(extra, (0, pad))
+
+
+def fbgemm_input(x: Tensor, extra: Tensor) -> Tensor:
+    """x [M, K] with the input columns `fbgemm_columns` appended."""
+    return torch.cat([x, x[:, extra]], 1) if len(extra) else x
 
 
 class FbgemmWeight:
@@ -263,10 +299,10 @@ class FbgemmWeight:
     _registry: weakref.WeakValueDictionary[int, FbgemmWeight] = weakref.WeakValueDictionary()
     _next = itertools.count()
 
-    def __init__(self, packed: object, split: bool, n: int):
+    def __init__(self, packed: object, extra: Tensor, n: int):
         key = next(self._next)
         self._registry[key] = self
-        self.packed, self.split, self.n, self.handle = packed, split, n, torch.tensor([key])
+        self.packed, self.extra, self.n, self.handle = packed, extra, n, torch.tensor([key])
 
     @classmethod
     def named(cls, handle: int) -> FbgemmWeight:
@@ -274,21 +310,18 @@ class FbgemmWeight:
 
 
 def fbgemm_pack(w: Tensor, w_zero: Tensor, w_scale: Tensor, bias: Tensor | None) -> FbgemmWeight:
-    """Prepack centred codes w [N, K] with zero points and scales [N] (and bias) for `fbgemm_linear`."""
-    n = w.shape[0]
-    split = fbgemm_needs_split(w)
-    zero = w_zero.long()
-    if split:
-        half = torch.div(w, 2, rounding_mode="floor")
-        w = torch.cat([half, w - half])
-        zero, w_scale = torch.cat([zero, torch.zeros_like(zero)]), torch.cat([w_scale, w_scale])
-        bias = None if bias is None else torch.cat([bias, torch.zeros_like(bias)])
+    """Prepack centred codes w [N, K] with zero points and scales [N] (and bias) for `fbgemm_linear`.
+
+    The zero points are applied to the codes here (FBGEMM's would also subtract them over the
+    appended columns), so FBGEMM sees symmetric weights of up to 9 bits."""
+    codes, extra = fbgemm_columns(w.to(torch.int32) - w_zero.to(torch.int32)[:, None])
+    zero = torch.zeros(w.shape[0], dtype=torch.long)
     with warnings.catch_warnings(), _fbgemm_engine():
         # FBGEMM's prepack takes only a quantized tensor, an API torch has deprecated; its int8
         # linear has no other entry point (see `BACKENDS`, and `choose_backend`'s fallback).
         warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
-        q = torch._make_per_channel_quantized_tensor(w.to(torch.int8), w_scale.double(), zero, 0)
-        return FbgemmWeight(torch.ops.quantized.linear_prepack(q, bias), split, n)
+        q = torch._make_per_channel_quantized_tensor(codes, w_scale.double(), zero, 0)
+        return FbgemmWeight(torch.ops.quantized.linear_prepack(q, bias), extra, w.shape[0])
 
 
 @contextmanager
@@ -305,7 +338,8 @@ def _fbgemm_engine():
 def int8_linear_fbgemm(
     x: Tensor, w: FbgemmWeight, act: tuple[float, int, int, int] | int, bias: Tensor | None
 ) -> Tensor:
-    """x [M, K] float -> [M, N] float through FBGEMM's int8 linear on `w` (`fbgemm_pack`); eager.
+    """x [M, K'] float (`fbgemm_input`) -> [M, N] float through FBGEMM's int8 linear on `w`
+    (`fbgemm_pack`).
 
     `act` is (scale, zero point, qmin, qmax) of static per-tensor activations, whose quantize
     runs inside FBGEMM's op: it takes unsigned codes, so the zero point moves by -qmin, and
@@ -314,32 +348,29 @@ def int8_linear_fbgemm(
     after; `bias` is then added here (static activations: it is packed with the weight).
     """
     linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-    n = w.n
     if isinstance(act, tuple):
         s, z, qmin, qmax = act
         if qmax - qmin < 255:
             x = x.clamp((qmin - z) * s, (qmax - z) * s)
         y = linear(x, s, z - qmin, w.packed)
-        y = y[:, :n] + y[:, n:] if w.split else y
         return y if bias is None else y + bias
     qmax = 2 ** (act - 1) - 1
     s = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-8)
     y = linear(x / s, 1.0, 128, w.packed)
-    if w.split:
-        y = y[:, :n] + y[:, n:]
     return y * s if bias is None else torch.addcmul(bias, y, s)
 
 
-# In compiled graphs: the same, as a custom op taking the weight's handle and `act` as tensors.
+# In compiled graphs: the same, as a custom op taking the weight's handle and `act` as tensors,
+# and its input with the extra columns appended in the graph, where they fuse with its producer.
 # (Eager code calls `int8_linear_fbgemm` directly: a custom op's dispatch costs more than the
 # GEMM itself at the smallest layer shapes.)
 @torch.library.custom_op("qarvd::fbgemm_linear", mutates_args=())
-def fbgemm_linear(x: Tensor, handle: Tensor, act: Tensor, bias: Tensor | None, n: int, split: bool) -> Tensor:
+def fbgemm_linear(x: Tensor, handle: Tensor, act: Tensor, bias: Tensor | None, n: int) -> Tensor:
     w = FbgemmWeight.named(int(handle))
     s, z, qmin, qmax = act.tolist() if act.numel() == 4 else (None,) * 4
     return int8_linear_fbgemm(x, w, (s, int(z), int(qmin), int(qmax)) if s is not None else int(act), bias)
 
 
 @fbgemm_linear.register_fake
-def _(x: Tensor, handle: Tensor, act: Tensor, bias: Tensor | None, n: int, split: bool) -> Tensor:
+def _(x: Tensor, handle: Tensor, act: Tensor, bias: Tensor | None, n: int) -> Tensor:
     return x.new_empty(x.shape[0], n)

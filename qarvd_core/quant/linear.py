@@ -178,7 +178,7 @@ class QuantLinear(nn.Module):
                 d["fbgemm"] = kernels.fbgemm_pack(d["w"], d["w_zero"], self.w_scale, bias)
                 d["fbgemm_act"] = self._act()
                 # What compiled graphs take instead, as tensors: inputs like the weights, not constants.
-                d["fbgemm_handle"] = d["fbgemm"].handle
+                d["fbgemm_handle"], d["fbgemm_extra"] = d["fbgemm"].handle, d["fbgemm"].extra
                 d["fbgemm_act_t"] = torch.tensor(d["fbgemm_act"] if self.act_mode == "static" else [self.a_spec.bits])
         return d
 
@@ -218,9 +218,10 @@ class QuantLinear(nn.Module):
             w, act = d["fbgemm"], d["fbgemm_act"]
             bias = None if self.act_mode == "static" else self.bias
             if torch.compiler.is_compiling():
-                y = kernels.fbgemm_linear(x2, d["fbgemm_handle"], d["fbgemm_act_t"], bias, w.n, w.split)
+                x2 = kernels.fbgemm_input(x2, d["fbgemm_extra"])
+                y = kernels.fbgemm_linear(x2, d["fbgemm_handle"], d["fbgemm_act_t"], bias, w.n)
             else:
-                y = kernels.int8_linear_fbgemm(x2, w, act, bias)
+                y = kernels.int8_linear_fbgemm(kernels.fbgemm_input(x2, w.extra), w, act, bias)
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         common = (d["w"], d["colsum"], d["w_zero"], self.w_scale, self.bias)
         if self.act_mode == "static":

@@ -7,9 +7,11 @@ import torch
 
 from qarvd_core.quant.kernels import (
     CPU_TRANSPOSE_MAX_ROWS,
+    FBGEMM_PAIR_LIMIT,
     Host,
+    fbgemm_columns,
+    fbgemm_input,
     fbgemm_linear,
-    fbgemm_needs_split,
     fbgemm_pack,
     int8_linear_dynamic,
     int8_linear_onednn,
@@ -127,11 +129,26 @@ needs_fbgemm = pytest.mark.skipif(
 )
 
 
+@pytest.mark.parametrize("k", [64, 71])  # odd K: the last code has no pair
+def test_fbgemm_columns_keep_every_pair_within_the_limit_and_the_product_exact(k):
+    # Weights minus zero points span 9 bits; the worst rows pair -255 with -255 and 255 with 254.
+    g = torch.Generator().manual_seed(k)
+    values = torch.randint(-255, 256, (40, k), generator=g)
+    values[0], values[1] = -255, torch.where(torch.arange(k) % 2 == 0, 255, 254)
+    codes, extra = fbgemm_columns(values)
+    assert codes.dtype == torch.int8 and codes.shape == (40, k + len(extra))
+    pairs = torch.nn.functional.pad(codes.long(), (0, codes.shape[1] % 2)).unflatten(1, (-1, 2))
+    same_sign = pairs[..., 0] * pairs[..., 1] > 0
+    assert not (same_sign & (pairs.abs().sum(-1) > FBGEMM_PAIR_LIMIT)).any()
+    x = torch.randint(0, 256, (9, k), generator=g)  # unsigned activation codes, as FBGEMM takes them
+    assert torch.equal(fbgemm_input(x, extra) @ codes.long().t(), x @ values.t())
+
+
 @needs_fbgemm
 @pytest.mark.parametrize("k", [64, 71])  # odd K: the last code has no pair
 def test_fbgemm_int8_linear_is_exact_where_16_bit_pair_sums_would_saturate(k):
     # Worst case for vpmaddubsw: activation codes of 255 against weight pairs of -128/+127, which
-    # overflow a 16-bit sum unsplit; the split keeps every pair within it.
+    # overflow a 16-bit sum as they are; the extra columns keep every pair within it.
     g = torch.Generator().manual_seed(k)
     m, n = 33, 40
     w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
@@ -141,7 +158,6 @@ def test_fbgemm_int8_linear_is_exact_where_16_bit_pair_sums_would_saturate(k):
     s, z = 0.05, 131
     x = (torch.randint(0, 256, (m, k), generator=g) - z) * s
     x[:4] = (255 - z) * s
-    assert fbgemm_needs_split(w) and not fbgemm_needs_split(w.div(2, rounding_mode="floor").to(torch.int8))
     ref = int8_linear_static(
         x,
         w,
@@ -157,8 +173,8 @@ def test_fbgemm_int8_linear_is_exact_where_16_bit_pair_sums_would_saturate(k):
         True,
     )
     packed = fbgemm_pack(w, w_zero, w_scale, bias)
-    out = fbgemm_linear(x, packed.handle, torch.tensor([s, z, 0, 255]), None, n, packed.split)
-    assert packed.split
+    out = fbgemm_linear(fbgemm_input(x, packed.extra), packed.handle, torch.tensor([s, z, 0, 255]), None, n)
+    assert len(packed.extra) > 0
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
