@@ -5,8 +5,9 @@
 #   docker build -t qarvd:cpu --build-arg VARIANT=cpu .   # python:3.11-slim, torch CPU wheels
 #
 # Stages: base-<variant> (Python 3.11 + an empty venv) -> torch-<variant> (pinned torch)
-# -> builder (`pip install ".[serve]"`, the server's dependencies, no dev extras) -> runtime (the venv,
-# a non-root user). Only the stages of the chosen VARIANT are built (BuildKit).
+# -> builder (`pip install ".[serve,wan]"`: the server's dependencies and those of Wan model cards,
+# no dev extras) -> runtime (the venv, a non-root user). Only the stages of the chosen VARIANT are
+# built (BuildKit).
 ARG VARIANT=cuda
 
 # ---- bases: Python 3.11 and a venv at /opt/venv -------------------------------------------
@@ -47,9 +48,10 @@ RUN if [ "$REQUIRE_WEIGHTS" = "1" ] && ! ls qarvd_core/weights/*.safetensors >/d
       echo "qarvd_core/weights/ has no .safetensors: train the shipped model first, or build with --build-arg REQUIRE_WEIGHTS=0" >&2; \
       exit 1; \
     fi
-# torch is already satisfied, so pip keeps the pinned build instead of pulling another.
-RUN pip install ".[serve]" \
- && python -c "import torch, qarvd_core, service.main; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+# torch is already satisfied, so pip keeps the pinned build instead of pulling another. [wan] brings
+# diffusers (Wan's VAE) and transformers (the UMT5 text encoder), which Wan model cards load.
+RUN pip install ".[serve,wan]" \
+ && python -c "import torch, qarvd_core, service.main, diffusers, transformers; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 
 # ---- runtime -------------------------------------------------------------------------------
 FROM base-${VARIANT} AS runtime

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -16,6 +15,8 @@ import pytest
 import yaml
 
 from tests.support.process import ServerProcess
+from tests.support.venv import linked_venv
+from tests.support.wan_card import write_wan_card
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -418,7 +419,7 @@ def test_dockerfile(dockerfile):
     assert all("torch==2.13.0" in ln for ln in torch_installs)
     assert {ln.split("--index-url")[1].split()[0].rsplit("/", 1)[1] for ln in torch_installs} == {"cu128", "cpu"}
     pip_installs = [ln for ln in lines if "pip install" in ln]
-    assert any(re.search(r'pip install "\.\[serve\]"(\s|$)', ln) for ln in pip_installs)
+    assert any(re.search(r'pip install "\.\[serve,wan\]"(\s|$)', ln) for ln in pip_installs)  # Wan cards need [wan]
     assert not any("[dev" in ln or ",dev" in ln or "pytest" in ln for ln in pip_installs)
     users = [ln.split()[1] for ln in lines if ln.upper().startswith("USER ")]
     assert users and users[-1].split(":")[0] not in {"root", "0"}
@@ -437,9 +438,12 @@ def test_dockerignore_keeps_the_package():
 
 
 def test_dockerfile_install_steps_work_in_a_plain_venv(dockerfile, tmp_path):
-    """The image's install, replayed without the base image: the CPU variant's torch pin, then
-    the builder stage's COPY set, `pip install ".[serve]"` and its import check, then its entrypoint
-    serving the shipped model from the installed (not editable) package."""
+    """The image's install, replayed without the base image: the builder stage's COPY set, the CPU
+    variant's torch pin, `pip install ".[serve,wan]"` and its import check, then its entrypoint
+    serving the shipped model and a Wan model card from the installed (not editable) package.
+    The venv starts with what `qarvd[serve,wan]` pulls in, linked from this environment (what the
+    image would unpack from the same wheels): pip builds and installs the package itself, and a
+    dependency the extras do not declare is missing there as in the image."""
     lines = [ln.strip() for ln in dockerfile.splitlines()]
     torch_pin = next(ln for ln in lines if "pip install torch==" in ln and ln.endswith("/cpu"))
     torch_pin = torch_pin.removeprefix("RUN ").split(" --index-url")[0]  # this machine's wheel, not the index
@@ -450,20 +454,29 @@ def test_dockerfile_install_steps_work_in_a_plain_venv(dockerfile, tmp_path):
             *paths, _dest = ln.split()[1:]
             for p in paths:
                 (shutil.copytree if (ROOT / p).is_dir() else shutil.copy)(ROOT / p, src / p)
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    env = {**os.environ, "PATH": f"{venv}/bin:{os.environ['PATH']}", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    install = next(ln for ln in lines if ln.startswith('RUN pip install ".[serve,wan]"')).removeprefix("RUN ")
+    bin_dir = linked_venv(tmp_path / "venv", "qarvd[serve,wan]")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     env.pop("VIRTUAL_ENV", None)
-    install = next(ln for ln in lines if re.search(r'RUN pip install "\.\[serve\]"( |$)', ln)).removeprefix("RUN ")
     for step in (torch_pin, install):
         r = subprocess.run(step + " -q", shell=True, cwd=src, env=env, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, r.stdout + r.stderr
+    card = write_wan_card(tmp_path / "cards")
     server = ServerProcess(
-        command=[str(venv / "bin" / "qarvd")], cwd=tmp_path, data_dir=tmp_path / "data", artifact_dir=tmp_path / "a"
+        command=[str(bin_dir / "qarvd")],
+        cwd=tmp_path,
+        data_dir=tmp_path / "data",
+        artifact_dir=tmp_path / "a",
+        model_cards=json.dumps([str(card)]),
     )
     try:
         models = httpx.get(server.url + "/v1/models", timeout=10).json()
-        assert "tiny-world" in [m["id"] for m in models]
+        assert {"tiny-world", "tiny-wan"} <= {m["id"] for m in models}
         assert httpx.get(server.url + "/", timeout=10).status_code == 200  # the demo page is package data
+        # The card loads (diffusers' VAE, transformers' UMT5) and renders.
+        video = httpx.post(
+            server.url + "/v1/videos", json={"model": "tiny-wan", "prompt": "a cat", "chunks": 1}, timeout=120
+        )
+        assert video.status_code == 200 and video.headers["content-type"] == "video/mp4", video.text[:500]
     finally:
         server.stop()
