@@ -47,7 +47,7 @@ def resolve_device(device: str = AUTO) -> torch.device:
 class Plan:
     dtype: str  # "fp32" or "bf16" (checkpoint.DTYPES)
     compile: bool  # torch.compile the transformer blocks (`WorldModel.compile_blocks`)
-    kernels: str  # the CPU backend of deploy-mode integer GEMMs (kernels.BACKENDS); CUDA tensors take _int_mm
+    kernels: str  # the backend of deploy-mode integer GEMMs (kernels.BACKENDS); CUDA tensors take "cuda"
     reasons: dict[str, str]  # why each, by name
     device: str = "cpu"  # where models, caches, noise and stream state live ("cpu", "cuda:N")
 
@@ -81,6 +81,8 @@ def plan(
         backend, why_kernels = kernels.choose_backend(host)
     elif backend not in kernels.BACKENDS:
         raise ValueError(f"unknown kernels {backend!r}; choose auto or one of {', '.join(kernels.BACKENDS)}")
+    elif backend == "cuda":
+        raise ValueError("kernels 'cuda' run on a CUDA device; this plan is for the CPU")
     else:
         why_kernels = "forced"
     if dtype == AUTO:
@@ -106,9 +108,8 @@ def plan(
 
 
 def _cuda_plan(dtype: str, compile: bool | None, backend: str, device: torch.device) -> Plan:
-    # The integer GEMMs' hook on CUDA: `kernels.int_mm` sends CUDA tensors to cuBLAS's int8 GEMM
-    # (`torch._int_mm`, padded to its shape rules) whatever the CPU backend, so `kernels` only
-    # names that path here.
+    # CUDA tensors take the "cuda" kernels whatever the CPU backend (cuBLAS's int8 GEMM, padded
+    # to its shape rules, and the Triton int4 kernel), so `kernels` only names that path here.
     if backend != AUTO and backend not in kernels.BACKENDS:
         raise ValueError(f"unknown kernels {backend!r}; choose auto or one of {', '.join(kernels.BACKENDS)}")
     if dtype not in (AUTO, "fp32", "bf16"):
@@ -118,9 +119,9 @@ def _cuda_plan(dtype: str, compile: bool | None, backend: str, device: torch.dev
         "compile": "eager on CUDA unless asked; benchmarks/device_check.sh measures both"
         if compile is None
         else "forced",
-        "kernels": "CUDA tensors take torch._int_mm (cuBLAS int8 GEMM)",
+        "kernels": "CUDA tensors take torch._int_mm (cuBLAS int8 GEMM) and a Triton int4 kernel",
     }
-    return Plan("bf16" if dtype == AUTO else dtype, bool(compile), "int_mm", reasons, str(device))
+    return Plan("bf16" if dtype == AUTO else dtype, bool(compile), "cuda", reasons, str(device))
 
 
 def integer_speedup(model: nn.Module, rows: int, rounds: int = 3, repeats: int = 5) -> float | None:
@@ -170,7 +171,7 @@ def speed_warning(model: nn.Module, rows: int) -> str | None:
         return None
     device = next(model.parameters()).device
     if device.type == "cuda":
-        where = f"{torch.cuda.get_device_name(device)}, torch._int_mm"
+        where = f"{torch.cuda.get_device_name(device)}, kernels cuda"
     else:
         host = kernels.probe_host()
         where = f"{host.cpu}, {host.capability}, kernels {kernels.active_backend()}"

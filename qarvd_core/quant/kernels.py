@@ -8,7 +8,9 @@
 - "fbgemm" (AVX2 CPUs without VNNI): FBGEMM's int8 linear, which quantizes, multiplies and
   rescales in one call. There `_int_mm` has no fast kernel (0.04-0.1x an fp32 matmul).
 - "int_mm": `_int_mm` alone; exact everywhere, fast only where oneDNN is (VNNI/AMX).
-- CUDA tensors always take `int_mm_padded` (cuBLAS's int8 GEMM and its shape rules).
+- "cuda" (what CUDA tensors always take): 8-bit weights through `int_mm_padded` (cuBLAS's int8
+  GEMM and its shape rules), 4-bit ones kept packed and unpacked inside a Triton kernel
+  (`int4_triton`) that multiplies and rescales in the same pass.
 
 `choose_backend` picks one from the host's capabilities (`probe_host`); `use_backend` forces one.
 """
@@ -33,6 +35,7 @@ BACKENDS = {
     "onednn": "torch._int_mm; oneDNN's int8 linear in frozen compiled blocks",
     "fbgemm": "FBGEMM's int8 linear, with extra input columns where its 16-bit pair sums could saturate",
     "int_mm": "torch._int_mm alone",
+    "cuda": "CUDA: torch._int_mm (cuBLAS int8) for 8-bit weights, a Triton int4-unpacking int8 GEMM for 4-bit ones",
 }
 
 # Below this many rows, when the layer has more outputs than rows, oneDNN's int8 GEMM runs up to
@@ -86,11 +89,46 @@ def int8_linear_static(
     asym_w: bool,
 ) -> Tensor:
     """x [M, K] float, w [N, K] int8 (centred codes), per-tensor static activation scale/zero."""
-    a = (torch.clamp(torch.round(x / a_scale) + a_zero, qmin, qmax) - offset).to(torch.int8)
-    za = (a_zero - offset).to(torch.int32)
+    a, za = quantize_static(x, a_scale, a_zero, qmin, qmax, offset)
     acc = _asym_fix(int_mm(a, w), a, w_zero, colsum, za, x.shape[1], asym_w)
     y = acc.float() * (a_scale * w_scale)
     return y if bias is None else y + bias
+
+
+def quantize_static(
+    x: Tensor, a_scale: Tensor, a_zero: Tensor, qmin: int, qmax: int, offset: int
+) -> tuple[Tensor, Tensor]:
+    """x [M, K] -> int8 codes centred by `offset`, and their int32 zero point."""
+    a = (torch.clamp(torch.round(x / a_scale) + a_zero, qmin, qmax) - offset).to(torch.int8)
+    return a, (a_zero - offset).to(torch.int32)
+
+
+def int4_linear_cuda(
+    x: Tensor,
+    packed: Tensor,
+    colsum: Tensor,
+    w_zero: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    act: tuple[Tensor, Tensor, int, int, int] | int,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """x [M, K] float times 4-bit codes packed two per byte [N, ceil(K / 2)] -> [M, N] `out_dtype`.
+
+    `act` is (scale, zero point, qmin, qmax, offset) of static per-tensor activations, or the
+    bit-width of per-token symmetric ones. The quantize runs here (compiled, it fuses with the op
+    that produced x); the unpack, GEMM and rescale run in one Triton kernel.
+    """
+    from qarvd_core.quant.int4_triton import int4_linear  # Triton ships with CUDA builds of torch
+
+    if isinstance(act, tuple):
+        a_scale, a_zero, qmin, qmax, offset = act
+        a, za = quantize_static(x, a_scale, a_zero, qmin, qmax, offset)
+        scale = a_scale
+    else:
+        a, scale = quantize_per_token(x, act)
+        za = torch.zeros((), dtype=torch.int32, device=x.device)
+    return int4_linear(a, packed, colsum, w_zero, w_scale, bias, scale, za, out_dtype)
 
 
 def quantize_per_token(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:

@@ -3,8 +3,9 @@
 Two modes share the same integer weights and scales:
 - simulate: dequantize and run a float matmul (fake quant; any bit-width; calibration);
 - deploy: integer GEMMs on CPU and CUDA through the backend `kernels.active_backend` picks
-  for the host (oneDNN's, FBGEMM's or `_int_mm`), with 4-bit weights stored two per byte and
-  unpacked to int8 for the GEMM. On other devices deploy falls back to the simulate path.
+  for the host (oneDNN's, FBGEMM's or `_int_mm`; on CUDA cuBLAS's int8 GEMM), with 4-bit
+  weights stored two per byte and unpacked to int8 for the GEMM (on CUDA inside a Triton
+  kernel). On other devices deploy falls back to the simulate path.
 Both modes compute the same function up to float rounding (tested, per backend).
 """
 
@@ -166,9 +167,11 @@ class QuantLinear(nn.Module):
         d = self._deploy_cache
         if d is None or d["w"].device != self.qweight.device or d["backend"] != backend:
             codes = self.weight_codes()
+            int4_cuda = backend == "cuda" and self.w_spec.bits <= 4  # unpacked inside the kernel
             d = self._deploy_cache = {
                 "backend": backend,
-                "w": codes.contiguous(),
+                "int4_cuda": int4_cuda,
+                "w": self.qweight if int4_cuda else codes.contiguous(),
                 "colsum": codes.sum(1, dtype=torch.int32),
                 "w_zero": self.w_zero.round().to(torch.int32),
                 "asym_w": bool(self.w_zero.abs().max() > 0),
@@ -224,6 +227,11 @@ class QuantLinear(nn.Module):
                 y = kernels.int8_linear_fbgemm(kernels.fbgemm_input(x2, w.extra), w, act, bias)
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         common = (d["w"], d["colsum"], d["w_zero"], self.w_scale, self.bias)
+        if d["int4_cuda"]:
+            s = self.a_spec
+            act = (self.a_scale, self.a_zero, s.qmin, s.qmax, _offset(s)) if self.act_mode == "static" else s.bits
+            y = kernels.int4_linear_cuda(x2, *common, act, x.dtype)
+            return y.reshape(*shape[:-1], self.out_features)
         if self.act_mode == "static":
             s = self.a_spec
             y = kernels.int8_linear_static(

@@ -43,7 +43,7 @@ def test_cuda_on_a_host_without_it_is_refused(value):
 def test_the_cuda_plan_runs_bf16_around_cublas_int8_and_honours_forced_settings():
     # Pure resolution: no CUDA device is touched, so this runs on every host.
     p = runtime.plan(device="cuda:0")
-    assert (p.device, p.dtype, p.kernels, p.compile) == ("cuda:0", "bf16", "int_mm", False)
+    assert (p.device, p.dtype, p.kernels, p.compile) == ("cuda:0", "bf16", "cuda", False)
     assert p.describe().startswith("device cuda:0; dtype bf16 (CUDA")
     forced = runtime.plan("fp32", True, device="cuda:0")
     assert (forced.dtype, forced.compile) == ("fp32", True)

@@ -109,6 +109,8 @@ def test_forced_choices_are_honoured_on_any_host():
     assert "slow" in p.reasons["dtype"] and p.reasons["kernels"] == "forced"
     with pytest.raises(ValueError, match="unknown kernels"):
         plan(backend="mkl")
+    with pytest.raises(ValueError, match="CUDA device"):
+        plan(backend="cuda", host=_host("AVX2"))
 
 
 def test_an_instruction_set_cap_is_what_the_probe_sees():

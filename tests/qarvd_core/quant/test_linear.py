@@ -18,9 +18,10 @@ from qarvd_core.sampling import Stream
 README_W8A8_PSNR_DB = 43.28
 
 
-@pytest.fixture(params=list(BACKENDS))
+@pytest.fixture(params=[b for b in BACKENDS if b != "cuda"])
 def backend(request):
-    """Each CPU backend of deploy mode in turn (FBGEMM where torch has it: x86)."""
+    """Each CPU backend of deploy mode in turn (FBGEMM where torch has it: x86); "cuda" is tested
+    by `test_the_cuda_kernels_agree_with_simulate_mode` and in Triton's interpreter."""
     if request.param == "fbgemm" and "fbgemm" not in torch.backends.quantized.supported_engines:
         pytest.skip("FBGEMM is built for x86 only")
     use_backend(request.param)
@@ -127,6 +128,46 @@ def test_each_backend_agrees_with_simulate_mode_per_layer_and_in_the_stream(mini
             sqnr = 10 * torch.log10(ref.pow(2).mean() / (m(x) - ref).pow(2).mean())
             assert sqnr >= 40, (backend, m, float(sqnr))
     assert psnr(frames["deploy"], frames["simulate"]).min() >= README_W8A8_PSNR_DB
+
+
+# Deploy mode on the "cuda" kernels against simulate mode, per 4/8-bit weights and activation
+# scheme; run where `device` is: CUDA, or the CPU with Triton's interpreter (TRITON_INTERPRET=1).
+CUDA_KERNELS_AGREE = """
+import sys, torch
+from qarvd_core.quant.kernels import use_backend
+from qarvd_core.quant.linear import QuantLinear, set_mode
+from qarvd_core.quant.primitives import QuantSpec
+device = sys.argv[1]
+use_backend("cuda")  # what CUDA tensors take; on CPU tensors, chosen by hand
+for wb, act_mode, sym, dtype in [(4, "static", False, torch.float32), (4, "dynamic", True, torch.float32),
+                                 (8, "static", True, torch.float32), (4, "static", True, torch.bfloat16)]:
+    g = torch.Generator().manual_seed(wb)
+    w, b, x = torch.randn(37, 70, generator=g), torch.randn(37, generator=g), torch.randn(3, 11, 70, generator=g) + 0.3
+    q = QuantLinear.from_float(w, b, QuantSpec(wb, sym), QuantSpec(8, False), act_mode)
+    q.init_activation(x.reshape(-1, 70))
+    q, x = q.to(device), x.to(device, dtype)
+    sim = q(x).float()
+    dep = set_mode(q, "deploy")(x)
+    assert dep.dtype == dtype and dep.shape == sim.shape
+    sqnr = 10 * torch.log10(sim.pow(2).mean() / (dep.float() - sim).pow(2).mean())
+    assert sqnr >= 40, (wb, act_mode, sym, dtype, float(sqnr))
+    if wb == 4:
+        assert q._deploy_tensors()["w"].dtype == torch.uint8  # kept packed: unpacked in the kernel
+print("ok")
+"""
+
+
+def test_the_triton_int4_kernel_agrees_with_simulate_mode_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when Triton's kernels are defined: a fresh process
+    run = subprocess.run([sys.executable, "-c", CUDA_KERNELS_AGREE, "cpu"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+@pytest.mark.cuda
+def test_the_cuda_kernels_agree_with_simulate_mode():
+    run = subprocess.run([sys.executable, "-c", CUDA_KERNELS_AGREE, "cuda"], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
 
 
 needs_fbgemm = pytest.mark.skipif(
