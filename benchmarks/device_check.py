@@ -8,13 +8,18 @@ safetensors): no service packages, no PyAV, no network.
 
 Per row: time to first frame of a new stream on a warmed-up process, chunk latency p50/p95 after
 warm-up (the cache filled to its window), frames per second over all sessions (model frames: for
-the 1.3B layout latent frames, each 4 video frames through its VAE), peak device memory,
-the quantized layers' weight bytes against the same layers in bf16, and the first chunk's SQNR
-against the base model's (same seeds). tiny-world runs its shipped weights; small-world and the
-1.3B layout random weights of unit-scale outputs (tests/support/wan_card.py). Biome models step
-real streams as the server does (`step_streams`: per-stream caches and noise, frames to uint8 on
-the host); the 1.3B layout has no text encoder or VAE here, so its rows time the transformer's
-chunk (`denoise_chunk` over a batched cache, random text states), latents copied to the host.
+the 1.3B layout latent frames, each 4 video frames through its VAE) and as a multiple of one
+session's (the batch-size sweep: where more sessions stop paying), peak device memory, the
+quantized layers' weight bytes against the same layers in bf16, and the first chunk's SQNR
+against the base model's (same seeds). Compiled rows are warmed up as the server warms a model
+at load (a chunk before any is timed), with inductor's CUDA graphs on CUDA as the server runs
+them: their warm-up seconds, the graphs compiled while timed (0 when the warm-up covers every
+shape) and the CUDA graphs inductor skipped (the reason is in its log). tiny-world runs its
+shipped weights; small-world and the 1.3B layout random weights of unit-scale outputs
+(tests/support/wan_card.py). Biome models step real streams as the server does (`step_streams`:
+per-stream caches and noise, frames to uint8 on the host); the 1.3B layout has no text encoder
+or VAE here, so its rows time the transformer's chunk (`denoise_chunk` over a batched cache,
+random text states), latents copied to the host.
 
     python benchmarks/device_check.py [--out DIR] [--cpu] [--models NAME ...]
 """
@@ -22,6 +27,7 @@ chunk (`denoise_chunk` over a batched cache, random text states), latents copied
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -31,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,6 +51,7 @@ from qarvd_core.world.simulator import ACTIONS  # noqa: E402
 from tests.support.wan_card import random_wan_state  # noqa: E402
 
 MODES = {"w8a8": (8, 8), "w4a8": (4, 8)}  # beside the base dtype's row
+SWEEP = [1, 2, 4, 8, 16]  # sessions of the batch-size sweep
 ROWS_PER_LAYER = 2048  # activation rows per layer for the static ranges
 
 
@@ -127,6 +135,7 @@ def measure(model: WorldModel, sessions: int, chunks: int, warmup: int, device: 
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    graphs, skips = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
     t0 = time.perf_counter()
     step = stepper(model, sessions)
     first = step()
@@ -149,6 +158,8 @@ def measure(model: WorldModel, sessions: int, chunks: int, warmup: int, device: 
         "chunk_ms_p95": round(float(np.percentile(ms, 95)), 2),
         "frames_per_s": round(float(sessions * model.args.frames_per_chunk * chunks / (ms.sum() / 1000)), 2),
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+        "compiles_while_timed": counters["stats"]["unique_graphs"] - graphs,
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips,
         "first_chunk": _signal(first[0]),
     }
 
@@ -166,7 +177,7 @@ def sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:
 def check(
     models: list[str],
     device: torch.device,
-    batches: list[int],
+    batches: dict[str, list[int]],
     chunks: int,
     warmup: int,
     compiled_models: list[str],
@@ -174,9 +185,9 @@ def check(
     save,
 ) -> None:
     """Measure every row, calling `save(plan, rows)` after each (a check stopped by its time limit
-    keeps the rows it has). A row that fails records its error and the check goes on. Models in
-    `compiled_models` also get compiled rows (base and W8A8, one session) while fewer than
-    `compile_s` seconds have passed."""
+    keeps the rows it has). A row that fails records its error and the check goes on. Each model
+    runs at the sessions `batches[model]` lists. Models in `compiled_models` also get compiled rows
+    (base and W8A8, one session) while fewer than `compile_s` seconds have passed."""
     plan = runtime.plan(device=device).apply()
     dtype = DTYPES[plan.dtype]
     print(f"runtime: {plan.describe()}", flush=True)
@@ -202,16 +213,20 @@ def check(
             for compiled in (False, True) if name in compiled_models and bits != (4, 8) else (False,):
                 if compiled and time.perf_counter() - started > compile_s:
                     continue
-                for i, sessions in enumerate(batches[:1] if compiled else batches):
+                one = None  # frames/s of one session, for the sweep
+                for i, sessions in enumerate(batches[name][:1] if compiled else batches[name]):
                     row = {"model": name, "mode": mode, "compiled": compiled, "sessions": sessions}
                     try:
-                        if i == 0:  # a model of its own for compiled rows (compiling wraps the blocks)
-                            model = base if bits is None else quantized(base, bits, acts, dtype)
-                            quant, bf16 = weight_bytes(model)
-                            if compiled:
-                                model = (copy.deepcopy(base) if bits is None else model).compile_blocks()
-                            stepper(model, 1, seed=99)()  # warm (and compiled), as a server is at its start
-                        r = measure(model, sessions, chunks, warmup, device)
+                        with cuda_graphs(compiled and device.type == "cuda"):
+                            if i == 0:  # a model of its own for compiled rows (compiling wraps the blocks)
+                                model = base if bits is None else quantized(base, bits, acts, dtype)
+                                quant, bf16 = weight_bytes(model)
+                                if compiled:
+                                    model = (copy.deepcopy(base) if bits is None else model).compile_blocks()
+                                t0 = time.perf_counter()
+                                stepper(model, 1, seed=99)()  # warm (and compiled), as a server is at load
+                                warm_s = time.perf_counter() - t0
+                            r = measure(model, sessions, chunks, warmup, device)
                     except Exception as e:
                         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                         add(row)
@@ -222,6 +237,10 @@ def check(
                     if bits is None and not compiled:
                         refs[sessions] = first
                     row.update(r)
+                    one = r["frames_per_s"] if sessions == 1 else one
+                    row["x_one_session"] = None if one is None else round(r["frames_per_s"] / one, 2)
+                    if compiled:
+                        row["warmup_s"] = round(warm_s, 2)
                     same = bits is None and not compiled
                     row["sqnr_vs_base_db"] = None if same or sessions not in refs else sqnr_db(refs[sessions], first)
                     if bits is not None:
@@ -232,6 +251,15 @@ def check(
         base = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def cuda_graphs(on: bool):
+    """Inductor's CUDA graphs for what compiles inside, as the server turns them on for compiled models on CUDA."""
+    if not on:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch({"triton.cudagraphs": True})
 
 
 def host() -> dict:
@@ -252,9 +280,13 @@ def markdown(result: dict) -> str:
         ("chunk_ms_p50", "chunk ms p50"),
         ("chunk_ms_p95", "chunk ms p95"),
         ("frames_per_s", "frames/s"),
+        ("x_one_session", "x 1 session"),
         ("peak_memory_bytes", "peak MiB"),
         ("bf16_over_quantized", "bf16 / quantized weights"),
         ("sqnr_vs_base_db", "SQNR vs base dB"),
+        ("warmup_s", "warm-up s"),
+        ("compiles_while_timed", "compiles timed"),
+        ("cudagraph_skips", "CUDA graphs skipped"),
         ("error", "error"),
     ]
     lines = [
@@ -290,7 +322,9 @@ def main() -> None:
     models = a.models or (["tiny-world"] if cpu else ["tiny-world", "small-world", "wan2.1-1.3b-causal"])
     if cpu:  # a smoke run: one thread, so that it does not fight whatever else runs on the host
         torch.set_num_threads(1)
-    batches, warmup = ([1, 2], 0) if cpu else ([1, 4], 8)  # on a GPU: the window filled before timing
+    # On a GPU: the window filled before timing, and small-world swept to where more sessions stop paying.
+    warmup = 0 if cpu else 8
+    batches = {m: [1, 2] if cpu else SWEEP if m == "small-world" else [1, 4] for m in models}
     chunks = a.chunks or (1 if cpu else 8)
     a.out.mkdir(parents=True, exist_ok=True)
     stem = a.out / ("device_check_cpu" if cpu else "device_check")

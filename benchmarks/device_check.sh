@@ -29,9 +29,15 @@ if ! "$PYTHON" -c "import pytest" 2>/dev/null && ls .whl/pytest-*.whl >/dev/null
         && export PYTHONPATH="$PYTHONPATH:/tmp/device-check-site"
 fi
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
-    # Only the core's device tests: the service's need packages this host may lack.
-    timeout 100 "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts= tests/qarvd_core/test_device.py \
+    # The core's device tests, and the engine's CUDA-marked ones where the service's packages are here.
+    timeout 60 "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts= tests/qarvd_core/test_device.py \
         2>&1 | tee "$OUT_DIR/device_check_tests.log" || status=1
+    if "$PYTHON" -c "import fastapi, pydantic_settings" 2>/dev/null; then
+        timeout 60 "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts= -m cuda tests/service/engine/test_device.py \
+            2>&1 | tee -a "$OUT_DIR/device_check_tests.log" || status=1
+    else
+        echo "fastapi or pydantic-settings missing: the engine's CUDA tests did not run" | tee -a "$OUT_DIR/device_check_tests.log"
+    fi
 else
     echo "pytest is not installed: the CUDA-marked tests did not run" | tee "$OUT_DIR/device_check_tests.log"
 fi

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -83,12 +85,25 @@ class Metrics:
             registry=r,
         )
         self.model_load = Gauge("qarvd_model_load_seconds", "Time to load and warm up a model", ["model"], registry=r)
+        self.session_bytes = Gauge(
+            "qarvd_session_bytes",
+            "Device bytes one more session of a model takes, measured when it loaded (its KV and VAE decoder "
+            "caches, its rows of a batched chunk's cache copy, on CUDA the chunk's peak beyond them): what "
+            "admission counts",
+            ["model"],
+            registry=r,
+        )
+        self.max_sessions = Gauge(
+            "qarvd_max_sessions", "Sessions admitted at once (QARVD_MAX_SESSIONS resolved)", registry=r
+        )
         self.ready = Gauge("qarvd_ready", "1 when the default model is loaded and warmed up", registry=r)
 
         self.jobs = JobStats()
         r.register(self.jobs)
         self.device_memory = DeviceMemory()
         r.register(self.device_memory)
+        self.stream_memory = StreamMemory()
+        r.register(self.stream_memory)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -125,6 +140,22 @@ class JobStats:
         for name, a in s["worker_heartbeat_age"].items():
             age.add_metric([name], a)
         yield age
+
+
+class StreamMemory:
+    """KV-cache bytes held by live sessions and renders, by model (as stored: a quantized cache's
+    codes and scales), read at scrape time from `source` (set by the engine)."""
+
+    def __init__(self):
+        self.source: Callable[[], dict[str, int]] | None = None
+
+    def collect(self):
+        if self.source is None:
+            return
+        g = GaugeMetricFamily("qarvd_kv_cache_bytes", "KV-cache bytes held by live streams", labels=["model"])
+        for model, n in self.source().items():
+            g.add_metric([model], n)
+        yield g
 
 
 class DeviceMemory:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,7 +22,18 @@ class Settings(BaseSettings):
     model_cards: list[Path] = Field(default_factory=list, description="Wan model cards served by their file names")
     data_dir: Path = Path(".qarvd")  # the embedded Redis's files
     max_loaded_models: int = Field(4, ge=1, description="models kept in memory; least recently used unload")
-    max_sessions: int = Field(4, ge=1, description="admission control: sessions past this are refused (1013)")
+    max_sessions: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="admission control: sessions past this are refused (1013); auto: the memory budget over the "
+        "bytes one session of the default model was measured to take at load, from 1 to 8 (4 without a budget)",
+    )
+    memory_budget_gib: float | None = Field(
+        None,
+        gt=0,
+        description="device memory sessions may take (each counted at its model's measured bytes; past it: 1013); "
+        "unset: on CUDA 90% of the memory free once the default model is warm, checked against free memory at "
+        "each start; on the CPU no budget",
+    )
     batch_sessions: bool = True  # sessions due a chunk run in one forward pass
     fps_target: float = Field(16.0, gt=0, description="frames per second each session is paced to")
     idle_timeout_s: float = Field(120.0, gt=0, description="a session with no client message for this long ends")

@@ -7,9 +7,16 @@ video (`render_video`), and list, describe and delete models (`models`, `model`,
 
 One engine serves every model. Its loop finds the sessions due a chunk, groups them by
 model and cache length, and runs each group as one batched forward pass on a single
-compute thread, off the event loop. Frames go to each session's small outbound queue,
-where the newest frame wins: a slow client loses frames (counted), never grows memory
-and never slows the other sessions.
+compute thread, off the event loop. A chunk's frames are encoded on an encoder thread while
+the next chunk computes (one chunk in flight, so order and memory stay bounded), then go to
+each session's small outbound queue, where the newest frame wins: a slow client loses frames
+(counted), never grows memory and never slows the other sessions.
+
+A model is warmed up when it loads (`_warm_up`): a chunk at every batch size the loop can give
+it, so compiled blocks never compile in a live session's chunk, and the memory one more stream
+of it takes is measured there (its KV and VAE decoder caches as tensor bytes, its rows of the
+batched cache copy, on CUDA the chunk's peak beyond them). Admission counts those bytes against
+the memory budget, and `QARVD_MAX_SESSIONS=auto` is the budget over them.
 
 Nothing a client sends waits for the compute thread: a prompt switch is recorded and
 applied before the session's next chunk (the newest wins), so a flood of them costs one
@@ -58,11 +65,14 @@ class AtCapacity(RuntimeError):
     pass
 
 
-def session_bytes(args, dtype: torch.dtype) -> int:
-    """Device memory one more stream needs, estimated: its KV cache, its rows of the batched copy
-    a chunk works on, and one chunk's widest activations (the FFN's) in float32."""
-    cache = 2 * args.n_layers * args.n_heads * args.context_chunks * args.chunk_tokens * args.head_dim
-    return 2 * cache * dtype.itemsize + 4 * args.chunk_tokens * (args.ffn_dim + 4 * args.dim)
+# QARVD_MAX_SESSIONS=auto: the memory budget over the measured bytes per session, within
+# [1, AUTO_MAX_SESSIONS] (warm-up compiles every batch size up to it); without a budget (the
+# CPU, where compute rather than memory bounds sessions) AUTO_SESSIONS_WITHOUT_BUDGET.
+AUTO_MAX_SESSIONS = 8
+AUTO_SESSIONS_WITHOUT_BUDGET = 4
+# On CUDA without QARVD_MEMORY_BUDGET_GIB: this share of the device memory free once the default
+# model is loaded and warmed up (the rest for other models and the allocator's fragmentation).
+CUDA_BUDGET_SHARE = 0.9
 
 
 class NotForModel(ValueError):
@@ -107,6 +117,17 @@ def frame_message(header: dict, image: bytes) -> bytes:
     """4-byte big-endian header length, UTF-8 JSON header, encoded image."""
     h = json.dumps(header, separators=(",", ":")).encode()
     return struct.pack(">I", len(h)) + h + image
+
+
+def _encode_all(sends: list) -> list[list[bytes] | Exception]:
+    """On the encoder thread: each session's frames as messages, or the error that stopped them."""
+    out: list[list[bytes] | Exception] = []
+    for s, headers, frames in sends:
+        try:
+            out.append([frame_message(h, encode_frame(f, s.fmt, s.quality)) for h, f in zip(headers, frames)])
+        except Exception as e:
+            out.append(e)
+    return out
 
 
 class OutFrame(NamedTuple):
@@ -166,6 +187,12 @@ class Engine:
             log.info("runtime for quantized models: compile on (%s)", quantized_plan.reasons["compile"])
         self.device = torch.device(self.plan.device)
         metrics.device_memory.device = self.device
+        if self.device.type == "cuda" and (self.plan.compile or quantized_plan.compile):
+            # Compiled blocks replay as CUDA graphs where inductor can record them (it logs and counts,
+            # in counters["inductor"]["cudagraph_skips"], the graphs it cannot; benchmarks/device_check.py).
+            import torch._inductor.config as inductor_config
+
+            inductor_config.triton.cudagraphs = True
         self._models = LoadedModels(
             store,
             settings.max_loaded_models,
@@ -175,13 +202,20 @@ class Engine:
             compile_quantized=quantized_plan.compile,
             max_autotune=settings.compile_max_autotune,
             device=self.plan.device,
+            on_load=self._warm_up,
         )
         self.sessions: dict[str, Session] = {}
         self.renders: list[Render] = []
-        # Slots taken by sessions and renders still being set up (on the compute thread): admission
-        # counts them, so concurrent starts cannot all see the same free slot.
+        # Sessions at once: the setting, or for `auto` resolved when the default model has loaded.
+        self.max_sessions: int | None = None if settings.max_sessions == "auto" else settings.max_sessions
+        # Device bytes one more stream of a model takes, measured when it loaded (`_warm_up`).
+        self.session_bytes: dict[str, int] = {}
+        metrics.stream_memory.source = self._kv_cache_bytes
+        # Slots and bytes taken by sessions and renders still being set up (on the compute thread):
+        # admission counts them, so concurrent starts cannot all see the same free slot.
         self._opening = 0
         self._rendering = 0
+        self._reserved_bytes = 0
         self.closing = False
         # OpenMP gives each thread that runs torch ops its own team of workers, and two teams
         # on the same cores halve the speed (measured: 24 -> 12 frames/s on 2 cores). So every
@@ -195,6 +229,10 @@ class Engine:
             initializer=torch.set_num_threads,
             initargs=(self.threads,),
         )
+        # Frames are encoded here while the next chunk computes: PIL releases the GIL as it encodes,
+        # and this thread runs no torch op, so it starts no OpenMP team of its own.
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qarvd-encode")
+        self._sending: asyncio.Task | None = None  # the previous chunk's frames, encoding
         self.ready = False
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
@@ -206,16 +244,9 @@ class Engine:
     # Lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load and warm up the default model (one chunk), then start the step loop."""
-        t0 = time.perf_counter()
-        model_id = self.settings.default_model
-        model = await self._on_compute(self._models.get, model_id)
-        # Compiled blocks specialise on the batch size: compile every size the loop can batch now.
-        sizes = self.settings.max_sessions if self._models.compiles(model) and self.settings.batch_sessions else 1
-        for n in range(1, sizes + 1):
-            warm = [Stream(model, DEFAULT_BIOME, i) for i in range(n)]  # any text prompts a text model
-            await self._on_compute(step_streams, warm, [idle_action(model)] * n)
-        self.metrics.model_load.labels(model_id).set(time.perf_counter() - t0)
+        """Load and warm up the default model (which resolves `auto` max sessions), then start the step loop."""
+        await self._load(self.settings.default_model)
+        self.metrics.max_sessions.set(self.max_sessions)
         self._task = asyncio.create_task(self._loop(), name="qarvd-engine")
         self.ready = True
         self.metrics.ready.set(1)
@@ -241,39 +272,114 @@ class Engine:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        if self._sending is not None:
+            self._sending.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._encoder.shutdown(wait=True, cancel_futures=True)
 
-    # Sessions ------------------------------------------------------------------------
+    # Memory -------------------------------------------------------------------------
 
-    def _admit_on_device(self, model_id: str) -> None:
-        """On a CUDA device, raise AtCapacity when it has no room for one more stream of the model."""
-        if self.device.type != "cuda":
-            return
-        model = self._models.get(model_id)
-        need = session_bytes(model.args, next(model.parameters()).dtype)
+    def _warm_up(self, model_id: str, model: WorldModel) -> None:
+        """When a model loads (on the compute thread): measure what one more stream of it takes,
+        resolve `auto` max sessions from that for the default model, and run a chunk at every batch
+        size the loop can give it (compiled blocks specialise on the batch size)."""
+        prompt, action = DEFAULT_BIOME, idle_action(model)  # any text prompts a text model
+        stream = Stream(model, prompt, 0)
+        stream.step(action)  # compiles a compiled model, fills a latent model's decoder cache
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        stream.step(action)
+        # Its state, its rows of the cache copy a batched chunk works on, and on CUDA what the chunk
+        # took beyond what it keeps (activations, the dequantized layer of a quantized cache).
+        chunk = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device) if cuda else 0
+        self.session_bytes[model_id] = stream.nbytes + stream.cache.nbytes + chunk
+        self.metrics.session_bytes.labels(model_id).set(self.session_bytes[model_id])
+        if self.max_sessions is None:
+            self.max_sessions = self._auto_max_sessions(self.session_bytes[model_id])
+        if self._models.compiles(model) and self.settings.batch_sessions:
+            for n in range(2, self.max_sessions + 1):
+                step_streams([Stream(model, prompt, i) for i in range(n)], [action] * n)
+
+    def _memory_budget(self) -> int | None:
+        """Bytes sessions may take: QARVD_MEMORY_BUDGET_GIB, or on CUDA a share of what is free now."""
+        if self.settings.memory_budget_gib is not None:
+            return int(self.settings.memory_budget_gib * 2**30)
+        if self.device.type == "cuda":
+            return int(CUDA_BUDGET_SHARE * self._device_free())
+        return None
+
+    def _auto_max_sessions(self, per_session: int) -> int:
+        budget = self._memory_budget()
+        n = AUTO_SESSIONS_WITHOUT_BUDGET if budget is None else max(1, min(AUTO_MAX_SESSIONS, budget // per_session))
+        where = "no memory budget" if budget is None else f"{budget / 2**30:.2f} GiB budget"
+        log.info("max sessions: auto = %d (%s, %.1f MiB per session)", n, where, per_session / 2**20)
+        return n
+
+    def _device_free(self) -> int:
         free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        if need > free:
-            self.metrics.sessions_rejected.labels("device_memory").inc()
-            raise AtCapacity(f"not enough device memory for another stream ({need / 2**20:.0f} MiB needed)")
+        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+
+    def _reserve(self, model_id: str) -> int:
+        """Reserve one more stream's bytes within QARVD_MEMORY_BUDGET_GIB (returned: give them back
+        once the stream is registered or has failed); raises AtCapacity past the budget."""
+        need = self.session_bytes[model_id]
+        if self.settings.memory_budget_gib is not None:
+            held = sum(self.session_bytes[x.model_id] for x in [*self.sessions.values(), *self.renders])
+            budget = self.settings.memory_budget_gib * 2**30
+            if held + self._reserved_bytes + need > budget:
+                self.metrics.sessions_rejected.labels("memory_budget").inc()
+                raise AtCapacity(f"the memory budget is taken ({need / 2**20:.1f} MiB more needed); retry later")
+        self._reserved_bytes += need
+        return need
+
+    def _kv_cache_bytes(self) -> dict[str, int]:
+        """KV-cache bytes held by live sessions and renders, by model (read at scrape time)."""
+        held: dict[str, int] = defaultdict(int)
+        for x in [*self.sessions.values(), *self.renders]:
+            held[x.model_id] += x.stream.cache.nbytes
+        return held
+
+    async def _load(self, model_id: str) -> None:
+        """Load and warm up the model if it is not loaded yet (on the compute thread)."""
+        await self._on_compute(self._models.get, model_id)
+        self.metrics.model_load.labels(model_id).set(self._models.load_seconds[model_id])
+
+    async def _open_stream(self, model_id: str, prompt: str | None, seed: int) -> Stream:
+        """A new stream, admitted by memory; raises AtCapacity, UnknownModel or NotForModel."""
+        await self._load(model_id)
+        need = self._reserve(model_id)
+        try:
+            return await self._on_compute(self._new_stream, model_id, prompt, seed)
+        finally:
+            self._reserved_bytes -= need
 
     def _new_stream(self, model_id: str, prompt: str | None, seed: int) -> Stream:
+        """On a CUDA device, raises AtCapacity when it has no room for one more stream of the model."""
+        if self.device.type == "cuda" and self.session_bytes[model_id] > self._device_free():
+            self.metrics.sessions_rejected.labels("device_memory").inc()
+            need = self.session_bytes[model_id] / 2**20
+            raise AtCapacity(f"not enough device memory for another stream ({need:.0f} MiB needed)")
         model = self._models.get(model_id)
         return Stream(model, check_prompt(model, prompt), seed)
+
+    # Sessions ------------------------------------------------------------------------
 
     async def open_session(self, model_id: str, prompt: str | None, seed: int, fmt: str, quality: int) -> Session:
         """A live session; raises AtCapacity, UnknownModel, or NotForModel for a prompt the model does not take."""
         if self.closing:
             raise AtCapacity("the server is restarting")
-        if len(self.sessions) + self._opening >= self.settings.max_sessions:
+        if self.max_sessions is None:  # `auto`, resolved by the default model's load (start() does it)
+            await self._load(self.settings.default_model)
+        if len(self.sessions) + self._opening >= self.max_sessions:
             self.metrics.sessions_rejected.labels("capacity").inc()
-            raise AtCapacity(f"at capacity ({self.settings.max_sessions} sessions)")
+            raise AtCapacity(f"at capacity ({self.max_sessions} sessions)")
         self._store.path_of(model_id)  # raises UnknownModel before any work
         # The slot is taken before the first await and given back if the set-up fails.
         self._opening += 1
         try:
-            await self._on_compute(self._admit_on_device, model_id)
-            stream = await self._on_compute(self._new_stream, model_id, prompt, seed)
+            stream = await self._open_stream(model_id, prompt, seed)
         finally:
             self._opening -= 1
         s = Session(
@@ -342,8 +448,7 @@ class Engine:
         self._rendering += 1
         job = None
         try:
-            await self._on_compute(self._admit_on_device, model_id)
-            stream = await self._on_compute(self._new_stream, model_id, prompt, seed)
+            stream = await self._open_stream(model_id, prompt, seed)
             job = Render(
                 model_id,
                 stream,
@@ -408,8 +513,11 @@ class Engine:
                 now = time.perf_counter()
                 waits = [s.next_due - now for s in self.sessions.values() if not s.paused and not s.closed]
                 self._wake.clear()
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel that comes as
+                # the wake-up does (a session opened just before stop()), and the loop would run on.
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=min(waits, default=1.0))
+                    async with asyncio.timeout(min(waits, default=1.0)):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
                 continue
@@ -417,13 +525,13 @@ class Engine:
                 await self._step(group)
 
     def _due_groups(self, now: float) -> list[list[Session | Render]]:
-        """Batches of the sessions due a chunk, of one model, cache length and time position each; then the
+        """Batches of the sessions due a chunk, of one model and cache length each; then the
         renders due a chunk (all of them while no session is due, else those that have waited
         long enough to keep their RENDER_SHARE)."""
         batch = self.settings.batch_sessions
 
         def key(x: Session | Render) -> tuple:
-            return (x.model_id, x.stream.cache.n_chunks, x.stream.cache.time_offset) if batch else (id(x),)
+            return (x.model_id, x.stream.cache.n_chunks) if batch else (id(x),)
 
         live = [s for s in self.sessions.values() if not s.paused and not s.closed and s.next_due <= now]
         groups: dict[tuple, list[Session | Render]] = defaultdict(list)
@@ -446,15 +554,23 @@ class Engine:
                 actions.append(x.script.next_actions())
                 prompts.append(None)
         t0 = time.perf_counter()
+        error = None
         try:
-            results = await self._on_compute(self._compute, group, actions, prompts)
+            frames = await self._on_compute(self._compute, group, actions, prompts)
         except Exception as e:  # a compute failure ends these sessions and renders, not the server
-            out_of_memory = isinstance(e, torch.cuda.OutOfMemoryError)
-            message = "out of device memory" if out_of_memory else f"{type(e).__name__}: {e}"
-            self._fail(group, f"generation failed: {message}")
-        else:
-            self._deliver(group, actions, results, time.perf_counter() - t0)
+            error = e
+        elapsed = time.perf_counter() - t0
+        # The previous chunk's frames were encoding meanwhile: they go out first, and one chunk at a
+        # time encodes (backpressure: a slow encoder slows the loop, it never queues chunks).
+        if self._sending is not None:
+            await self._sending
+        if error is None:
+            sends = self._account(group, actions, frames, elapsed)
+            self._sending = asyncio.create_task(self._send(sends, t0 + elapsed))
             return
+        out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError)
+        message = "out of device memory" if out_of_memory else f"{type(error).__name__}: {error}"
+        self._fail(group, f"generation failed: {message}")
         if out_of_memory:  # the failed batch's tensors are unreferenced now: hand their blocks back
             self.metrics.device_out_of_memory.labels(group[0].model_id).inc()
             if self.device.type == "cuda":
@@ -468,7 +584,7 @@ class Engine:
                 self._finish_render(x, RuntimeError(message))
 
     def _compute(self, group: list[Session | Render], actions: list, prompts: list[str | None]) -> list:
-        """Runs on the compute thread: pending prompts, one batched chunk, drift shadows, encoding."""
+        """Runs on the compute thread: pending prompts, one batched chunk, drift shadows; frames [F, H, W, 3]."""
         for x, prompt in zip(group, prompts):
             if prompt is not None:
                 x.stream.set_prompt(prompt)
@@ -477,17 +593,17 @@ class Engine:
         for x, shadow, action, fr in zip(group, shadows, actions, frames):
             if shadow is not None:
                 self._finish_shadow(x, *shadow, action, fr)
-        return [
-            [encode_frame(f, x.fmt, x.quality) for f in fr] if isinstance(x, Session) else fr
-            for x, fr in zip(group, frames)
-        ]
+        return frames
 
-    def _deliver(self, group: list[Session | Render], actions: list, results: list, elapsed: float) -> None:
+    def _account(self, group: list[Session | Render], actions: list, frames: list, elapsed: float) -> list:
+        """A chunk made: renders take their frames; sessions are paced and their frames' headers
+        written. Returns (session, headers, frames) for each session, to be encoded and sent."""
         now = time.perf_counter()
         self.metrics.batch_size.labels(group[0].model_id).observe(len(group))
-        for x, action, result in zip(group, actions, results):
+        sends = []
+        for x, action, fr in zip(group, actions, frames):
             if isinstance(x, Render):
-                x.script.add(result)
+                x.script.add(fr)
                 x.waiting_since, x.last_chunk_s = now, elapsed
                 if x.script.done:
                     self._finish_render(x, None)
@@ -496,21 +612,39 @@ class Engine:
             self.metrics.chunk_latency.labels(s.model_id).observe(elapsed)
             s.last_chunk_ms = elapsed * 1000
             chunk = s.stream.cache.committed - 1
-            fr = len(result)  # frames_per_chunk, or a Wan model's decoded frames: 9, then 12 a chunk
-            for i, img in enumerate(result):
-                self.metrics.frame_latency.labels(s.model_id).observe(elapsed / fr)
-                header = {
-                    "frame": s.frames_generated,
-                    "chunk": chunk,
-                    "action": action,
-                    "latency_ms": round(elapsed * 1000 / fr, 2),
-                    "ts": time.time(),
-                    "index_in_chunk": i,
-                }
+            n = len(fr)  # frames_per_chunk, or a Wan model's decoded frames: 9, then 12 a chunk
+            headers = []
+            for i in range(n):
+                self.metrics.frame_latency.labels(s.model_id).observe(elapsed / n)
+                headers.append(
+                    {
+                        "frame": s.frames_generated,
+                        "chunk": chunk,
+                        "action": action,
+                        "latency_ms": round(elapsed * 1000 / n, 2),
+                        "ts": time.time(),
+                        "index_in_chunk": i,
+                    }
+                )
                 s.frames_generated += 1
-                self._put(s, OutFrame(now, frame_message(header, img)))
-            period = fr / self.settings.fps_target
+            sends.append((s, headers, fr))
+            period = n / self.settings.fps_target
             s.next_due = max(s.next_due + period, now - period)
+        return sends
+
+    async def _send(self, sends: list, made: float) -> None:
+        """Encode a chunk's frames on the encoder thread and queue them for their clients. A frame
+        that fails to encode ends its own session only."""
+        try:
+            encoded = await asyncio.get_running_loop().run_in_executor(self._encoder, _encode_all, sends)
+        except Exception as e:  # the encoder itself failed: end these sessions, not the loop awaiting this
+            encoded = [e] * len(sends)
+        for (s, _, _), messages in zip(sends, encoded):
+            if isinstance(messages, Exception):
+                self._end(s, f"encoding failed: {type(messages).__name__}: {messages}", failed=True)
+            elif s.end_reason is None:  # a session ended meanwhile has been told so already
+                for m in messages:
+                    self._put(s, OutFrame(made, m))
 
     def _cancel_renders(self, reason: str) -> None:
         for r in list(self.renders):
@@ -545,9 +679,6 @@ class Engine:
         if base_id is None:
             return None
         try:
-            # A model quantized from a file names its base by the file's name: shadow only on that very model.
-            if self._store.record(base_id).sha256 != s.stream.model.manifest["base_model"]["sha256"]:
-                return None
             base = self._models.get(base_id)
         except UnknownModel:  # quantized from a file the store does not hold (`qarvd quantize --model PATH`)
             return None

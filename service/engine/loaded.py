@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -19,7 +20,8 @@ log = logging.getLogger("qarvd.engine")
 
 class LoadedModels:
     """Up to `max_loaded` models in memory, on `device` in `dtype`, their blocks compiled if asked
-    (`compile_quantized`, when given, for models with integer layers).
+    (`compile_quantized`, when given, for models with integer layers), each handed to
+    `on_load(model_id, model)` once loaded (the engine warms it up there) before anyone gets it.
 
     Past the budget the least recently used model that no session is using is unloaded
     (`in_use` says which are). Thread-safe.
@@ -35,6 +37,7 @@ class LoadedModels:
         compile_quantized: bool | None = None,
         max_autotune: bool = False,
         device: str = "cpu",
+        on_load: Callable[[str, WorldModel], None] | None = None,
     ):
         self.store = store
         self.max_loaded = max_loaded
@@ -42,7 +45,9 @@ class LoadedModels:
         self.device, self.dtype = device, dtype
         self.compile_blocks, self.max_autotune = compile_blocks, max_autotune
         self.compile_quantized = compile_blocks if compile_quantized is None else compile_quantized
+        self.on_load = on_load
         self._loaded: OrderedDict[str, WorldModel] = OrderedDict()
+        self.load_seconds: dict[str, float] = {}  # loading, compiling and `on_load`, by model
         # Quantized models measured slower than FP32 on this host, with why: logged and shown in /v1/models.
         self.speed_warnings: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -51,12 +56,17 @@ class LoadedModels:
         """The loaded model, loading it on first use."""
         with self._lock:
             if model_id not in self._loaded:
+                t0 = time.perf_counter()
                 model = load_model(str(self.store.path_of(model_id)), dtype=self.dtype, device=self.device)
                 rows = model.args.tokens_per_frame * model.args.frames_per_chunk
                 if warning := runtime.speed_warning(model, rows):
                     log.warning("model %s: %s", model_id, warning)
                     self.speed_warnings[model_id] = warning
-                self._loaded[model_id] = model.compile_blocks(self.max_autotune) if self.compiles(model) else model
+                model = model.compile_blocks(self.max_autotune) if self.compiles(model) else model
+                if self.on_load is not None:
+                    self.on_load(model_id, model)
+                self._loaded[model_id] = model
+                self.load_seconds[model_id] = time.perf_counter() - t0
                 self._evict(keep=model_id)
             self._loaded.move_to_end(model_id)
             return self._loaded[model_id]

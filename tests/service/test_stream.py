@@ -218,7 +218,9 @@ def test_compiled_bf16_server_warms_every_batch_size_and_streams(make_server):
     s = make_server(compile="true", dtype="bf16", max_sessions="2")
     clients = [StreamClient(s.ws_url) for _ in range(2)]
     for i, c in enumerate(clients):
-        c.start(model="mini-rtn-w8a8", prompt="forest", seed=i)
+        # Its first session loads the model, which compiles every batch size before admitting it.
+        c.send({"type": "start", "model": "mini-rtn-w8a8", "prompt": "forest", "seed": i})
+        c.next_json("ready", timeout=180)
     for c in clients:
         assert len(c.frames(6)) == 6
         c.close()

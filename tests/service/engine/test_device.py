@@ -1,15 +1,20 @@
 """The engine on its device: models loaded where QARVD_DEVICE says, an out-of-memory chunk ending
-only its own batch, and the device and batch metrics."""
+only its own batch, admission by each stream's measured bytes, and the device, memory and batch
+metrics."""
 
 import asyncio
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from qarvd_core import runtime
+from qarvd_core.checkpoint import load_model
+from qarvd_core.quant.kv import KVQuantConfig
+from qarvd_core.sampling import Stream, to_uint8
 from service.engine import Engine
-from service.engine.engine import session_bytes
+from service.engine.engine import AUTO_MAX_SESSIONS, AUTO_SESSIONS_WITHOUT_BUDGET, AtCapacity
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import ModelStore
@@ -98,11 +103,77 @@ def test_batch_sizes_are_exported_per_model_and_device_memory_only_on_cuda(artif
     assert on_cuda == torch.cuda.is_available() == ("qarvd_device_memory_reserved_bytes" in exposition)
 
 
-def test_the_admission_estimate_covers_a_streams_cache_and_its_batched_copy(artifact_dir):
-    from qarvd_core.checkpoint import load_model
-    from qarvd_core.sampling import Stream
+def metric(exposition: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in exposition.splitlines() if line.startswith(name)))
 
-    model = load_model(str(artifact_dir / "mini.safetensors"), dtype=torch.bfloat16)
-    cache = Stream(model, "forest", 0).cache
-    held = cache.k.nbytes + cache.v.nbytes
-    assert 2 * held < session_bytes(model.args, torch.bfloat16) < 3 * held
+
+def test_admission_counts_each_streams_measured_bytes_against_the_memory_budget(artifact_dir):
+    """A session is counted at what a real stream of its model holds (KV cache and its batched
+    copy); `auto` max sessions is the budget over that, and an explicit number still wins."""
+    stream = Stream(load_model(str(artifact_dir / "mini.safetensors")), "forest", 0)
+    per_session = 2 * (stream.cache.k.nbytes + stream.cache.v.nbytes)  # no VAE: a pixel-space model
+    budget_gib = 2.5 * per_session / 2**30
+
+    async def scenario(**settings):
+        engine = make_engine(artifact_dir, drift_sample_rate=0.0, memory_budget_gib=budget_gib, **settings)
+        await engine.start()
+        try:
+            opened = [await engine.open_session("mini", "forest", seed, "jpeg", 80) for seed in (1, 2)]
+            with pytest.raises(AtCapacity) as refused:
+                await engine.open_session("mini", "forest", 3, "jpeg", 80)
+            await wait_for(lambda: all(s.frames_generated > 0 for s in opened))
+            exposition = engine.metrics.exposition().decode()
+            engine.close_session(opened[0])
+            again = await engine.open_session("mini", "forest", 4, "jpeg", 80)  # the budget is freed
+            return engine.max_sessions, engine.session_bytes, str(refused.value), exposition, again
+        finally:
+            await engine.stop()
+
+    limit, measured, refusal, exposition, _ = asyncio.run(scenario())
+    assert measured["mini"] == per_session and limit == 2  # auto: 2.5 sessions' bytes hold 2
+    assert refusal == "at capacity (2 sessions)"
+    assert metric(exposition, 'qarvd_kv_cache_bytes{model="mini"}') == per_session  # two streams' caches
+    assert metric(exposition, 'qarvd_session_bytes{model="mini"}') == per_session
+    assert metric(exposition, "qarvd_max_sessions") == 2
+
+    limit, _, refusal, exposition, _ = asyncio.run(scenario(max_sessions=3))  # an explicit number wins...
+    assert limit == 3 and refusal.startswith("the memory budget is taken")  # ...and the budget still holds
+    assert metric(exposition, 'qarvd_sessions_rejected_total{reason="memory_budget"}') == 1
+
+
+def test_without_a_budget_auto_is_the_cpu_default_and_a_quantized_cache_measures_smaller(artifact_dir):
+    async def scenario():
+        engine = make_engine(artifact_dir)
+        await engine.start()
+        try:
+            model = load_model(str(artifact_dir / "mini.safetensors"))
+            model.kv_quant = KVQuantConfig(8, 8)
+            engine._warm_up("mini-kv8", model)  # what a model with an int8 cache is counted at
+            return engine.max_sessions, engine.session_bytes
+        finally:
+            await engine.stop()
+
+    limit, measured = asyncio.run(scenario())
+    assert limit == AUTO_SESSIONS_WITHOUT_BUDGET
+    assert 1.9 < measured["mini"] / measured["mini-kv8"] < 4
+
+
+@pytest.mark.cuda
+def test_on_cuda_a_session_counts_its_chunks_peak_and_frames_leave_through_pinned_memory(artifact_dir):
+    x = torch.rand(2, 3, 3, 64, 64, device="cuda") * 2 - 1
+    assert np.array_equal(to_uint8(x), to_uint8(x.cpu()))
+
+    async def scenario():
+        engine = make_engine(artifact_dir, device="cuda", drift_sample_rate=0.0)
+        await engine.start()
+        try:
+            s = await engine.open_session("mini", "forest", 1, "jpeg", 80)
+            await wait_for(lambda: s.frames_generated > 6)
+            exposition = engine.metrics.exposition().decode()
+            return engine.session_bytes["mini"], s.stream.cache.nbytes, engine.max_sessions, exposition
+        finally:
+            await engine.stop()
+
+    per_session, cache, limit, exposition = asyncio.run(scenario())
+    assert per_session > 2 * cache and 1 <= limit <= AUTO_MAX_SESSIONS  # the chunk's peak counts too
+    assert "qarvd_device_memory_allocated_bytes" in exposition
