@@ -1,18 +1,18 @@
 """The quantized KV cache on tiny-world: which chunks need bits, quality against the
 full-precision cache, and speed.
 
-    python benchmarks/kv_cache.py sensitivity [--json PATH]
-    python benchmarks/kv_cache.py quality [--weights CHECKPOINT] [--json PATH]
+    python benchmarks/kv_cache.py sensitivity [--scenarios 4] [--chunks 7] [--json PATH]
+    python benchmarks/kv_cache.py quality [--weights CHECKPOINT] [--settings NAME ...] [--json PATH]
     python benchmarks/kv_cache.py speed [--rounds 5] [--json PATH]
 
-`sensitivity`: per committed chunk k, the stream is rolled out with only chunk k's cache at
-4 bits (every other chunk's in full precision, the same noise), and the MSE of the final frame
-against the full-precision rollout is averaged over held-out worlds (the KV analogue of S1's
-chunk sensitivity), for unrotated and rotated codes.
+`sensitivity`: `kv_chunk_sensitivity` (the KV analogue of S1's chunk sensitivity): per
+committed chunk k, the final-frame MSE when only chunk k's cache is at 4 bits, on calibration
+worlds (the default is chosen on them, not on the held-out ones).
 
 `quality`: `qarvd eval`'s protocol (held-out worlds, the same noise) of the model with each
-cache setting against the same model with a full-precision cache, with the 600-frame drift
-streams; with `--weights`, a quantized checkpoint (e.g. W8A8 Q-ARVD) against itself.
+cache setting against the same model with a full-precision cache, with drift streams (also of
+the full-precision cache, their reference); with `--weights`, a quantized checkpoint (e.g. W8A8
+Q-ARVD) against itself.
 
 `speed`: chunk time of one stream with each cache setting, interleaved rounds in one process
 (the host may be loaded by other work: rounds interleave so load hits every setting alike).
@@ -25,8 +25,8 @@ import copy
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -34,10 +34,9 @@ import torch
 from qarvd_core.checkpoint import load_model
 from qarvd_core.eval.bench import bench_stream
 from qarvd_core.eval.evaluate import EvalConfig, evaluate
-from qarvd_core.model import KVCache
-from qarvd_core.quant.kv import AUTO, KVQuantConfig, TokenStore
-from qarvd_core.sampling import rollout, to_uint8
-from qarvd_core.world.scripts import scenarios
+from qarvd_core.quant.analysis import kv_chunk_sensitivity
+from qarvd_core.quant.calibration import CalibrationSet
+from qarvd_core.quant.kv import AUTO, KVQuantConfig
 
 SETTINGS = {
     "int8": KVQuantConfig(8, 8),
@@ -45,46 +44,13 @@ SETTINGS = {
     "int4 (sink int8), unrotated": KVQuantConfig(8, 4, rotate=False),
     "int4": KVQuantConfig(4, 4),
 }
+SPEED_SETTINGS = ["int8", "int4 (sink int8)"]
 
 
-class OneChunkAtLowBits(KVCache):
-    """A full-precision cache except for one committed chunk (`chunk`), whose keys and values
-    go through `bits`-bit codes (`TokenStore`) before they are kept."""
-
-    chunk, bits, rotate = 0, 4, True
-
-    def store(self, i, kv) -> None:
-        if self.committed != self.chunk:
-            return
-        n, ct = self.length, self.args.chunk_tokens
-        for t in kv[:2]:
-            part = t[:, :, n : n + ct]
-            one = TokenStore((1, *part.shape), self.bits, part.device, part.dtype, self.rotate)
-            one.write(0, 0, part)
-            part.copy_(one.read(0, ct))
-
-
-def sensitivity(model, cases: int, chunks: int) -> dict:
-    cs = scenarios("heldout", cases, chunks * model.args.frames_per_chunk)
-    args = ([c.biome for c in cs], [list(c.actions) for c in cs], [c.noise_seed for c in cs])
-    ref = to_uint8(rollout(model, *args))[:, -1].astype(np.float64)
-    out = {}
-    for rotate in (False, True):
-        mse = []
-        for k in range(chunks - 1):  # the last chunk's cache is never read
-            OneChunkAtLowBits.chunk, OneChunkAtLowBits.rotate = k, rotate
-            with mock.patch("qarvd_core.sampling.KVCache", OneChunkAtLowBits):
-                last = to_uint8(rollout(model, *args))[:, -1].astype(np.float64)
-            mse.append(float(((last - ref) ** 2).mean()))
-            print(f"rotate={rotate} chunk {k}: final-frame MSE {mse[-1]:.3f}", file=sys.stderr)
-        out["rotated" if rotate else "unrotated"] = mse
-    return {"scenarios": cases, "chunks": chunks, "bits": 4, "final_frame_mse": out}
-
-
-def quality(model, cfg: EvalConfig) -> dict:
+def quality(model, cfg: EvalConfig, settings: list[str]) -> dict:
     rows = {}
-    for name, quant in SETTINGS.items():
-        model.kv_quant = quant
+    for name in settings:
+        model.kv_quant = quant = SETTINGS[name]
         r = evaluate(model, _fp_cache(model), cfg)
         rows[name] = {
             "kv_cache": quant.to_dict(),
@@ -97,7 +63,9 @@ def quality(model, cfg: EvalConfig) -> dict:
         }
         print(name, json.dumps({k: v for k, v in rows[name].items() if k != "psnr_db_per_chunk"}), file=sys.stderr)
     model.kv_quant = None
-    rows["full precision (drift reference)"] = {"drift": evaluate(model, None, cfg).get("drift")}
+    if cfg.drift_frames:  # only its drift streams are wanted: one short held-out world
+        short = replace(cfg, scenarios=1, frames=model.args.frames_per_chunk)
+        rows["full precision (drift reference)"] = {"drift": evaluate(model, None, short)["drift"]}
     return rows
 
 
@@ -109,14 +77,14 @@ def _fp_cache(model):
 
 
 def speed(model, rounds: int, chunks: int) -> dict:
-    names = ["full precision", *SETTINGS]
+    names = ["full precision", *SPEED_SETTINGS]
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             model.kv_quant = SETTINGS.get(name)
             res = bench_stream(model, chunks=chunks, warmup=2)
             times[name].append(res["chunk_ms"]["p50"])
-            print(f"round {r} {name}: p50 {res['chunk_ms_p50']:.1f} ms", file=sys.stderr)
+            print(f"round {r} {name}: p50 {res['chunk_ms']['p50']:.1f} ms", file=sys.stderr)
     model.kv_quant = None
     fp = np.median(times["full precision"])
     return {
@@ -133,10 +101,13 @@ def main() -> None:
     ap.add_argument("what", choices=["sensitivity", "quality", "speed"])
     ap.add_argument("--model", default="tiny-world")
     ap.add_argument("--weights", help="a quantized checkpoint to measure instead of --model")
-    ap.add_argument("--scenarios", type=int, default=8)
+    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=["int8", "int4 (sink int8)"])
+    ap.add_argument(
+        "--scenarios", type=int, default=4, help="worlds (held-out for quality, calibration for sensitivity)"
+    )
     ap.add_argument("--frames", type=int, default=48)
     ap.add_argument("--drift-frames", type=int, default=600)
-    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--chunks", type=int, default=7)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path)
@@ -145,9 +116,10 @@ def main() -> None:
     model = load_model(a.weights or a.model)
     t0 = time.time()
     if a.what == "sensitivity":
-        result = sensitivity(model, a.scenarios, a.chunks)
+        result = kv_chunk_sensitivity(model, 4, CalibrationSet(rollouts=a.scenarios, chunks=a.chunks))
     elif a.what == "quality":
-        result = quality(model, EvalConfig(scenarios=a.scenarios, frames=a.frames, drift_frames=a.drift_frames))
+        cfg = EvalConfig(scenarios=a.scenarios, frames=a.frames, drift_frames=a.drift_frames)
+        result = quality(model, cfg, a.settings)
     else:
         result = speed(model, a.rounds, a.chunks)
     result = {

@@ -215,6 +215,15 @@ def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- cache
 
 
+def _static(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """A layer's key and value buffers, marked as static addresses: the blocks write into them in
+    place, and inductor's CUDA graphs take only inputs at static addresses as written in place (it
+    skips the graph otherwise). Unguarded: a buffer elsewhere re-records the graph, never recompiles."""
+    for t in (k, v):
+        torch._dynamo.mark_static_address(t, guard=False)
+    return k, v
+
+
 class KVCache:
     """Keys (after RoPE) and values of committed chunks for every layer.
 
@@ -222,36 +231,44 @@ class KVCache:
     committed). `time_offset` is the RoPE time position of the next chunk's first frame, and
     `camera` [B, 2] the camera position after the last committed frame (for `camera_rope`).
 
-    With `quant` (`KVQuantConfig`) the committed chunks are stored quantized, the sink and the
-    window each at their own bits, and a pass reads one layer at a time, dequantized into a
-    buffer of that layer only. A rolled window's quantized keys are moved as stored and rotated
-    back in time when read (`_age`), so rolling adds no quantization error.
+    With `quant` (`KVQuantConfig`) each committed chunk is stored quantized at its own bits
+    (`KVQuantConfig.bits_of`), one store per held chunk. Rolling the window moves stores, not
+    codes, and a rolled chunk's keys are rotated back in time when read (`_age`), so rolling adds
+    no quantization error. The held chunks do not change between the passes of one chunk: a
+    layer is dequantized on its first pass and its buffers are reused until the next commit
+    (or any other change), so the full-precision working copy lives only while a chunk is made.
     """
 
     def __init__(
-        self, args: ModelArgs, batch: int, device=None, dtype=torch.float32, quant: KVQuantConfig | None = None
+        self,
+        args: ModelArgs,
+        batch: int,
+        device=None,
+        dtype=torch.float32,
+        quant: KVQuantConfig | None = None,
+        buffers: tuple[Tensor, Tensor] | None = None,
     ):
         self.args = args
         self.quant = quant if quant is not None and quant.enabled else None
         self.capacity = args.context_chunks * args.chunk_tokens
         shape = (args.n_layers, batch, args.n_heads, self.capacity, args.head_dim)
         self.dtype = dtype
+        # `buffers`: key and value buffers `shape` kept by the caller, so that what the blocks write
+        # into stays at fixed addresses across chunks (CUDA graphs replay on them): an FP cache's
+        # storage, or a quantized cache's dequantized working copy (otherwise allocated per chunk).
         if self.quant is None:
-            self.k = torch.zeros(shape, device=device, dtype=dtype)
-            self.v = torch.zeros(shape, device=device, dtype=dtype)
+            self.k, self.v = buffers or (torch.zeros(shape, device=device, dtype=dtype) for _ in "kv")
             self.device = self.k.device
+            self._layers = [_static(self.k[i], self.v[i]) for i in range(args.n_layers)]
         else:
             self.device = torch.device(device or "cpu")
-            from qarvd_core.quant.kv import TokenStore  # the quant package imports this module
-
-            sink = args.sink_chunks * args.chunk_tokens
-            parts = ((self.quant.sink_bits, sink), (self.quant.window_bits, self.capacity - sink))
-            self.stores = [
-                [TokenStore((*shape[:3], n, args.head_dim), bits, device, dtype, self.quant.rotate) for _ in "kv"]
-                for bits, n in parts
-            ]
+            self._work = buffers
+            self._chunk_shape = (*shape[:3], args.chunk_tokens, args.head_dim)
+            # (keys, values) stores per held chunk; slot c starts at the bits of the c-th commit.
+            self.chunks = [self._new_store(self.quant.bits_of(c, args.sink_chunks)) for c in range(args.context_chunks)]
             # Chunks each held chunk's keys are to be rotated back in time when read.
             self._age = [0] * args.context_chunks
+            self._held: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> buffers read from the stores
         self.n_chunks = 0  # chunks held now
         self.committed = 0  # chunks ever committed
         self.camera = torch.zeros(batch, 2, dtype=torch.long)
@@ -276,7 +293,12 @@ class KVCache:
         """Bytes of the stored keys and values (all streams of the batch)."""
         if self.quant is None:
             return self.k.nbytes + self.v.nbytes
-        return sum(s.nbytes for pair in self.stores for s in pair)
+        return sum(s.nbytes for pair in self.chunks for s in pair)
+
+    def _new_store(self, bits: int | None):
+        from qarvd_core.quant.kv import TokenStore  # the quant package imports this module
+
+        return tuple(TokenStore(self._chunk_shape, bits, self.device, self.dtype, self.quant.rotate) for _ in "kv")
 
     def view(self, layer: int) -> tuple[Tensor, Tensor]:
         if self.quant is None:
@@ -295,17 +317,25 @@ class KVCache:
     def layer(self, i: int, slot: Tensor | None) -> CachedKV:
         """Layer i's key and value buffers [B, H, capacity, hd] for a cached pass, with `slot`."""
         if self.quant is None:
-            return self.k[i], self.v[i], slot
-        a, n = self.args, self.length
-        sink = a.sink_chunks * a.chunk_tokens
-        bufs = []
-        for j in range(2):
-            held = [self.stores[0][j].read(i, min(n, sink)), self.stores[1][j].read(i, max(n - sink, 0))]
-            buf = torch.zeros(*held[0].shape[:2], self.capacity, a.head_dim, device=self.device, dtype=self.dtype)
-            buf[:, :, :n] = torch.cat(held, dim=2)
-            bufs.append(buf)
-        self._rotate_aged(bufs[0])
-        return bufs[0], bufs[1], slot
+            return *self._layers[i], slot
+        if i not in self._held:
+            self._held[i] = self._read(i)
+        return *self._held[i], slot
+
+    def _read(self, i: int) -> tuple[Tensor, Tensor]:
+        """Layer i's held chunks dequantized into key and value buffers [B, H, capacity, hd]."""
+        ct, (_, B, H, _, hd) = self.args.chunk_tokens, self._chunk_shape
+        if self._work is None:
+            k, v = (torch.zeros(B, H, self.capacity, hd, device=self.device, dtype=self.dtype) for _ in "kv")
+        else:
+            k, v = self._work[0][i], self._work[1][i]
+            for buf in (k, v):  # what earlier chunks left past the held ones, as a fresh buffer would be
+                buf[:, :, self.length :].zero_()
+        for c in range(self.n_chunks):
+            for buf, store in zip((k, v), self.chunks[c]):
+                buf[:, :, c * ct : (c + 1) * ct] = store.read(i)
+        self._rotate_aged(k)
+        return _static(k, v)
 
     def _rotate_aged(self, k: Tensor) -> None:
         """Rotate the keys of rolled window chunks back in time by their age, in place."""
@@ -320,12 +350,14 @@ class KVCache:
         """Keep what a committing pass wrote into layer i's slot (a quantized cache stores it)."""
         if self.quant is None:
             return  # written in place
-        a, ct, n = self.args, self.args.chunk_tokens, self.length
-        sink = a.sink_chunks * ct
-        part, start = (0, n) if n < sink else (1, n - sink)
-        for j in range(2):
-            self.stores[part][j].write(i, start, kv[j][:, :, n : n + ct])
-        self._age[self.n_chunks] = 0
+        ct, c = self.args.chunk_tokens, self.n_chunks
+        if i == 0:  # a commit's first layer: the free slot takes this chunk's bits
+            bits = self.quant.bits_of(self.committed, self.args.sink_chunks)
+            if self.chunks[c][0].bits != bits:
+                self.chunks[c] = self._new_store(bits)
+            self._age[c] = 0
+        for store, x in zip(self.chunks[c], kv[:2]):
+            store.write(i, x[:, :, c * ct : (c + 1) * ct])
 
     def advance(self, camera: Tensor | None = None) -> None:
         """Count the chunk just written (its last frame's camera: `camera`); roll the window if over-full."""
@@ -334,17 +366,18 @@ class KVCache:
             self.camera = camera.detach().cpu().clone()
         self.n_chunks += 1
         self.committed += 1
+        if self.quant is not None:
+            self._held.clear()
         if self.n_chunks <= a.sink_chunks + a.window_chunks:
             return
         lo, hi = a.sink_chunks * ct, self.n_chunks * ct
         aging = 0 if a.absolute_time else 1  # absolute positions: keys keep theirs
         if self.quant is not None:
-            # Drop the oldest window chunk; the rest move left as stored and age by one chunk.
-            for store in self.stores[1]:
-                store.move(slice(ct, hi - lo), slice(0, hi - lo - ct))
-            self._age[a.sink_chunks : self.n_chunks - 1] = [
-                x + aging for x in self._age[a.sink_chunks + 1 : self.n_chunks]
-            ]
+            # Drop the oldest window chunk (its store is the next commit's slot); the rest move
+            # left as stored and age by one chunk.
+            s, n = a.sink_chunks, self.n_chunks
+            self.chunks[s:n] = [*self.chunks[s + 1 : n], self.chunks[s]]
+            self._age[s : n - 1] = [x + aging for x in self._age[s + 1 : n]]
             self.n_chunks -= 1
             return
         # Drop the oldest window chunk; shift the rest left (and one chunk back in time).
@@ -363,10 +396,15 @@ class KVCache:
             self.k[:, dst_rows] = src.k[:, src_rows]
             self.v[:, dst_rows] = src.v[:, src_rows]
         else:
-            for mine, theirs in zip(self.stores, src.stores):
-                for m, t in zip(mine, theirs):
+            for c, theirs in enumerate(src.chunks):
+                if self.chunks[c][0].bits != theirs[0].bits:  # a chunk_bits chunk in this slot
+                    if dst_rows != slice(None):
+                        raise ValueError("streams holding chunks at different bits in one slot cannot share a batch")
+                    self.chunks[c] = self._new_store(theirs[0].bits)
+                for m, t in zip(self.chunks[c], theirs):
                     m.copy_rows(t, src_rows, dst_rows)
             self._age = list(src._age)
+            self._held.clear()
         self.camera[dst_rows] = src.camera[src_rows]
         self.n_chunks, self.committed = src.n_chunks, src.committed
 
@@ -374,11 +412,15 @@ class KVCache:
         self.n_chunks = 0
         self.committed = 0
         self.camera.zero_()
+        if self.quant is not None:
+            self._held.clear()
 
     def rewind(self, keep: int) -> None:
         """Hold only the first `keep` chunks, to re-commit the others (a prompt switch); `committed`
         is left to the caller, which sets it to each re-committed chunk's number."""
         self.n_chunks = min(keep, self.n_chunks)
+        if self.quant is not None:
+            self._held.clear()
 
 
 # ----------------------------------------------------------------------------- layers

@@ -1,5 +1,6 @@
 """The paper's two observations, measured on any model: the per-chunk sensitivity curve (C1)
-and the per-layer outlier map (C2). Each writes JSON and a PNG.
+and the per-layer outlier map (C2), each written as JSON and a PNG; and C1's analogue for the
+KV cache (`kv_chunk_sensitivity`), which picks the chunks whose cache keeps more bits.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from pathlib import Path
 from qarvd_core.model import WorldModel
 from qarvd_core.quant.api import quantize, target_linears
 from qarvd_core.quant.calibration import CalibrationSet
+from qarvd_core.quant.kv import KVQuantConfig
 from qarvd_core.quant.methods.qarvd import QArvdConfig, chunk_sensitivity, find_outlier_columns, frame_weights_from
+from qarvd_core.sampling import rollout
 
 
 def sensitivity(
@@ -29,6 +32,37 @@ def sensitivity(
         "chunk_mse": errors,
         "frame_weights": frame_weights_from(errors),
         "first_last_ratio": errors[0] / errors[-1] if errors[-1] > 0 else None,
+    }
+
+
+def kv_chunk_sensitivity(
+    model: WorldModel, bits: int, calib: CalibrationSet, rotate: bool = True, progress: bool = True
+) -> dict:
+    """Per committed chunk k: the MSE of the final frame when only chunk k's cached keys and values
+    are stored at `bits` (`KVQuantConfig.chunk_bits`, every other chunk in full precision),
+    against the full-precision cache; same scenarios, noise and actions. The last chunk's cache
+    is never read, so it is left out."""
+    from tqdm import tqdm
+
+    cases = calib.scenarios(model.args.frames_per_chunk)
+    scripts = [c.biome for c in cases], [list(c.actions) for c in cases], [c.noise_seed for c in cases]
+    saved = model.kv_quant
+    try:
+        model.kv_quant = None
+        ref = rollout(model, *scripts)[:, -1]
+        mse = []
+        for k in tqdm(range(calib.chunks - 1), desc="KV chunk sensitivity", disable=not progress):
+            model.kv_quant = KVQuantConfig(None, None, rotate, chunk_bits={k: bits})
+            mse.append(float((rollout(model, *scripts)[:, -1] - ref).pow(2).mean()))
+    finally:
+        model.kv_quant = saved
+    return {
+        "bits": bits,
+        "rotate": rotate,
+        "calibration": calib.describe(),
+        "sink_chunks": model.args.sink_chunks,
+        "window_chunks": model.args.window_chunks,
+        "final_frame_mse": mse,
     }
 
 

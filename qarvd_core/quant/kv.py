@@ -4,9 +4,12 @@ A committed chunk's keys (after RoPE) and values are quantized symmetrically ove
 vector: codes round(x / s) with s = max |x| / qmax, stored as int8 (or two 4-bit codes per byte)
 with s in float16. By default each vector is first multiplied by an orthonormal Hadamard matrix
 H (QuaRot's rotation, undone when read: x = (x H) H^T): a few large channels, which the keys of
-qk-normed heads have, are spread over all of them, so one scale per vector loses far less. The
-sink chunks, which the whole stream attends to, can keep more bits than the rolling window
-(`KVQuantConfig`).
+qk-normed heads have, are spread over all of them, so one scale per vector loses far less.
+
+Precision is frame-aware (`KVQuantConfig`): each committed chunk is stored at its own bits, the
+sink chunks (which the whole stream attends to) at `sink_bits`, the rolling window at
+`window_bits`, and any chunk named in `chunk_bits` at its own; the chunk sensitivity that picks
+them is `qarvd_core.quant.analysis.kv_chunk_sensitivity`.
 """
 
 from __future__ import annotations
@@ -37,19 +40,33 @@ def _normal_bits(bits: int | None) -> int | None:
 @dataclass(frozen=True)
 class KVQuantConfig:
     """Bits of the cached keys and values: `sink_bits` for the sink chunks, `window_bits` for the
-    rolling window; None (or 16) keeps that part in the model's dtype."""
+    rolling window, `chunk_bits` ({chunk number: bits}) for particular committed chunks, over
+    their part's; None (or 16) keeps a chunk in the model's dtype. A chunk keeps its bits as the
+    window rolls."""
 
     sink_bits: int | None = 8
     window_bits: int | None = 8
     rotate: bool = True  # Hadamard-rotate each head's vector before quantizing it
+    chunk_bits: tuple[tuple[int, int | None], ...] = ()  # given as a dict or pairs, kept sorted
 
     def __post_init__(self):
         object.__setattr__(self, "sink_bits", _normal_bits(self.sink_bits))
         object.__setattr__(self, "window_bits", _normal_bits(self.window_bits))
+        pairs = dict(self.chunk_bits)
+        if any(not isinstance(c, int) or c < 0 for c in pairs):
+            raise ValueError(f"chunk_bits takes chunk numbers >= 0, got {sorted(pairs)}")
+        object.__setattr__(self, "chunk_bits", tuple(sorted((c, _normal_bits(b)) for c, b in pairs.items())))
 
     @property
     def enabled(self) -> bool:
-        return self.sink_bits is not None or self.window_bits is not None
+        return any(b is not None for b in (self.sink_bits, self.window_bits, *dict(self.chunk_bits).values()))
+
+    def bits_of(self, chunk: int, sink_chunks: int) -> int | None:
+        """Bits of committed chunk number `chunk` (the first `sink_chunks` are the sink)."""
+        over = dict(self.chunk_bits)
+        if chunk in over:
+            return over[chunk]
+        return self.sink_bits if chunk < sink_chunks else self.window_bits
 
     @classmethod
     def parse(cls, text: str) -> KVQuantConfig:
@@ -66,17 +83,22 @@ class KVQuantConfig:
         return cls(parts[0], parts[-1])
 
     def to_dict(self) -> dict:
-        return {"sink_bits": self.sink_bits, "window_bits": self.window_bits, "rotate": self.rotate}
+        d = {"sink_bits": self.sink_bits, "window_bits": self.window_bits, "rotate": self.rotate}
+        return d | ({"chunk_bits": [list(p) for p in self.chunk_bits]} if self.chunk_bits else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> KVQuantConfig:
-        unknown = set(d) - {"sink_bits", "window_bits", "rotate"}
+        known = {"sink_bits", "window_bits", "rotate", "chunk_bits"}
+        unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown KV-cache settings {sorted(unknown)}; known: sink_bits, window_bits, rotate")
-        return cls(**d)
+            raise ValueError(f"unknown KV-cache settings {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**{k: tuple(map(tuple, v)) if k == "chunk_bits" else v for k, v in d.items()})
 
     def describe(self) -> str:
-        return "full precision" if not self.enabled else f"{self.sink_bits or 16},{self.window_bits or 16}"
+        if not self.enabled:
+            return "full precision"
+        chunks = "".join(f",chunk {c}:{b or 16}" for c, b in self.chunk_bits)
+        return f"{self.sink_bits or 16},{self.window_bits or 16}{chunks}"
 
 
 # The measured trade-off (benchmarks/kv_cache.py): the sink chunk, whose cache moves the final
@@ -118,8 +140,8 @@ def dequantize_tokens(codes: Tensor, scale: Tensor, bits: int, dtype: torch.dtyp
 
 
 class TokenStore:
-    """Tokens [layers, batch, heads, n, hd] at `bits` (None: in `dtype`), written and read by token
-    range; with `rotate`, quantized in a Hadamard-rotated basis."""
+    """One chunk's tokens [layers, batch, heads, n, hd] at `bits` (None: in `dtype`), written and
+    read a layer at a time; with `rotate`, quantized in a Hadamard-rotated basis."""
 
     def __init__(self, shape: tuple[int, ...], bits: int | None, device, dtype: torch.dtype, rotate: bool = False):
         self.bits, self.dtype = bits, dtype
@@ -139,28 +161,22 @@ class TokenStore:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
-    def write(self, layer: int, start: int, x: Tensor) -> None:
-        """Store x [batch, heads, n, hd] at tokens start .. start + n of `layer`."""
-        stop = start + x.shape[2]
+    def write(self, layer: int, x: Tensor) -> None:
+        """Store x [batch, heads, n, hd] as `layer`'s tokens."""
         if self.rotation is not None:
             x = x.float() @ self.rotation
         parts = [x.to(self.dtype)] if self.bits is None else quantize_tokens(x, self.bits)
         for t, p in zip(self.tensors, parts):
-            t[layer, :, :, start:stop] = p
+            t[layer] = p
 
-    def read(self, layer: int, stop: int) -> Tensor:
-        """Tokens 0 .. stop of `layer` [batch, heads, stop, hd] in `dtype`."""
-        held = [t[layer, :, :, :stop] for t in self.tensors]
+    def read(self, layer: int) -> Tensor:
+        """`layer`'s tokens [batch, heads, n, hd] in `dtype`."""
+        held = [t[layer] for t in self.tensors]
         if self.bits is None:
             return held[0]
         if self.rotation is None:
             return dequantize_tokens(*held, self.bits, self.dtype)
         return (dequantize_tokens(*held, self.bits, torch.float32) @ self.rotation.T).to(self.dtype)
-
-    def move(self, src: slice, dst: slice) -> None:
-        """Copy tokens `src` onto `dst` (same length) in every layer, as stored (no requantization)."""
-        for t in self.tensors:
-            t[:, :, :, dst] = t[:, :, :, src].clone()
 
     def copy_rows(self, other: TokenStore, src_rows: slice, dst_rows: slice) -> None:
         for t, o in zip(self.tensors, other.tensors, strict=True):

@@ -1,5 +1,6 @@
-"""Quantized KV cache: round trips, a rolling window over a quantized sink, bytes per stream, and
-the shipped tiny-world streamed with a quantized cache against its full-precision cache."""
+"""Quantized KV cache: round trips, a rolling window over a quantized sink, per-chunk bits and
+their sensitivity, bytes per stream, and the shipped tiny-world streamed with a quantized cache
+against its full-precision cache."""
 
 import json
 from dataclasses import replace
@@ -11,6 +12,8 @@ import torch
 from qarvd_core.checkpoint import load_model
 from qarvd_core.eval.metrics import psnr
 from qarvd_core.model import KVCache, ModelArgs
+from qarvd_core.quant.analysis import kv_chunk_sensitivity
+from qarvd_core.quant.calibration import CalibrationSet
 from qarvd_core.quant.kv import AUTO, KVQuantConfig, dequantize_tokens, hadamard, quantize_tokens
 from qarvd_core.sampling import Stream, rollout, step_streams, to_uint8
 from tests.conftest import MINI
@@ -46,6 +49,18 @@ def test_config_parses_bits_and_keeps_full_precision_as_none():
         KVQuantConfig(8, 3)
 
 
+def test_chunk_bits_override_their_part_and_round_trip():
+    one = KVQuantConfig(None, None, chunk_bits={3: 4, 1: 16})
+    assert one.chunk_bits == ((1, None), (3, 4)) and one.enabled
+    assert [one.bits_of(c, sink_chunks=1) for c in range(5)] == [None, None, None, 4, None]
+    assert [AUTO.bits_of(c, sink_chunks=1) for c in range(3)] == [8, 4, 4]
+    assert not KVQuantConfig(None, None, chunk_bits={2: 16}).enabled
+    assert KVQuantConfig.from_dict(json.loads(json.dumps(one.to_dict()))) == one
+    assert "chunk_bits" not in AUTO.to_dict() and one.describe() == "16,16,chunk 1:16,chunk 3:4"
+    with pytest.raises(ValueError, match="chunk numbers"):
+        KVQuantConfig(chunk_bits={-1: 8})
+
+
 @pytest.mark.parametrize(
     "quant", [KVQuantConfig(8, 8, rotate=False), KVQuantConfig(8, 4, rotate=False), KVQuantConfig(8, 4)]
 )
@@ -64,7 +79,8 @@ def test_rolled_window_over_a_quantized_sink_reads_back_the_full_precision_cache
             chunk = torch.randn(1, a.frames_per_chunk, 3, 64, 64, generator=g)
             act = torch.randint(0, a.n_actions, (1, a.frames_per_chunk), generator=g)
             for cache in (quantized, exact):
-                mini(chunk, t0, act, ctx, cache=cache, commit=True)
+                mini(chunk, t0 + 0.5, act, ctx, cache=cache)  # a denoising pass reads (and keeps) the buffers
+                mini(chunk, t0, act, ctx, cache=cache, commit=True)  # ... which the commit must renew
     assert quantized.n_chunks == a.sink_chunks + a.window_chunks and quantized.committed == 6
     assert quantized._age[a.sink_chunks : quantized.n_chunks] == [2, 1]  # rolls each window chunk lived through
     (qk, qv), (ek, ev) = quantized.view(0), exact.view(0)
@@ -82,6 +98,45 @@ def test_rolled_window_over_a_quantized_sink_reads_back_the_full_precision_cache
         # of a step set by the unrotated key's largest entry, itself at most sqrt(2) times the rotated one's.
         assert ((qk - ek)[:, :, part].abs() <= ek[:, :, part].abs().amax(-1, keepdim=True) / qmax + 1e-6).all()
         assert ((qv - ev)[:, :, part].abs() <= ev[:, :, part].abs().amax(-1, keepdim=True) * 0.51 / qmax + 1e-6).all()
+
+
+def _commit_chunks(model, caches, n, seed=1):
+    a, g = model.args, torch.Generator().manual_seed(seed)
+    ctx, t0 = model.encode_prompt(torch.tensor([0])), torch.zeros(1, a.frames_per_chunk)
+    with torch.no_grad():
+        for _ in range(n):
+            chunk = torch.randn(1, a.frames_per_chunk, 3, a.frame_height, a.frame_width, generator=g)
+            act = torch.randint(0, a.n_actions, (1, a.frames_per_chunk), generator=g)
+            for cache in caches:
+                model(chunk, t0, act, ctx, cache=cache, commit=True)
+
+
+def test_a_chunk_keeps_its_bits_as_the_window_rolls(make_mini):
+    """Only chunk 2's cache at 4 bits: after a roll it sits one slot left, still at 4 bits and
+    within its bound, every other held chunk as the full-precision cache; once rolled out, no held
+    chunk is quantized."""
+    mini = make_mini(args=replace(MINI, camera_rope=True))
+    a, ct = mini.args, mini.args.chunk_tokens
+    quantized, exact = KVCache(a, 1, quant=KVQuantConfig(None, None, chunk_bits={2: 4})), KVCache(a, 1)
+    _commit_chunks(mini, (quantized, exact), 4)  # held: 0 (sink), 2, 3
+    assert [quantized.chunks[c][0].bits for c in range(quantized.n_chunks)] == [None, 4, None]
+    (qk, qv), (ek, ev) = quantized.view(0), exact.view(0)  # the first layer's depend on each chunk alone
+    for q, e in ((qk, ek), (qv, ev)):
+        fp = torch.cat([q[:, :, :ct], q[:, :, 2 * ct :]], 2), torch.cat([e[:, :, :ct], e[:, :, 2 * ct :]], 2)
+        torch.testing.assert_close(*fp, rtol=1e-5, atol=1e-5)
+        err, e2 = (q - e)[:, :, ct : 2 * ct].norm(dim=-1), e[:, :, ct : 2 * ct].norm(dim=-1)
+        assert (err > 1e-4).any() and (err <= e2 * a.head_dim**0.5 * 0.501 / 7 + 1e-5).all()
+    _commit_chunks(mini, (quantized,), 1, seed=2)  # chunk 2 rolls out
+    assert [quantized.chunks[c][0].bits for c in range(quantized.n_chunks)] == [None, None, None]
+
+
+def test_kv_chunk_sensitivity_measures_each_read_chunk(make_mini):
+    model = make_mini()
+    model.kv_quant = AUTO
+    r = kv_chunk_sensitivity(model, 4, CalibrationSet(rollouts=1, chunks=3), progress=False)
+    assert len(r["final_frame_mse"]) == 2 and all(e > 0 for e in r["final_frame_mse"])
+    assert r["bits"] == 4 and r["calibration"]["chunks"] == 3
+    assert model.kv_quant == AUTO  # the model's own setting is restored
 
 
 def test_hadamard_rotation_is_orthonormal_and_spreads_an_outlier_channel():
@@ -140,9 +195,10 @@ def test_cache_bytes_per_stream_shrink(tiny_world):
     assert int4 < int4_sink8 < int8
 
 
-def test_quantized_stream_forks_and_batches_exactly(tiny_world):
-    tiny_world.kv_quant = KVQuantConfig(8, 4)
-    s = Stream(tiny_world, "islands", seed=2)
+def test_quantized_stream_forks_and_batches_exactly(make_mini):
+    mini = make_mini(args=replace(MINI, camera_rope=True))
+    mini.kv_quant = KVQuantConfig(8, 4)
+    s = Stream(mini, "islands", seed=2)
     for act in ("right", "up", "left", "down", "none"):  # past the first roll of the window
         s.step(act)
     twin, first, second = s.fork(), s.fork(), s.fork()
@@ -154,11 +210,11 @@ def test_quantized_stream_forks_and_batches_exactly(tiny_world):
 
 
 def test_tiny_world_streams_with_a_quantized_cache_keep_their_frames(tiny_world):
-    """Three streams (6 chunks: the window rolls twice), same noise, full-precision cache
-    against quantized ones; PSNR of each stream's whole clip. A stream can drift away from its
-    reference (a small change that grows): the snow stream does with unrotated int4 keys (29.9 dB)."""
-    scripts = [["right", "right", "up", "left", "none", "down"] * 3] * 3
-    prompts, seeds = ["islands", "snow", "islands"], [3, 4, 5]
+    """Two streams (5 chunks: the window rolls once), same noise, full-precision cache against
+    quantized ones; PSNR of each stream's whole clip. A stream can drift away from its reference
+    (a small change that grows): the snow stream does with unrotated int4 keys."""
+    scripts = [["right", "right", "up", "left", "none"] * 3] * 2
+    prompts, seeds = ["islands", "snow"], [3, 4]
 
     def clips(quant):
         tiny_world.kv_quant = quant
