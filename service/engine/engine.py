@@ -525,13 +525,13 @@ class Engine:
                 await self._step(group)
 
     def _due_groups(self, now: float) -> list[list[Session | Render]]:
-        """Batches of the sessions due a chunk, of one model and cache length each; then the
+        """Batches of the sessions due a chunk, of one model, cache length and time position each; then the
         renders due a chunk (all of them while no session is due, else those that have waited
         long enough to keep their RENDER_SHARE)."""
         batch = self.settings.batch_sessions
 
         def key(x: Session | Render) -> tuple:
-            return (x.model_id, x.stream.cache.n_chunks) if batch else (id(x),)
+            return (x.model_id, x.stream.cache.n_chunks, x.stream.cache.time_offset) if batch else (id(x),)
 
         live = [s for s in self.sessions.values() if not s.paused and not s.closed and s.next_due <= now]
         groups: dict[tuple, list[Session | Render]] = defaultdict(list)
@@ -679,6 +679,9 @@ class Engine:
         if base_id is None:
             return None
         try:
+            # A model quantized from a file names its base by the file's name: shadow only on that very model.
+            if self._store.record(base_id).sha256 != s.stream.model.manifest["base_model"]["sha256"]:
+                return None
             base = self._models.get(base_id)
         except UnknownModel:  # quantized from a file the store does not hold (`qarvd quantize --model PATH`)
             return None
