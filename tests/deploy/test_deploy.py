@@ -27,15 +27,10 @@ SERVICES = {"api", "worker", "redis", "prometheus", "grafana"}
 
 
 @pytest.fixture(scope="module")
-def exported_series(tmp_path_factory) -> set[str]:
-    """Every series name a live server's /metrics carries, from its `# TYPE` lines (a real
+def exported_series(image_server) -> set[str]:
+    """Every series name a live server's /metrics carries, from its `# TYPE` lines (the image's
     `qarvd serve` with its embedded Redis and worker, so the job families are there too)."""
-    tmp = tmp_path_factory.mktemp("live")
-    server = ServerProcess(data_dir=tmp / "data", artifact_dir=tmp / "artifacts", threads=1)
-    try:
-        text = httpx.get(server.url + "/metrics", timeout=30).text
-    finally:
-        server.stop()
+    text = httpx.get(image_server.url + "/metrics", timeout=30).text
     assert "qarvd_jobs_queue_depth" in text  # the jobs collector answered from Redis
     series = set()
     for line in text.splitlines():
@@ -437,17 +432,19 @@ def test_dockerignore_keeps_the_package():
     assert not {"qarvd_core", "service", "pyproject.toml", "README.md"} & ignored
 
 
-def test_dockerfile_install_steps_work_in_a_plain_venv(dockerfile, tmp_path):
-    """The image's install, replayed without the base image: the builder stage's COPY set, the CPU
-    variant's torch pin, `pip install ".[serve,wan]"` and its import check, then its entrypoint
-    serving the shipped model and a Wan model card from the installed (not editable) package.
-    The venv starts with what `qarvd[serve,wan]` pulls in, linked from this environment (what the
-    image would unpack from the same wheels): pip builds and installs the package itself, and a
-    dependency the extras do not declare is missing there as in the image."""
+@pytest.fixture(scope="module")
+def image_server(dockerfile, tmp_path_factory):
+    """The image's install, replayed without the base image: the builder stage's COPY set, the
+    CPU variant's torch pin, `pip install ".[serve,wan]"` and its import check; then its entrypoint
+    serving from the installed (not editable) package, with a tiny Wan card. The venv starts with
+    what `qarvd[serve,wan]` pulls in, linked from this environment (what the image would unpack
+    from the same wheels): pip builds and installs the package itself, and a dependency the
+    extras do not declare is missing there as in the image."""
+    tmp = tmp_path_factory.mktemp("image")
     lines = [ln.strip() for ln in dockerfile.splitlines()]
     torch_pin = next(ln for ln in lines if "pip install torch==" in ln and ln.endswith("/cpu"))
     torch_pin = torch_pin.removeprefix("RUN ").split(" --index-url")[0]  # this machine's wheel, not the index
-    src = tmp_path / "src"
+    src = tmp / "src"
     src.mkdir()
     for ln in lines:
         if ln.startswith("COPY ") and "--from" not in ln:
@@ -455,28 +452,30 @@ def test_dockerfile_install_steps_work_in_a_plain_venv(dockerfile, tmp_path):
             for p in paths:
                 (shutil.copytree if (ROOT / p).is_dir() else shutil.copy)(ROOT / p, src / p)
     install = next(ln for ln in lines if ln.startswith('RUN pip install ".[serve,wan]"')).removeprefix("RUN ")
-    bin_dir = linked_venv(tmp_path / "venv", "qarvd[serve,wan]")
+    bin_dir = linked_venv(tmp / "venv", "qarvd[serve,wan]")
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     env.pop("VIRTUAL_ENV", None)
     for step in (torch_pin, install):
         r = subprocess.run(step + " -q", shell=True, cwd=src, env=env, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, r.stdout + r.stderr
-    card = write_wan_card(tmp_path / "cards")
+    card = write_wan_card(tmp / "cards")
     server = ServerProcess(
         command=[str(bin_dir / "qarvd")],
-        cwd=tmp_path,
-        data_dir=tmp_path / "data",
-        artifact_dir=tmp_path / "a",
+        cwd=tmp,
+        data_dir=tmp / "data",
+        artifact_dir=tmp / "a",
+        threads=1,
         model_cards=json.dumps([str(card)]),
     )
-    try:
-        models = httpx.get(server.url + "/v1/models", timeout=10).json()
-        assert {"tiny-world", "tiny-wan"} <= {m["id"] for m in models}
-        assert httpx.get(server.url + "/", timeout=10).status_code == 200  # the demo page is package data
-        # The card loads (diffusers' VAE, transformers' UMT5) and renders.
-        video = httpx.post(
-            server.url + "/v1/videos", json={"model": "tiny-wan", "prompt": "a cat", "chunks": 1}, timeout=120
-        )
-        assert video.status_code == 200 and video.headers["content-type"] == "video/mp4", video.text[:500]
-    finally:
-        server.stop()
+    yield server
+    server.stop()
+
+
+def test_dockerfile_install_steps_work_in_a_plain_venv(image_server):
+    models = httpx.get(image_server.url + "/v1/models", timeout=10).json()
+    assert {"tiny-world", "tiny-wan"} <= {m["id"] for m in models}
+    assert httpx.get(image_server.url + "/", timeout=10).status_code == 200  # the demo page is package data
+    # The card loads (diffusers' VAE, transformers' UMT5) and renders.
+    body = {"model": "tiny-wan", "prompt": "a cat", "chunks": 1}
+    video = httpx.post(image_server.url + "/v1/videos", json=body, timeout=120)
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4", video.text[:500]
