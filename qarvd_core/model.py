@@ -259,7 +259,6 @@ class KVCache:
         if self.quant is None:
             self.k, self.v = buffers or (torch.zeros(shape, device=device, dtype=dtype) for _ in "kv")
             self.device = self.k.device
-            self._layers = [_static(self.k[i], self.v[i]) for i in range(args.n_layers)]
         else:
             self.device = torch.device(device or "cpu")
             self._work = buffers
@@ -316,8 +315,8 @@ class KVCache:
 
     def layer(self, i: int, slot: Tensor | None) -> CachedKV:
         """Layer i's key and value buffers [B, H, capacity, hd] for a cached pass, with `slot`."""
-        if self.quant is None:
-            return *self._layers[i], slot
+        if self.quant is None:  # fresh views each pass (a kept one breaks autograd after a write under grad)
+            return *_static(self.k[i], self.v[i]), slot
         if i not in self._held:
             self._held[i] = self._read(i)
         return *self._held[i], slot

@@ -10,6 +10,7 @@ they come; its frames leave in the same layout as a pixel-space model's.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -498,19 +499,52 @@ def rollout(
     return torch.cat(out, dim=1)
 
 
+# The batched key and value buffers of each model, kept across chunks (`batch_buffers`).
+_BATCH_BUFFERS: weakref.WeakKeyDictionary[WorldModel, tuple[Tensor, Tensor]] = weakref.WeakKeyDictionary()
+
+
+def batch_buffers(model: WorldModel, batch: int) -> tuple[Tensor, Tensor]:
+    """The key and value buffers [layers, batch, heads, capacity, head_dim] `step_streams` gathers
+    `batch` streams of `model` into: an FP cache's storage, a quantized one's dequantized working copy.
+
+    Every batch size takes the first rows of one pair of buffers per model, kept across chunks, so
+    the blocks write into the same addresses every chunk and inductor's CUDA graphs, recorded once,
+    replay. They are allocated for the largest batch asked for so far and reallocated (the graphs
+    re-recorded) only when a larger one comes: a server asks for its largest batch when a model
+    loads. Freed by `release_batch_buffers` or with the model.
+    """
+    held = _BATCH_BUFFERS.get(model)
+    if held is None or held[0].shape[1] < batch:
+        a, p = model.args, next(model.parameters())
+        shape = (a.n_layers, batch, a.n_heads, a.context_chunks * a.chunk_tokens, a.head_dim)
+        held = _BATCH_BUFFERS[model] = tuple(torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in "kv")
+    return held[0][:, :batch], held[1][:, :batch]
+
+
+def batch_row_bytes(model: WorldModel) -> int:
+    """Bytes of one stream's rows of `model`'s batch buffers (what each stream of a batch holds there)."""
+    a, p = model.args, next(model.parameters())
+    return 2 * a.n_layers * a.n_heads * a.context_chunks * a.chunk_tokens * a.head_dim * p.element_size()
+
+
+def release_batch_buffers(model: WorldModel) -> None:
+    """Free `model`'s batch buffers (a model being unloaded)."""
+    _BATCH_BUFFERS.pop(model, None)
+
+
 @torch.no_grad()
 def step_streams(streams: list[Stream], actions: list[str | list[str] | None]) -> list[np.ndarray]:
-    """One chunk for several streams of the same model in one batched forward pass.
+    """One chunk for one or several streams of the same model in one batched forward pass.
 
     Streams must share a model and the time position of their next chunk (the same number of held
     chunks, and of chunks ever made for an absolute-time cache; the server groups them so); each
-    keeps its own cache, noise generator, prompt, held context and decoder. The
-    result equals calling `stream.step(action)` on each (up to float rounding).
+    keeps its own cache, noise generator, prompt, held context and decoder. Their caches are
+    gathered into the model's batch buffers (`batch_buffers`) and scattered back, so a compiled
+    model's chunks run on the same buffers every time (CUDA graphs). The result equals calling
+    `stream.step(action)` on each (exactly for one stream; up to float rounding for several).
     """
     if not streams:
         return []
-    if len(streams) == 1:
-        return [streams[0].step(actions[0])]
     first = streams[0]
     if any(
         s.model is not first.model
@@ -520,7 +554,8 @@ def step_streams(streams: list[Stream], actions: list[str | list[str] | None]) -
     ):
         raise ValueError("batched streams must share a model, a cache length and time position and sampler settings")
     ids = torch.stack([chunk_actions(first.model, a) for a in actions]).to(first.device)
-    cache = KVCache(first.args, len(streams), first.device, first.dtype, first.cache.quant)
+    B = len(streams)
+    cache = KVCache(first.args, B, first.device, first.dtype, first.cache.quant, batch_buffers(first.model, B))
     for i, s in enumerate(streams):
         cache.copy_from(s.cache, dst_rows=slice(i, i + 1))
     camera = camera_path(ids, cache.camera)

@@ -15,7 +15,8 @@ each session's small outbound queue, where the newest frame wins: a slow client 
 A model is warmed up when it loads (`_warm_up`): a chunk at every batch size the loop can give
 it, so compiled blocks never compile in a live session's chunk, and the memory one more stream
 of it takes is measured there (its KV and VAE decoder caches as tensor bytes, its rows of the
-batched cache copy, on CUDA the chunk's peak beyond them). Admission counts those bytes against
+model's batch buffers, allocated there for the largest batch and kept, on CUDA the chunk's peak
+beyond them). Admission counts those bytes against
 the memory budget, and `QARVD_MAX_SESSIONS=auto` is the budget over them.
 
 Nothing a client sends waits for the compute thread: a prompt switch is recorded and
@@ -50,7 +51,7 @@ from qarvd_core import runtime
 from qarvd_core.checkpoint import DTYPES
 from qarvd_core.eval.metrics import psnr
 from qarvd_core.model import WorldModel
-from qarvd_core.sampling import ScriptRender, Stream, step_streams
+from qarvd_core.sampling import ScriptRender, Stream, batch_buffers, batch_row_bytes, step_streams
 from qarvd_core.video import encode_mp4
 from qarvd_core.world.simulator import BIOME_NAMES
 from service.engine.loaded import LoadedModels
@@ -285,21 +286,30 @@ class Engine:
         size the loop can give it (compiled blocks specialise on the batch size)."""
         prompt, action = DEFAULT_BIOME, idle_action(model)  # any text prompts a text model
         stream = Stream(model, prompt, 0)
-        stream.step(action)  # compiles a compiled model, fills a latent model's decoder cache
+        step_streams([stream], [action])  # compiles a compiled model, fills a latent model's decoder cache
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        stream.step(action)
-        # Its state, its rows of the cache copy a batched chunk works on, and on CUDA what the chunk
-        # took beyond what it keeps (activations, the dequantized layer of a quantized cache).
-        chunk = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device) if cuda else 0
-        self.session_bytes[model_id] = stream.nbytes + stream.cache.nbytes + chunk
+        step_streams([stream], [action])
+        # Its state, its rows of the model's batch buffers (kept: `batch_buffers`), and what a chunk
+        # takes beyond what it keeps: on CUDA measured (activations, a quantized cache's batched copy
+        # of its stores), elsewhere that copy alone.
+        if cuda:
+            chunk = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+        else:
+            chunk = stream.cache.nbytes if stream.cache.quant is not None else 0
+        self.session_bytes[model_id] = stream.nbytes + batch_row_bytes(model) + chunk
         self.metrics.session_bytes.labels(model_id).set(self.session_bytes[model_id])
         if self.max_sessions is None:
             self.max_sessions = self._auto_max_sessions(self.session_bytes[model_id])
-        if self._models.compiles(model) and self.settings.batch_sessions:
-            for n in range(2, self.max_sessions + 1):
+        # The batch buffers at their final size now, so they are never reallocated; a compiled model
+        # then runs every batch size on them (the largest first), so that its graphs (CUDA graphs on
+        # CUDA) are recorded on the buffers it will keep.
+        largest = self.max_sessions if self.settings.batch_sessions else 1
+        batch_buffers(model, largest)
+        if self._models.compiles(model):
+            for n in range(largest, 0, -1):
                 step_streams([Stream(model, prompt, i) for i in range(n)], [action] * n)
 
     def _memory_budget(self) -> int | None:
@@ -357,11 +367,12 @@ class Engine:
 
     def _new_stream(self, model_id: str, prompt: str | None, seed: int) -> Stream:
         """On a CUDA device, raises AtCapacity when it has no room for one more stream of the model."""
-        if self.device.type == "cuda" and self.session_bytes[model_id] > self._device_free():
+        model = self._models.get(model_id)
+        # Its rows of the model's batch buffers were allocated when the model loaded.
+        if self.device.type == "cuda" and self.session_bytes[model_id] - batch_row_bytes(model) > self._device_free():
             self.metrics.sessions_rejected.labels("device_memory").inc()
             need = self.session_bytes[model_id] / 2**20
             raise AtCapacity(f"not enough device memory for another stream ({need:.0f} MiB needed)")
-        model = self._models.get(model_id)
         return Stream(model, check_prompt(model, prompt), seed)
 
     # Sessions ------------------------------------------------------------------------
@@ -688,7 +699,7 @@ class Engine:
         return base_id, s.stream.fork(base)
 
     def _finish_shadow(self, s: Session, base_id: str, fp: Stream, action: str, frames: np.ndarray) -> None:
-        ref = fp.step(action)
+        ref = step_streams([fp], [action])[0]  # on the base model's batch buffers (CUDA graphs)
         s.drift_psnr_db = float(psnr(frames, ref).mean())
         self.metrics.drift_psnr.labels(s.model_id).observe(s.drift_psnr_db)
         limit = self.settings.drift_fallback_db

@@ -13,6 +13,7 @@ import torch
 from qarvd_core import runtime
 from qarvd_core.checkpoint import load_model
 from qarvd_core.model import WorldModel
+from qarvd_core.sampling import release_batch_buffers
 from service.store import ModelStore
 
 log = logging.getLogger("qarvd.engine")
@@ -79,11 +80,16 @@ class LoadedModels:
 
     def unload(self, model_id: str) -> None:
         with self._lock:
-            self._loaded.pop(model_id, None)
+            self._drop(model_id)
+
+    def _drop(self, model_id: str) -> None:
+        model = self._loaded.pop(model_id, None)
+        if model is not None:  # its batch buffers go with it, even while compiled code still refers to it
+            release_batch_buffers(model)
 
     def _evict(self, keep: str) -> None:
         busy = self.in_use() | {keep}
         for victim in [m for m in self._loaded if m not in busy]:
             if len(self._loaded) <= self.max_loaded:
                 break
-            del self._loaded[victim]
+            self._drop(victim)

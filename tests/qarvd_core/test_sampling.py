@@ -154,3 +154,105 @@ def test_a_script_render_pads_the_last_chunk_and_trims_its_frames(mini):
     same = Stream(mini, "forest", seed=4)
     whole = np.concatenate([same.step("right"), same.step("right")])
     np.testing.assert_array_equal(r.video(), whole[: len(script)])
+
+
+def _assert_batch_buffers_kept(model, streams, twin, refs, step_refs) -> None:
+    """Five chunks past the window roll: `streams` of `model` through step_streams write into the
+    same buffers every chunk and make the frames that `step_refs(refs, actions)` makes with `refs`,
+    the same streams on `twin` (the same weights) with freshly allocated buffers each chunk."""
+    from qarvd_core.sampling import batch_buffers, release_batch_buffers, step_streams
+
+    n, seen, chunk_buffers = len(streams), [], []
+    # The address of the key buffer each block writes into, pass by pass.
+    hooks = [b.register_forward_pre_hook(lambda _m, args: seen.append(args[5][0].data_ptr())) for b in model.blocks]
+    for step in range(5):
+        acts = [["right", "up", "none"][(step + i) % 3] for i in range(n)] if model.args.n_actions else [None] * n
+        got = step_streams(streams, acts)
+        chunk_buffers.append(tuple(seen))
+        seen.clear()
+        release_batch_buffers(twin)
+        for x, y in zip(got, step_refs(refs, acts), strict=True):
+            np.testing.assert_array_equal(x, y)
+    for h in hooks:
+        h.remove()
+    assert chunk_buffers[0][0] == batch_buffers(model, n)[0].data_ptr()  # the blocks wrote into them
+    assert len(set(chunk_buffers)) == 1  # ... the same ones every chunk: allocated once
+    assert streams[0].cache.committed == 5 and streams[0].cache.n_chunks < 5  # the window rolled
+
+
+@pytest.mark.parametrize("kv_bits", [None, (8, 4)])
+@pytest.mark.parametrize("n", [1, 3])
+def test_step_streams_keeps_its_batch_buffers_and_frames_exact(make_mini, kv_bits, n):
+    """The batched KV buffers are allocated once per model and batch size and reused: frames stay
+    byte for byte those of fresh buffers (one stream: of `Stream.step`), quantized caches too."""
+    from qarvd_core.quant.kv import KVQuantConfig
+    from qarvd_core.sampling import step_streams
+
+    mini, twin = (make_mini(args=replace(MINI, camera_rope=True)) for _ in range(2))
+    for m in (mini, twin):
+        m.kv_quant = None if kv_bits is None else KVQuantConfig(*kv_bits)
+    prompts = ["islands", "snow", "forest"][:n]
+    streams = [Stream(mini, p, seed) for seed, p in enumerate(prompts)]
+    refs = [Stream(twin, p, seed) for seed, p in enumerate(prompts)]
+
+    def step_refs(refs, acts):
+        return [s.step(a) for s, a in zip(refs, acts)] if n == 1 else step_streams(refs, acts)
+
+    _assert_batch_buffers_kept(mini, streams, twin, refs, step_refs)
+
+
+def test_compiled_blocks_write_only_static_buffers_and_compile_once(mini):
+    """What inductor's CUDA graphs need, checked where no GPU is: every input a compiled block
+    writes in place is a static address (else inductor skips the graph), and chunks after the
+    first compile nothing new (no per-chunk Python scalar, shape or buffer in the guards). The
+    same metadata inductor reads (AOT autograd's), through an AOT backend that runs the graph eagerly."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.utils import counters
+    from torch._guards import TracingContext
+
+    from qarvd_core.sampling import step_streams
+
+    unsafe = []
+
+    def check(gm, _inputs):
+        meta = TracingContext.get().fw_metadata
+        written = {i for i, info in enumerate(meta.input_info) if info.mutates_data}
+        unsafe.append(written - set(meta.static_input_indices))
+        return gm
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=check)
+    for block in mini.blocks:  # as WorldModel.compile_blocks wires them, on this backend
+        block._compiled_call_impl = torch.compile(block._call_impl, backend=backend, dynamic=False)
+    pair, solo = [Stream(mini, p, i) for i, p in enumerate(["islands", "snow"])], [Stream(mini, "forest", 2)]
+    step_streams(pair, ["left", "up"])  # every batch size once, as a server warms a model up
+    step_streams(solo, ["left"])
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in range(4):  # past the window roll
+        step_streams(pair, ["right", "none"])
+        step_streams(solo, ["up"])
+    assert counters["stats"]["unique_graphs"] == graphs and solo[0].cache.n_chunks < solo[0].cache.committed
+    assert unsafe and not any(unsafe)
+
+
+@pytest.mark.cuda
+def test_on_cuda_compiled_chunks_replay_as_cuda_graphs_with_the_frames_of_eager(make_mini):
+    """Inductor's CUDA graphs, as the server turns them on: none skipped, frames as eager's."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    from qarvd_core.sampling import step_streams
+
+    eager = make_mini().cuda()
+    compiled = make_mini().cuda()
+    with inductor_config.patch({"triton.cudagraphs": True}):
+        compiled.compile_blocks()
+        skips = counters["inductor"]["cudagraph_skips"]
+        for n in (1, 2):  # past the window roll at both batch sizes
+            a = [Stream(compiled, "islands", i) for i in range(n)]
+            b = [Stream(eager, "islands", i) for i in range(n)]
+            for step in range(5):
+                acts = [["right", "up"][(step + i) % 2] for i in range(n)]
+                for x, y in zip(step_streams(a, acts), step_streams(b, acts), strict=True):
+                    assert np.abs(x.astype(int) - y.astype(int)).mean() < 0.5  # fused float rounding only
+        assert counters["inductor"]["cudagraph_skips"] == skips

@@ -331,3 +331,14 @@ def test_generate_writes_a_video_from_a_card(card, tmp_path):
     r = CliRunner().invoke(app, [*args, "--actions", "left*9"])
     assert r.exit_code == 2 and "takes no actions" in r.output
 
+
+def test_batched_wan_streams_keep_their_batch_buffers(card, wan):
+    """step_streams's batch buffers on the Wan layout (absolute time positions, fresh noise, latent
+    chunks decoded as they come): allocated once, frames byte for byte those of fresh buffers."""
+    from tests.qarvd_core.test_sampling import _assert_batch_buffers_kept
+
+    twin = load_model(str(card))
+    prompts = [PROMPT, "a dog runs in snow"]
+    streams = [Stream(wan, p, seed) for seed, p in enumerate(prompts)]
+    refs = [Stream(twin, p, seed) for seed, p in enumerate(prompts)]
+    _assert_batch_buffers_kept(wan, streams, twin, refs, step_streams)

@@ -155,7 +155,9 @@ def test_without_a_budget_auto_is_the_cpu_default_and_a_quantized_cache_measures
 
     limit, measured = asyncio.run(scenario())
     assert limit == AUTO_SESSIONS_WITHOUT_BUDGET
-    assert 1.9 < measured["mini"] / measured["mini-kv8"] < 4
+    # Smaller by less than the caches alone: every stream also holds a full-precision row of its
+    # model's batch buffers (a quantized cache's dequantized working copy).
+    assert 1.2 < measured["mini"] / measured["mini-kv8"] < 2
 
 
 @pytest.mark.cuda

@@ -50,3 +50,17 @@ def test_quantized_models_compile_by_their_own_setting(artifact_dir):
     assert "_compiled_call_impl" not in vars(fp.blocks[0]) and "_compiled_call_impl" in vars(q.blocks[0])
     streams = [Stream(q, "forest", 0)]
     step_streams(streams, ["right"])  # the compiled quantized model streams
+
+
+def test_unloading_a_model_frees_its_batch_buffers(artifact_dir):
+    from qarvd_core.sampling import _BATCH_BUFFERS
+
+    models = LoadedModels(ModelStore(artifact_dir), max_loaded=1)
+    mini = models.get("mini")
+    step_streams([Stream(mini, "forest", 0), Stream(mini, "snow", 1)], ["right", "left"])
+    assert _BATCH_BUFFERS[mini][0].shape[1] == 2  # kept across chunks while the model is loaded
+    quant = models.get("mini-rtn-w8a8")  # over budget: mini is unloaded, its buffers with it
+    assert mini not in _BATCH_BUFFERS and models.ids() == ["mini-rtn-w8a8"]
+    step_streams([Stream(quant, "forest", 0)], ["right"])
+    models.unload("mini-rtn-w8a8")
+    assert quant not in _BATCH_BUFFERS
