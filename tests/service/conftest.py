@@ -27,9 +27,10 @@ def artifact_dir(tmp_path_factory):
 
 
 def start_server(artifact_dir, **settings) -> ServerProcess:
-    """A server on the miniature models, one compute thread, its own embedded Redis directory."""
-    data_dir = tempfile.mkdtemp(prefix="qarvd-data-")
-    return ServerProcess(artifact_dir=artifact_dir, default_model="mini", threads=1, data_dir=data_dir, **settings)
+    """A server on the miniature models (`mini` first unless asked), one compute thread, its own
+    embedded Redis directory."""
+    settings = {"default_model": "mini", "threads": 1, "data_dir": tempfile.mkdtemp(prefix="qarvd-data-"), **settings}
+    return ServerProcess(artifact_dir=artifact_dir, **settings)
 
 
 @pytest.fixture(scope="module")

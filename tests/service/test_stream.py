@@ -215,7 +215,8 @@ def test_sigterm_tells_sessions_why_closes_1012_and_exits_cleanly(make_server):
 
 
 def test_compiled_bf16_server_warms_every_batch_size_and_streams(make_server):
-    s = make_server(compile="true", dtype="bf16", max_sessions="2")
+    # The model it streams is its default: only that one is loaded, compiled and warmed.
+    s = make_server(compile="true", dtype="bf16", max_sessions="2", default_model="mini-rtn-w8a8")
     clients = [StreamClient(s.ws_url) for _ in range(2)]
     for i, c in enumerate(clients):
         # Its first session loads the model, which compiles every batch size before admitting it.
@@ -333,7 +334,7 @@ def test_a_video_renders_between_live_chunks_and_renders_are_capped(server):
     live = StreamClient(server.ws_url)
     live.start()
     live.frames(3)
-    body = {"model": "mini", "actions": "right*300,left*300", "scale": 1}
+    body = {"model": "mini", "actions": "right*120,left*120", "scale": 1}  # 80 chunks
     rendered: list = []
     render = threading.Thread(
         target=lambda: rendered.append(httpx.post(server.url + "/v1/videos", json=body, timeout=300))
