@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -125,7 +126,7 @@ def main() -> None:
     result = {
         "what": a.what,
         "model": a.weights or a.model,
-        "command": "python " + " ".join(sys.argv),
+        "command": "python " + shlex.join(sys.argv),
         "seconds": round(time.time() - t0),
         "torch": torch.__version__,
         **result,
