@@ -41,7 +41,7 @@ import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict
 
 import numpy as np
 import torch
@@ -114,7 +114,18 @@ def encode_frame(frame: np.ndarray, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def frame_message(header: dict, image: bytes) -> bytes:
+class FrameHeader(TypedDict):
+    """The JSON header in front of every frame (docs/protocol.md, "Frame header")."""
+
+    frame: int
+    chunk: int
+    action: str | None
+    latency_ms: float
+    ts: float
+    index_in_chunk: int
+
+
+def frame_message(header: FrameHeader, image: bytes) -> bytes:
     """4-byte big-endian header length, UTF-8 JSON header, encoded image."""
     h = json.dumps(header, separators=(",", ":")).encode()
     return struct.pack(">I", len(h)) + h + image
@@ -628,14 +639,14 @@ class Engine:
             for i in range(n):
                 self.metrics.frame_latency.labels(s.model_id).observe(elapsed / n)
                 headers.append(
-                    {
-                        "frame": s.frames_generated,
-                        "chunk": chunk,
-                        "action": action,
-                        "latency_ms": round(elapsed * 1000 / n, 2),
-                        "ts": time.time(),
-                        "index_in_chunk": i,
-                    }
+                    FrameHeader(
+                        frame=s.frames_generated,
+                        chunk=chunk,
+                        action=action,
+                        latency_ms=round(elapsed * 1000 / n, 2),
+                        ts=time.time(),
+                        index_in_chunk=i,
+                    )
                 )
                 s.frames_generated += 1
             sends.append((s, headers, fr))

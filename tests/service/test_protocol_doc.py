@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from service.engine.engine import frame_message
+from service.engine.engine import FrameHeader, frame_message
 from service.schemas import ClientMsg
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,23 +157,17 @@ def close_codes() -> set[int]:
 
 
 def frame_header_fields() -> set[str]:
-    """The keys of the header dicts passed to frame_message."""
-    keys: set[str] = set()
+    """The fields of FrameHeader, after checking that every FrameHeader the service builds passes
+    exactly those (so a key cannot be sent without being declared, nor declared and never sent)."""
+    declared = set(FrameHeader.__annotations__)
+    built = 0
     for _, tree in _sources():
         for call in ast.walk(tree):
-            if isinstance(call, ast.Call) and ast.unparse(call.func).endswith("frame_message") and call.args:
-                arg = call.args[0]
-                if isinstance(arg, ast.Name):
-                    for a in ast.walk(tree):
-                        if (
-                            isinstance(a, ast.Assign)
-                            and any(isinstance(t, ast.Name) and t.id == arg.id for t in a.targets)
-                            and isinstance(a.value, ast.Dict)
-                        ):
-                            keys |= _dict_keys(a.value, tree)
-                elif isinstance(arg, ast.Dict):
-                    keys |= _dict_keys(arg, tree)
-    return keys
+            if isinstance(call, ast.Call) and ast.unparse(call.func) == "FrameHeader":
+                assert {k.arg for k in call.keywords} == declared, ast.unparse(call)
+                built += 1
+    assert built, "the service builds no FrameHeader"
+    return declared
 
 
 # The checks --------------------------------------------------------------------------
