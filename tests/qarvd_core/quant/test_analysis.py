@@ -29,7 +29,7 @@ def test_analyze_and_quantize_cli_end_to_end(mini_weights, tmp_path):
             "--model",
             str(path),
             "--rollouts",
-            "2",
+            "1",
             "--chunks",
             "3",
             "--json",
@@ -70,7 +70,18 @@ def test_analyze_and_quantize_cli_end_to_end(mini_weights, tmp_path):
     r = runner.invoke(app, ["inspect", str(out)])
     assert r.exit_code == 0 and "gptq  W8A8" in r.output and "evaluation" in r.output
     assert "activations per-token dynamic" in r.output
-    r = runner.invoke(app, ["generate", "--model", str(out), "--actions", "right*3", "--out", str(tmp_path / "q.mp4")])
+    # Eager: compiling the quantized blocks is test_checkpoint's and test_cli's to check.
+    generate = [
+        "generate",
+        "--model",
+        str(out),
+        "--actions",
+        "right*3",
+        "--no-compile",
+        "--out",
+        str(tmp_path / "q.mp4"),
+    ]
+    r = runner.invoke(app, generate)
     assert r.exit_code == 0, r.output
 
 
