@@ -19,13 +19,15 @@ from qarvd_core.checkpoint import (
 from qarvd_core.model import ModelArgs
 from qarvd_core.quant import CalibrationSet, QArvdConfig, quantize
 from qarvd_core.sampling import rollout
+from tests.conftest import mini_model
 
 ARGS = (["forest"], [["left"] * 6], [3])
 
 
-@pytest.fixture
-def checkpoint(mini_weights, tmp_path):
-    base_path, base = mini_weights
+def make_checkpoint(directory):
+    """A W4 Q-ARVD checkpoint of a mini model with planted outliers; (path, model, base path)."""
+    base_path = save_weights(mini_model(), directory / "mini.safetensors", preset=None)
+    base = load_model(str(base_path))  # as saved: quantized from the weights the checkpoint names
     with torch.no_grad():
         base.blocks[0].ffn[0].weight[:, :2] *= 30
     save_weights(base, base_path, preset=None)
@@ -35,8 +37,14 @@ def checkpoint(mini_weights, tmp_path):
         CalibrationSet(rollouts=1, chunks=2, tokens_per_pass=16),
         progress=False,
     )
-    path = save_quantized(q, tmp_path / "q.safetensors", str(base_path), {"psnr_db_mean": 40.0})
+    path = save_quantized(q, directory / "q.safetensors", str(base_path), {"psnr_db_mean": 40.0})
     return path, q, base_path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """Shared by the tests that only read it (quantizing and compiling once is most of their time)."""
+    return make_checkpoint(tmp_path_factory.mktemp("checkpoint"))
 
 
 def test_save_load_gives_identical_outputs_and_a_full_manifest(checkpoint):
@@ -52,8 +60,8 @@ def test_save_load_gives_identical_outputs_and_a_full_manifest(checkpoint):
     assert load_model(str(path)).blocks[0].ffn[2].mode == "deploy"
 
 
-def test_refuses_unknown_version_other_base_and_truncated_file(checkpoint, make_mini):
-    path, _, base_path = checkpoint
+def test_refuses_unknown_version_other_base_and_truncated_file(make_mini, tmp_path):
+    path, _, base_path = make_checkpoint(tmp_path)  # its own: this test damages it
     manifest_path = path.with_suffix(".json")
     original = manifest_path.read_text()
     manifest_path.write_text(original.replace('"format_version": 1', '"format_version": 7'))
