@@ -210,11 +210,12 @@ def test_quantized_stream_forks_and_batches_exactly(make_mini):
 
 
 def test_tiny_world_streams_with_a_quantized_cache_keep_their_frames(tiny_world):
-    """Two streams (5 chunks: the window rolls once), same noise, full-precision cache against
-    quantized ones; PSNR of each stream's whole clip. A stream can drift away from its reference
-    (a small change that grows): the snow stream does with unrotated int4 keys."""
-    scripts = [["right", "right", "up", "left", "none"] * 3] * 2
-    prompts, seeds = ["islands", "snow"], [3, 4]
+    """A stream (5 chunks: the window rolls once), same noise, full-precision cache against
+    quantized ones; PSNR of the whole clip. A stream can drift away from its reference (a small
+    change that grows): this snow stream does with unrotated int4 keys. Snow is the harder world:
+    islands keeps about 5 dB more with either quantized cache."""
+    scripts = [["right", "right", "up", "left", "none"] * 3]
+    prompts, seeds = ["snow"], [4]
 
     def clips(quant):
         tiny_world.kv_quant = quant
@@ -224,7 +225,7 @@ def test_tiny_world_streams_with_a_quantized_cache_keep_their_frames(tiny_world)
     for quant, floor in ((KVQuantConfig(8, 8), 45.0), (AUTO, 32.0)):
         video = clips(quant)
         whole = [psnr(v.reshape(1, -1, *v.shape[2:]), r.reshape(1, -1, *r.shape[2:]))[0] for v, r in zip(video, ref)]
-        print(f"kv {quant.describe()}: PSNR per stream", ", ".join(f"{p:.2f}" for p in whole))
+        print(f"kv {quant.describe()}: PSNR", ", ".join(f"{p:.2f}" for p in whole))
         assert min(whole) >= floor
 
 
