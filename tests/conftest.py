@@ -20,6 +20,7 @@ def pytest_collection_modifyitems(items):
         if "cuda" in item.keywords:
             item.add_marker(skip)
 
+
 MINI = ModelArgs(dim=32, n_layers=2, n_heads=2, ffn_dim=64, text_dim=16, window_chunks=2, sink_chunks=1)
 
 
