@@ -228,7 +228,9 @@ def _kv_config(kv_bits: str):
 
 
 def kernels_option():
-    return typer.Option("auto", help="quantized models' integer GEMMs: auto (by CPU), onednn, fbgemm or int_mm")
+    return typer.Option(
+        "auto", help="quantized models' integer GEMMs: auto (by device and CPU), onednn, fbgemm, int_mm or cuda"
+    )
 
 
 def _load_planned(

@@ -70,8 +70,8 @@ class Settings(BaseSettings):
         description="torch.compile each model's blocks (unset: by host, see qarvd_core.runtime); warm-up compiles "
         "every batch size up to max_sessions",
     )
-    kernels: Literal["auto", "onednn", "fbgemm", "int_mm"] = Field(
-        "auto", description="quantized models' integer GEMMs (auto: by CPU, see qarvd_core.quant.kernels)"
+    kernels: Literal["auto", "onednn", "fbgemm", "int_mm", "cuda"] = Field(
+        "auto", description="quantized models' integer GEMMs (auto: by device and CPU, see qarvd_core.quant.kernels)"
     )
     compile_max_autotune: bool = Field(
         False,
