@@ -61,8 +61,8 @@ def main() -> None:
         transformer = numel(WorldModel(args))
         text = numel(UMT5EncoderModel(UMT5Config(**UMT5_XXL)))
     cache = KVCache(args, 1, device="meta", dtype=torch.bfloat16)
-    kv = cache.nbytes
-    kv_at = {name: KVCache(args, 1, "meta", torch.bfloat16, quant).nbytes for name, quant in KV_SETTINGS.items()}
+    kv = cache.full_nbytes
+    kv_at = {name: KVCache(args, 1, "meta", torch.bfloat16, quant).full_nbytes for name, quant in KV_SETTINGS.items()}
     vae, vae_cache = vae_cache_bytes(args)
     rows = {
         "transformer parameters": transformer,

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from qarvd_core.world.simulator import ACTION_MOTION, ACTIONS, BIOME_NAMES
 
 if TYPE_CHECKING:
-    from qarvd_core.quant.kv import KVQuantConfig
+    from qarvd_core.quant.kv import KVQuantConfig, TokenStore
 
 
 @dataclass(frozen=True)
@@ -231,12 +231,14 @@ class KVCache:
     committed). `time_offset` is the RoPE time position of the next chunk's first frame, and
     `camera` [B, 2] the camera position after the last committed frame (for `camera_rope`).
 
-    With `quant` (`KVQuantConfig`) each committed chunk is stored quantized at its own bits
-    (`KVQuantConfig.bits_of`), one store per held chunk. Rolling the window moves stores, not
-    codes, and a rolled chunk's keys are rotated back in time when read (`_age`), so rolling adds
-    no quantization error. The held chunks do not change between the passes of one chunk: a
-    layer is dequantized on its first pass and its buffers are reused until the next commit
-    (or any other change), so the full-precision working copy lives only while a chunk is made.
+    With `quant` (`KVQuantConfig`) each held chunk is stored quantized at its own bits
+    (`KVQuantConfig.bits_of`), one store per held chunk, and nothing else is kept between chunks.
+    A pass reads one layer at a time: the layer's held chunks are dequantized into one working
+    buffer [B, H, capacity, hd], which every layer reuses, so the full-precision copy is one
+    layer's, never the whole cache's. Rolling the window moves stores, not codes, and a rolled
+    chunk's keys are rotated back in time when read (`_age`), so rolling adds no quantization
+    error. Once the window is full, a commit writes the new chunk over the store of the oldest
+    window chunk, a layer at a time after that layer has read it: no store is held for a slot.
     """
 
     def __init__(
@@ -253,21 +255,23 @@ class KVCache:
         self.capacity = args.context_chunks * args.chunk_tokens
         shape = (args.n_layers, batch, args.n_heads, self.capacity, args.head_dim)
         self.dtype = dtype
-        # `buffers`: key and value buffers `shape` kept by the caller, so that what the blocks write
-        # into stays at fixed addresses across chunks (CUDA graphs replay on them): an FP cache's
-        # storage, or a quantized cache's dequantized working copy (otherwise allocated per chunk).
+        # `buffers`: key and value buffers kept by the caller, so that what the blocks write into
+        # stays at fixed addresses across chunks (CUDA graphs replay on them): an FP cache's storage
+        # `shape`, or a quantized cache's working buffers [1, *shape[1:]] (otherwise allocated while
+        # a chunk is made, `_working`).
         if self.quant is None:
             self.k, self.v = buffers or (torch.zeros(shape, device=device, dtype=dtype) for _ in "kv")
             self.device = self.k.device
         else:
             self.device = torch.device(device or "cpu")
-            self._work = buffers
+            self._buffers = None if buffers is None else (buffers[0][0], buffers[1][0])
+            self._work: tuple[Tensor, Tensor] | None = self._buffers
             self._chunk_shape = (*shape[:3], args.chunk_tokens, args.head_dim)
-            # (keys, values) stores per held chunk; slot c starts at the bits of the c-th commit.
-            self.chunks = [self._new_store(self.quant.bits_of(c, args.sink_chunks)) for c in range(args.context_chunks)]
+            self.chunks: list[tuple[TokenStore, TokenStore]] = []  # (keys, values) stores of the held chunks
             # Chunks each held chunk's keys are to be rotated back in time when read.
-            self._age = [0] * args.context_chunks
-            self._held: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> buffers read from the stores
+            self._age: list[int] = []
+            self._commit: tuple[TokenStore, TokenStore] | None = None  # the store a commit writes into
+            self._mixes: dict[tuple[bool, int], Tensor | None] = {}  # `_mix`'s matrices
         self.n_chunks = 0  # chunks held now
         self.committed = 0  # chunks ever committed
         self.camera = torch.zeros(batch, 2, dtype=torch.long)
@@ -294,7 +298,19 @@ class KVCache:
             return self.k.nbytes + self.v.nbytes
         return sum(s.nbytes for pair in self.chunks for s in pair)
 
-    def _new_store(self, bits: int | None):
+    @property
+    def full_nbytes(self) -> int:
+        """Bytes of the stored keys and values once the window is full, as a stream holds them from
+        then on: a quantized cache's stores of the sink and window chunks, at their bits."""
+        if self.quant is None:
+            return self.nbytes
+        from qarvd_core.quant.kv import TokenStore
+
+        a, q = self.args, self.quant
+        bits = [q.bits_of(c, a.sink_chunks) for c in range(a.sink_chunks)] + [q.window_bits] * a.window_chunks
+        return 2 * sum(TokenStore(self._chunk_shape, b, "meta", self.dtype, q.rotate).nbytes for b in bits)
+
+    def _new_store(self, bits: int | None) -> tuple[TokenStore, TokenStore]:
         from qarvd_core.quant.kv import TokenStore  # the quant package imports this module
 
         return tuple(TokenStore(self._chunk_shape, bits, self.device, self.dtype, self.quant.rotate) for _ in "kv")
@@ -302,8 +318,10 @@ class KVCache:
     def view(self, layer: int) -> tuple[Tensor, Tensor]:
         if self.quant is None:
             return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
-        k, v = self.layer(layer, None)[:2]
-        return k[:, :, : self.length], v[:, :, : self.length]
+        _, B, H, ct, hd = self._chunk_shape
+        k, v = (torch.zeros(B, H, self.length, hd, device=self.device, dtype=self.dtype) for _ in "kv")
+        self._read(layer, k, v)
+        return k, v
 
     def slot(self) -> tuple[Tensor, Tensor]:
         """Where the next chunk goes and what it may see, as tensors (so one compiled graph fits every
@@ -317,69 +335,101 @@ class KVCache:
         """Layer i's key and value buffers [B, H, capacity, hd] for a cached pass, with `slot`."""
         if self.quant is None:  # fresh views each pass (a kept one breaks autograd after a write under grad)
             return *_static(self.k[i], self.v[i]), slot
-        if i not in self._held:
-            self._held[i] = self._read(i)
-        return *self._held[i], slot
+        k, v = self._working()
+        for buf in (k, v):  # what earlier layers left past the held chunks, as a fresh buffer would be
+            buf[:, :, self.length :].zero_()
+        self._read(i, k[:, :, : self.length], v[:, :, : self.length])
+        return *_static(k, v), slot
 
-    def _read(self, i: int) -> tuple[Tensor, Tensor]:
-        """Layer i's held chunks dequantized into key and value buffers [B, H, capacity, hd]."""
-        ct, (_, B, H, _, hd) = self.args.chunk_tokens, self._chunk_shape
+    def _working(self) -> tuple[Tensor, Tensor]:
+        """The working key and value buffers [B, H, capacity, hd]: the caller's, or allocated for
+        the chunk being made (freed when it is committed)."""
         if self._work is None:
-            k, v = (torch.zeros(B, H, self.capacity, hd, device=self.device, dtype=self.dtype) for _ in "kv")
-        else:
-            k, v = self._work[0][i], self._work[1][i]
-            for buf in (k, v):  # what earlier chunks left past the held ones, as a fresh buffer would be
-                buf[:, :, self.length :].zero_()
-        for c in range(self.n_chunks):
-            for buf, store in zip((k, v), self.chunks[c]):
-                buf[:, :, c * ct : (c + 1) * ct] = store.read(i)
-        self._rotate_aged(k)
-        return _static(k, v)
+            _, B, H, _, hd = self._chunk_shape
+            self._work = tuple(torch.zeros(B, H, self.capacity, hd, device=self.device, dtype=self.dtype) for _ in "kv")
+        return self._work
 
-    def _rotate_aged(self, k: Tensor) -> None:
-        """Rotate the keys of rolled window chunks back in time by their age, in place."""
-        ct, F_ = self.args.chunk_tokens, self.args.frames_per_chunk
-        for c in range(self.n_chunks):
-            if self._age[c]:
-                ang = _axis_angles(torch.tensor([-self._age[c] * F_]), self._t_dims, self.args.rope_theta)[0]
-                keys = k[:, :, c * ct : (c + 1) * ct, : self._t_dims]
-                keys.copy_(rotate(keys, ang.cos().float().to(k.device), ang.sin().float().to(k.device)))
+    def _read(self, i: int, k: Tensor, v: Tensor) -> None:
+        """Layer i's held chunks dequantized into k and v [B, H, length, hd]: each run of chunks at
+        the same bits in one pass (`read_into`), keys and values by their stores' inverse rotation,
+        a rolled window chunk's keys also rotated back in time by its age."""
+        from qarvd_core.quant.kv import read_into
+
+        ct, held = self.args.chunk_tokens, self.chunks[: self.n_chunks]
+        start = 0
+        while start < len(held):
+            end = start + 1
+            while end < len(held) and held[end][0].bits == held[start][0].bits:
+                end += 1
+            run = held[start:end]
+            for j, buf in enumerate((k, v)):
+                ages = self._age[start:end] if j == 0 else [0] * len(run)
+                mixes = [self._mix(s[j], age) for s, age in zip(run, ages)]
+                read_into(buf[:, :, start * ct : end * ct], [s[j] for s in run], i, mixes)
+            start = end
+
+    def _mix(self, store: TokenStore, age: int) -> Tensor | None:
+        """The matrix a stored chunk's vectors are read back through: the store's inverse rotation,
+        then for keys `age` chunks old the RoPE rotation back by as many chunks (None: neither)."""
+        key = (store.rotation is not None, age)
+        if key not in self._mixes:
+            hd = self.args.head_dim
+            m = torch.eye(hd, device=self.device)
+            if store.rotation is not None:
+                m = store.rotation.T.contiguous()
+            if age:
+                ang = _axis_angles(
+                    torch.tensor([-age * self.args.frames_per_chunk]), self._t_dims, self.args.rope_theta
+                )
+                t = self._t_dims  # rows of the identity, rotated as a key's entries would be
+                back = torch.eye(hd, device=self.device)
+                back[:, :t] = rotate(
+                    back[:, :t], ang[0].cos().float().to(self.device), ang[0].sin().float().to(self.device)
+                )
+                m = m @ back
+            self._mixes[key] = None if not key[0] and not age else m
+        return self._mixes[key]
 
     def store(self, i: int, kv: CachedKV) -> None:
         """Keep what a committing pass wrote into layer i's slot (a quantized cache stores it)."""
         if self.quant is None:
             return  # written in place
-        ct, c = self.args.chunk_tokens, self.n_chunks
-        if i == 0:  # a commit's first layer: the free slot takes this chunk's bits
-            bits = self.quant.bits_of(self.committed, self.args.sink_chunks)
-            if self.chunks[c][0].bits != bits:
-                self.chunks[c] = self._new_store(bits)
-            self._age[c] = 0
-        for store, x in zip(self.chunks[c], kv[:2]):
-            store.write(i, x[:, :, c * ct : (c + 1) * ct])
+        a, ct, n = self.args, self.args.chunk_tokens, self.n_chunks
+        if i == 0:  # a commit's first layer: pick the store the chunk goes into, at its bits
+            bits = self.quant.bits_of(self.committed, a.sink_chunks)
+            full = a.window_chunks and n == a.sink_chunks + a.window_chunks
+            oldest = self.chunks[a.sink_chunks] if full else None
+            # Over the oldest window chunk's store, which this commit's layers read before writing.
+            self._commit = oldest if oldest is not None and oldest[0].bits == bits else self._new_store(bits)
+        for store, x in zip(self._commit, kv[:2]):
+            store.write(i, x[:, :, n * ct : (n + 1) * ct])
 
     def advance(self, camera: Tensor | None = None) -> None:
         """Count the chunk just written (its last frame's camera: `camera`); roll the window if over-full."""
         a, ct = self.args, self.args.chunk_tokens
         if camera is not None:
             self.camera = camera.detach().cpu().clone()
-        self.n_chunks += 1
         self.committed += 1
-        if self.quant is not None:
-            self._held.clear()
-        if self.n_chunks <= a.sink_chunks + a.window_chunks:
-            return
-        lo, hi = a.sink_chunks * ct, self.n_chunks * ct
         aging = 0 if a.absolute_time else 1  # absolute positions: keys keep theirs
         if self.quant is not None:
-            # Drop the oldest window chunk (its store is the next commit's slot); the rest move
-            # left as stored and age by one chunk.
-            s, n = a.sink_chunks, self.n_chunks
-            self.chunks[s:n] = [*self.chunks[s + 1 : n], self.chunks[s]]
-            self._age[s : n - 1] = [x + aging for x in self._age[s + 1 : n]]
-            self.n_chunks -= 1
+            # The new chunk's store joins the held ones (rewound ones beyond it are dropped); over
+            # the window, the oldest window chunk goes and the rest age by one chunk.
+            s = a.sink_chunks
+            del self.chunks[self.n_chunks :], self._age[self.n_chunks :]
+            self.chunks.append(self._commit)
+            self._age.append(0)
+            self._commit, self._work = None, self._buffers
+            self.n_chunks += 1
+            if self.n_chunks > s + a.window_chunks:
+                del self.chunks[s], self._age[s]
+                self._age[s:] = [x + aging for x in self._age[s:]]
+                self.n_chunks -= 1
+            return
+        self.n_chunks += 1
+        if self.n_chunks <= a.sink_chunks + a.window_chunks:
             return
         # Drop the oldest window chunk; shift the rest left (and one chunk back in time).
+        lo, hi = a.sink_chunks * ct, self.n_chunks * ct
         kept = self.k[:, :, :, lo + ct : hi].clone()
         if aging:
             kept[..., : self._t_dims] = rotate(kept[..., : self._t_dims], self._roll_cos, self._roll_sin)
@@ -395,15 +445,18 @@ class KVCache:
             self.k[:, dst_rows] = src.k[:, src_rows]
             self.v[:, dst_rows] = src.v[:, src_rows]
         else:
-            for c, theirs in enumerate(src.chunks):
-                if self.chunks[c][0].bits != theirs[0].bits:  # a chunk_bits chunk in this slot
+            theirs = src.chunks[: src.n_chunks]
+            del self.chunks[len(theirs) :]
+            for c, pair in enumerate(theirs):
+                if c == len(self.chunks):
+                    self.chunks.append(self._new_store(pair[0].bits))
+                elif self.chunks[c][0].bits != pair[0].bits:  # a chunk_bits chunk in this slot
                     if dst_rows != slice(None):
                         raise ValueError("streams holding chunks at different bits in one slot cannot share a batch")
-                    self.chunks[c] = self._new_store(theirs[0].bits)
-                for m, t in zip(self.chunks[c], theirs):
+                    self.chunks[c] = self._new_store(pair[0].bits)
+                for m, t in zip(self.chunks[c], pair):
                     m.copy_rows(t, src_rows, dst_rows)
-            self._age = list(src._age)
-            self._held.clear()
+            self._age = src._age[: src.n_chunks]
         self.camera[dst_rows] = src.camera[src_rows]
         self.n_chunks, self.committed = src.n_chunks, src.committed
 
@@ -412,14 +465,13 @@ class KVCache:
         self.committed = 0
         self.camera.zero_()
         if self.quant is not None:
-            self._held.clear()
+            self.chunks.clear()
+            self._age.clear()
 
     def rewind(self, keep: int) -> None:
         """Hold only the first `keep` chunks, to re-commit the others (a prompt switch); `committed`
         is left to the caller, which sets it to each re-committed chunk's number."""
         self.n_chunks = min(keep, self.n_chunks)
-        if self.quant is not None:
-            self._held.clear()
 
 
 # ----------------------------------------------------------------------------- layers

@@ -10,6 +10,7 @@ they come; its frames leave in the same layout as a pixel-space model's.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -421,10 +422,11 @@ class Stream:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of this stream's state on its device: its KV cache (as stored: quantized or not)
-        and, for a latent model, its VAE decoder's cache (full once a chunk is decoded)."""
+        """Bytes of this stream's state on its device: its KV cache once the window is full (as
+        stored: quantized or not) and, for a latent model, its VAE decoder's cache (full once a
+        chunk is decoded)."""
         decoder = 0 if self.decoder is None else sum(t.nbytes for t in self.decoder.cache if isinstance(t, Tensor))
-        return self.cache.nbytes + decoder
+        return self.cache.full_nbytes + decoder
 
     def _decoded(self, x0: Tensor) -> Tensor:
         """A generated chunk [1, F, C, H, W] as frames [F', C, H', W'] in [-1, 1] (a latent chunk decoded)."""
@@ -503,28 +505,36 @@ def rollout(
 _BATCH_BUFFERS: weakref.WeakKeyDictionary[WorldModel, tuple[Tensor, Tensor]] = weakref.WeakKeyDictionary()
 
 
-def batch_buffers(model: WorldModel, batch: int) -> tuple[Tensor, Tensor]:
-    """The key and value buffers [layers, batch, heads, capacity, head_dim] `step_streams` gathers
-    `batch` streams of `model` into: an FP cache's storage, a quantized one's dequantized working copy.
+def batch_buffers(model: WorldModel, batch: int, quantized: bool | None = None) -> tuple[Tensor, Tensor]:
+    """The key and value buffers `step_streams` gathers `batch` streams of `model` into: an FP
+    cache's storage [layers, batch, heads, capacity, head_dim], or a quantized one's working buffers
+    [1, batch, heads, capacity, head_dim] (one layer's, which every layer dequantizes into);
+    `quantized` defaults to the model's cache setting (`kv_quant`).
 
     Every batch size takes the first rows of one pair of buffers per model, kept across chunks, so
     the blocks write into the same addresses every chunk and inductor's CUDA graphs, recorded once,
     replay. They are allocated for the largest batch asked for so far and reallocated (the graphs
-    re-recorded) only when a larger one comes: a server asks for its largest batch when a model
-    loads. Freed by `release_batch_buffers` or with the model.
+    re-recorded) only when a larger one comes, or the model's cache setting changes: a server asks
+    for its largest batch when a model loads. Freed by `release_batch_buffers` or with the model.
     """
     held = _BATCH_BUFFERS.get(model)
-    if held is None or held[0].shape[1] < batch:
-        a, p = model.args, next(model.parameters())
-        shape = (a.n_layers, batch, a.n_heads, a.context_chunks * a.chunk_tokens, a.head_dim)
+    shape = _batch_shape(model, batch, quantized)
+    if held is None or held[0].shape[1] < batch or held[0].shape[0] != shape[0]:
+        p = next(model.parameters())
         held = _BATCH_BUFFERS[model] = tuple(torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in "kv")
     return held[0][:, :batch], held[1][:, :batch]
 
 
+def _batch_shape(model: WorldModel, batch: int, quantized: bool | None = None) -> tuple[int, ...]:
+    a = model.args
+    if quantized is None:
+        quantized = model.kv_quant is not None and model.kv_quant.enabled
+    return (1 if quantized else a.n_layers, batch, a.n_heads, a.context_chunks * a.chunk_tokens, a.head_dim)
+
+
 def batch_row_bytes(model: WorldModel) -> int:
     """Bytes of one stream's rows of `model`'s batch buffers (what each stream of a batch holds there)."""
-    a, p = model.args, next(model.parameters())
-    return 2 * a.n_layers * a.n_heads * a.context_chunks * a.chunk_tokens * a.head_dim * p.element_size()
+    return 2 * math.prod(_batch_shape(model, 1)) * next(model.parameters()).element_size()
 
 
 def release_batch_buffers(model: WorldModel) -> None:
@@ -555,7 +565,8 @@ def step_streams(streams: list[Stream], actions: list[str | list[str] | None]) -
         raise ValueError("batched streams must share a model, a cache length and time position and sampler settings")
     ids = torch.stack([chunk_actions(first.model, a) for a in actions]).to(first.device)
     B = len(streams)
-    cache = KVCache(first.args, B, first.device, first.dtype, first.cache.quant, batch_buffers(first.model, B))
+    quant = first.cache.quant
+    cache = KVCache(first.args, B, first.device, first.dtype, quant, batch_buffers(first.model, B, quant is not None))
     for i, s in enumerate(streams):
         cache.copy_from(s.cache, dst_rows=slice(i, i + 1))
     camera = camera_path(ids, cache.camera)

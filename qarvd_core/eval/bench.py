@@ -87,7 +87,7 @@ def bench_stream(
         "action_guidance": action_guidance,
         "fps": float(fr * chunks * sessions / ms.sum() * 1000),
         # Stored keys and values of one stream (tensor bytes), as `kv_bits` stores them.
-        "kv_cache_bytes_per_stream": streams[0].cache.nbytes,
+        "kv_cache_bytes_per_stream": streams[0].cache.full_nbytes,
         "kv_bits": None if streams[0].cache.quant is None else streams[0].cache.quant.to_dict(),
         "threads": torch.get_num_threads(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),

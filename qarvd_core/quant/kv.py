@@ -15,9 +15,11 @@ them is `qarvd_core.quant.analysis.kv_chunk_sensitivity`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from qarvd_core.quant.linear import pack_int4, unpack_int4
@@ -137,6 +139,40 @@ def dequantize_tokens(codes: Tensor, scale: Tensor, bits: int, dtype: torch.dtyp
         hd = 2 * codes.shape[-1]
         codes = unpack_int4(codes.reshape(-1, codes.shape[-1]), hd).view(*codes.shape[:-1], hd)
     return (codes.float() * scale.float()).to(dtype)
+
+
+# Signed 4-bit codes of every byte (low nibble first), as floats: unpacking is one lookup.
+_INT4_PAIRS = torch.stack([torch.arange(256) & 15, torch.arange(256) >> 4], -1).float()
+_INT4_PAIRS = torch.where(_INT4_PAIRS > 7, _INT4_PAIRS - 16, _INT4_PAIRS)
+
+
+def read_into(out: Tensor, stores: Sequence[TokenStore], layer: int, mixes: Sequence[Tensor | None]) -> None:
+    """`layer`'s tokens of chunks `stores` (all at the same bits), each right-multiplied by its
+    matrix `mixes[c]` [hd, hd] (None: the identity), into out [batch, heads, len(stores) * n, hd].
+
+    One pass for all of them, in a handful of ops (an attention layer reads every held chunk on
+    every denoising pass): a store's inverse rotation, and any other linear map of a chunk's vectors
+    (a rolled chunk's RoPE back in time), is one matmul, and the per-vector scale commutes with it.
+    """
+    first, n = stores[0], len(stores)
+    B, H, _, hd = out.shape
+    held = [torch.stack([s.tensors[j][layer] for s in stores], 2) for j in range(len(first.tensors))]
+    if first.bits is None:
+        x, scale = held[0].float(), None
+    elif first.bits == 4:
+        x, scale = F.embedding(held[0].int(), _INT4_PAIRS.to(out.device)).flatten(-2), held[1]
+    else:
+        x, scale = held[0].float(), held[1]
+    if all(m is mixes[0] for m in mixes):  # one matrix for all (`mixes` reuses its tensors): one GEMM
+        x = x if mixes[0] is None else x @ mixes[0]
+    else:
+        eye = torch.eye(hd, device=out.device)
+        x = x @ torch.stack([eye if m is None else m for m in mixes])
+    view = out.unflatten(2, (n, -1))
+    if scale is None:
+        view.copy_(x)
+    else:
+        torch.mul(x, scale, out=view)
 
 
 class TokenStore:

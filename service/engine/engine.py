@@ -303,13 +303,16 @@ class Engine:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         step_streams([stream], [action])
-        # Its state, its rows of the model's batch buffers (kept: `batch_buffers`), and what a chunk
-        # takes beyond what it keeps: on CUDA measured (activations, a quantized cache's batched copy
-        # of its stores), elsewhere that copy alone.
+        # Its state once its window is full, its rows of the model's batch buffers (kept:
+        # `batch_buffers`), and what a chunk takes beyond what it keeps: on CUDA measured
+        # (activations, a quantized cache's batched copy of its stores, which grows with the held
+        # chunks until the window is full), elsewhere that copy alone.
+        cache = stream.cache
+        grows = cache.full_nbytes - cache.nbytes if cache.quant is not None else 0
         if cuda:
-            chunk = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+            chunk = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device) + grows
         else:
-            chunk = stream.cache.nbytes if stream.cache.quant is not None else 0
+            chunk = cache.full_nbytes if cache.quant is not None else 0
         self.session_bytes[model_id] = stream.nbytes + batch_row_bytes(model) + chunk
         self.metrics.session_bytes.labels(model_id).set(self.session_bytes[model_id])
         if self.max_sessions is None:

@@ -158,13 +158,15 @@ def test_quantized_cache_stays_bounded_over_a_long_stream(make_mini):
     cache = KVCache(args, 1, quant=KVQuantConfig(8, 4))
     ctx = model.encode_prompt(torch.tensor([0]))
     x, t0, acts = torch.randn(1, 3, 3, 16, 16), torch.zeros(1, 3), torch.full((1, 3), 4)
-    nbytes, offsets = {cache.nbytes}, set()
+    nbytes, offsets = [], set()
     with torch.no_grad():
         for _ in range(300):
             out = model(x, t0, acts, ctx, cache=cache, commit=True)
-            nbytes.add(cache.nbytes)
+            nbytes.append(cache.nbytes)
             offsets.add(cache.time_offset)
-    assert cache.committed == 300 and len(nbytes) == 1
+    full = args.sink_chunks + args.window_chunks
+    assert cache.committed == 300 and nbytes[0] < nbytes[full - 1]
+    assert set(nbytes[full - 1 :]) == {cache.full_nbytes}  # stores of the held chunks only, reused
     assert max(offsets) == (args.sink_chunks + args.window_chunks) * 3
     assert max(cache._age) == args.window_chunks  # a chunk is rotated back at most once per roll it lives through
     assert torch.isfinite(out).all()
@@ -186,9 +188,9 @@ def test_cache_bytes_per_stream_shrink(tiny_world):
     """Bytes of one stream's stored keys and values against the same cache in float32 and bfloat16."""
     a = tiny_world.args
     fp32, bf16 = KVCache(a, 1).nbytes, KVCache(a, 1, dtype=torch.bfloat16).nbytes
-    int8 = KVCache(a, 1, quant=KVQuantConfig(8, 8)).nbytes
-    int4 = KVCache(a, 1, quant=KVQuantConfig(4, 4)).nbytes
-    int4_sink8 = KVCache(a, 1, quant=KVQuantConfig(8, 4)).nbytes
+    int8 = KVCache(a, 1, quant=KVQuantConfig(8, 8)).full_nbytes
+    int4 = KVCache(a, 1, quant=KVQuantConfig(4, 4)).full_nbytes
+    int4_sink8 = KVCache(a, 1, quant=KVQuantConfig(8, 4)).full_nbytes
     # head_dim 64: 64 codes (32 bytes at int4) + a float16 scale per token and head.
     assert bf16 / int8 >= 1.9 and fp32 / int8 >= 3.7
     assert bf16 / int4 >= 3.5 and fp32 / int4 >= 7.0
@@ -206,7 +208,13 @@ def test_quantized_stream_forks_and_batches_exactly(make_mini):
     frames = s.step("right")
     np.testing.assert_array_equal(twin.step("right"), frames)
     assert np.abs(batched[0].astype(int) - frames.astype(int)).max() <= 1
-    np.testing.assert_array_equal(first.step("left"), s.step("left"))  # batched caches copied back whole
+    # The batched caches were copied back whole: the same held chunks and ages, the same codes but
+    # where the batch's float rounding moved one (a scale here), so the next frames match within 1.
+    assert first.cache._age == s.cache._age and first.cache.n_chunks == s.cache.n_chunks
+    for mine, theirs in zip(first.cache.chunks, s.cache.chunks, strict=True):
+        for m, t in zip((*mine[0].tensors, *mine[1].tensors), (*theirs[0].tensors, *theirs[1].tensors)):
+            assert (m != t).sum() <= max(2, m.numel() // 1000)
+    assert np.abs(first.step("left").astype(int) - s.step("left").astype(int)).max() <= 1
 
 
 def test_tiny_world_streams_with_a_quantized_cache_keep_their_frames(tiny_world):
