@@ -35,9 +35,14 @@ _OP_GROUPS = {
 def profile_compiled_kernels():
     """Context in which graphs compiled give every kernel its own profiler event (inductor's
     `cpp.enable_kernel_profile`), so that `_profile` can split compiled blocks into GEMMs and
-    fused elementwise loops. Graphs compile at their first call: run the stream inside it."""
+    fused elementwise loops. Graphs compile at their first call: run the stream inside it.
+
+    Every model shares Block.forward's code, so a graph compiled earlier in the process for the
+    same shapes (without kernel events) would be reused: the compile caches are reset first.
+    """
     import torch._inductor.config as inductor_config
 
+    torch.compiler.reset()
     return inductor_config.patch({"cpp.enable_kernel_profile": True})
 
 
