@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +28,7 @@ from qarvd_core import runtime
 from qarvd_core.eval.bench import bench_stream
 from qarvd_core.model import WorldModel
 from qarvd_core.quant import CalibrationSet, RTNConfig, kernels, quantize, set_mode
+from qarvd_core.quant.linear import QuantLinear
 
 
 def rtn(fp32: WorldModel, w_bits: int = 8) -> WorldModel:
@@ -34,11 +36,20 @@ def rtn(fp32: WorldModel, w_bits: int = 8) -> WorldModel:
     return set_mode(quantize(fp32, config, CalibrationSet(rollouts=2, chunks=2)), "deploy")
 
 
-def variants(name: str, compiled: bool, backends: list[str]) -> dict:
+def without_ranges(model: WorldModel) -> WorldModel:
+    """The model as a checkpoint without activation ranges loads: FBGEMM's exact extra columns."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.act_range, m._deploy_cache = None, None
+    return set_mode(model, "deploy")
+
+
+def variants(name: str, compiled: bool, backends: list[str], exact: bool) -> dict:
     """label -> (model, kernels backend or None, compiled)."""
     fp32 = model_named(name)
     out = {"fp32 eager": (fp32, None, False)}
     for backend in backends:
+        kernels.use_backend(backend)
         out[f"W8A8 {backend} eager"] = (rtn(fp32), backend, False)
         # Weights of 7 bits or fewer need no extra columns on FBGEMM's AVX2 kernel (`kernels.fbgemm_columns`).
         out[f"W4A8 {backend} eager"] = (rtn(fp32, 4), backend, False)
@@ -47,6 +58,8 @@ def variants(name: str, compiled: bool, backends: list[str]) -> dict:
         for backend in backends:
             kernels.use_backend(backend)
             out[f"W8A8 {backend} compiled"] = (rtn(fp32).compile_blocks(), backend, True)
+            if exact:
+                out[f"W8A8 {backend} exact compiled"] = (without_ranges(rtn(fp32)).compile_blocks(), backend, True)
             out[f"W4A8 {backend} compiled"] = (rtn(fp32, 4).compile_blocks(), backend, True)
     return out
 
@@ -59,6 +72,9 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true", help="also compiled variants (compiles take minutes)")
     ap.add_argument("--backends", nargs="+", default=["fbgemm"], choices=list(kernels.BACKENDS))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--exact", action="store_true", help="also W8A8 compiled without activation ranges (FBGEMM's extra columns)"
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/host_speed"))
     a = ap.parse_args()
     if a.threads:
@@ -67,6 +83,9 @@ def main() -> None:
     result = {
         "host": asdict(kernels.probe_host()),
         "auto": {"fp32": asdict(runtime.plan()), "quantized": asdict(runtime.plan(quantized=True))},
+        # FBGEMM picks its own kernels (VNNI where the CPU has it) unless this caps them, as
+        # ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA cap torch's and oneDNN's.
+        "fbgemm_isa": os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "uncapped"),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
@@ -76,7 +95,7 @@ def main() -> None:
         "models": {},
     }
     for name in a.models:
-        runs = variants(name, a.compiled, a.backends)
+        runs = variants(name, a.compiled, a.backends, a.exact)
         fps: dict[str, list[float]] = {label: [] for label in runs}
         for r in range(a.rounds):
             for label, (model, backend, _) in runs.items():
@@ -99,13 +118,15 @@ def main() -> None:
     h = result["host"]
     lines = [
         f"# Streaming speed: {h['cpu']}, torch capability {h['capability']} (VNNI {h['vnni']}, AMX {h['amx']}, "
-        f"native bf16 {h['native_bf16']}), {result['threads']} threads, torch {result['torch']}, "
+        f"native bf16 {h['native_bf16']}, FBGEMM {result['fbgemm_isa']}), {result['threads']} threads, "
+        f"torch {result['torch']}, "
         f"{result['date']}, commit {commit}",
         "",
         f"`python benchmarks/host_speed.py --models {' '.join(a.models)} --chunks {a.chunks} --rounds {a.rounds}"
         + (f" --threads {a.threads}" if a.threads else "")
         + f" --backends {' '.join(a.backends)}"
         + (" --compiled" if a.compiled else "")
+        + (" --exact" if a.exact else "")
         + "`; x FP32: median over rounds of the per-round ratio to FP32 eager (range in brackets).",
         "",
         f"`auto` here, FP32 models: {runtime.plan().describe()}.",

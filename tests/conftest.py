@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# The FBGEMM backend is for AVX2-only hosts, whose int8 kernel saturates 16-bit pair sums; on a
+# larger CPU FBGEMM would pick VNNI kernels that never saturate and hide what the backend must
+# handle. Capping it (read at its first call) makes every host test the AVX2 kernel.
+os.environ.setdefault("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from qarvd_core.checkpoint import save_weights
 from qarvd_core.model import ModelArgs, WorldModel
