@@ -26,7 +26,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ import torch
 from qarvd_core.checkpoint import load_model
 from qarvd_core.eval.bench import bench_stream
 from qarvd_core.eval.evaluate import EvalConfig, evaluate
+from qarvd_core.quant import kernels
 from qarvd_core.quant.analysis import kv_chunk_sensitivity
 from qarvd_core.quant.calibration import CalibrationSet
 from qarvd_core.quant.kv import AUTO, KVQuantConfig
@@ -129,6 +130,7 @@ def main() -> None:
         "command": "python " + shlex.join(sys.argv),
         "seconds": round(time.time() - t0),
         "torch": torch.__version__,
+        "host": asdict(kernels.probe_host()),
         **result,
     }
     text = json.dumps(result, indent=2)

@@ -5,7 +5,8 @@ Weights and the text encoder are counted on the meta device from their real conf
 holds, in bf16 and quantized (`--kv-bits 8` and `auto`), as tensor bytes; the VAE's decoder
 cache per stream is measured by decoding a latent chunk with a randomly initialised
 `AutoencoderKLWan` of Wan 2.1's configuration and summing the tensors
-`StreamDecoder` keeps (the last two frames at every causal convolution). Every cached tensor
+`StreamDecoder` keeps (the last two frames at every causal convolution). Sessions per device
+divide what the resident models leave by a session's bytes as the server counts them. Every cached tensor
 is [B, C, 2, h, w] at the latent size times 1, 2, 4 or 8, so its size is proportional to the
 latent area: the chunk is decoded at a quarter of the 60x104 latent's height and width (a
 CPU decode at full size takes minutes) and the sum scaled by 16, exactly.
@@ -76,15 +77,23 @@ def main() -> None:
         "prompt states per prompt, bf16 MiB": args.text_len * args.text_dim * 2 / MIB,
         **{f"KV cache per session, {name} MiB": n / MIB for name, n in kv_at.items()},
     }
+    # What the server counts per session (service/engine: `_warm_up`): the KV cache as stored and
+    # the VAE decoder cache, its row of the model's batch buffers (all layers for a full-precision
+    # cache, which is gathered there; one layer's working buffer for a quantized one) and a
+    # quantized cache's batched copy of its stores while a chunk is made. A chunk's activations
+    # are not counted.
+    one_layer = kv // args.n_layers
+    session = {"bf16": 2 * kv + vae_cache, **{name: 2 * n + one_layer + vae_cache for name, n in kv_at.items()}}
+    rows |= {f"session as the server counts it, KV {name} MiB": n / MIB for name, n in session.items()}
     # Sessions one device holds: what is left after the resident models (transformer at bf16 or
     # int8 weights, and the VAE; the text encoder is released once prompts are encoded), over
-    # one session's KV and VAE decoder caches. Activations of a chunk in flight are not counted.
+    # one session's bytes.
     resident = {"bf16 weights": transformer * 2 + vae * 2, "int8 weights": transformer + vae * 2}
     sessions = {
-        f"{gib} GiB device, {w}, KV {name}": int((gib * 2**30 - r) // (n + vae_cache))
+        f"{gib} GiB device, {w}, KV {name}": int((gib * 2**30 - r) // n)
         for gib in DEVICE_GIB
         for w, r in resident.items()
-        for name, n in {"bf16": kv, **kv_at}.items()
+        for name, n in session.items()
     }
     result = {
         "rows": {k: round(v, 1) if isinstance(v, float) else v for k, v in rows.items()},
