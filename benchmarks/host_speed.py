@@ -25,10 +25,10 @@ import torch
 from quant_speed import model_named  # benchmarks run as scripts: this folder is on the path
 
 from qarvd_core import runtime
+from qarvd_core.checkpoint import DTYPES
 from qarvd_core.eval.bench import bench_stream
 from qarvd_core.model import WorldModel
-from qarvd_core.quant import CalibrationSet, RTNConfig, kernels, quantize, set_mode
-from qarvd_core.quant.linear import QuantLinear
+from qarvd_core.quant import CalibrationSet, RTNConfig, kernels, quantize, set_compute_dtype, set_mode
 
 
 def rtn(fp32: WorldModel, w_bits: int = 8) -> WorldModel:
@@ -36,15 +36,7 @@ def rtn(fp32: WorldModel, w_bits: int = 8) -> WorldModel:
     return set_mode(quantize(fp32, config, CalibrationSet(rollouts=2, chunks=2)), "deploy")
 
 
-def without_ranges(model: WorldModel) -> WorldModel:
-    """The model as a checkpoint without activation ranges loads: FBGEMM's exact extra columns."""
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.act_range, m._deploy_cache = None, None
-    return set_mode(model, "deploy")
-
-
-def variants(name: str, compiled: bool, backends: list[str], exact: bool) -> dict:
+def variants(name: str, compiled: bool, backends: list[str]) -> dict:
     """label -> (model, kernels backend or None, compiled)."""
     fp32 = model_named(name)
     out = {"fp32 eager": (fp32, None, False)}
@@ -58,9 +50,14 @@ def variants(name: str, compiled: bool, backends: list[str], exact: bool) -> dic
         for backend in backends:
             kernels.use_backend(backend)
             out[f"W8A8 {backend} compiled"] = (rtn(fp32).compile_blocks(), backend, True)
-            if exact:
-                out[f"W8A8 {backend} exact compiled"] = (without_ranges(rtn(fp32)).compile_blocks(), backend, True)
             out[f"W4A8 {backend} compiled"] = (rtn(fp32, 4).compile_blocks(), backend, True)
+    if compiled:  # what `auto` serves here, as `qarvd serve` loads it
+        for label, quantized in (("auto, FP32 model", False), ("auto, W8A8", True)):
+            p = runtime.plan(quantized=quantized)
+            kernels.use_backend(p.kernels)
+            dtype = DTYPES[p.dtype]
+            model = set_compute_dtype(rtn(fp32), dtype) if quantized else model_named(name).to(dtype)
+            out[label] = (model.compile_blocks() if p.compile else model, p.kernels, p.compile)
     return out
 
 
@@ -72,9 +69,6 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true", help="also compiled variants (compiles take minutes)")
     ap.add_argument("--backends", nargs="+", default=["fbgemm"], choices=list(kernels.BACKENDS))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument(
-        "--exact", action="store_true", help="also W8A8 compiled without activation ranges (FBGEMM's extra columns)"
-    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/host_speed"))
     a = ap.parse_args()
     if a.threads:
@@ -95,7 +89,7 @@ def main() -> None:
         "models": {},
     }
     for name in a.models:
-        runs = variants(name, a.compiled, a.backends, a.exact)
+        runs = variants(name, a.compiled, a.backends)
         fps: dict[str, list[float]] = {label: [] for label in runs}
         for r in range(a.rounds):
             for label, (model, backend, _) in runs.items():
@@ -126,7 +120,6 @@ def main() -> None:
         + (f" --threads {a.threads}" if a.threads else "")
         + f" --backends {' '.join(a.backends)}"
         + (" --compiled" if a.compiled else "")
-        + (" --exact" if a.exact else "")
         + "`; x FP32: median over rounds of the per-round ratio to FP32 eager (range in brackets).",
         "",
         f"`auto` here, FP32 models: {runtime.plan().describe()}.",

@@ -317,53 +317,9 @@ def fbgemm_columns(values: Tensor) -> tuple[Tensor, Tensor]:
     return F.pad(torch.cat(blocks, 1), (0, pad)).to(torch.int8), F.pad(extra, (0, pad))
 
 
-def fbgemm_input(x: Tensor, columns: Tensor, bounds: Tensor | None = None) -> Tensor:
-    """x [M, K] as the FBGEMM weight of `columns` and `bounds` (`FbgemmWeight`) takes it: exact
-    weights, x with the columns `fbgemm_columns` appended; weights paired by range, x's columns
-    in their order, shifted and clamped (`fbgemm_pack_by_range`)."""
-    if bounds is None:
-        return torch.cat([x, x[:, columns]], 1) if len(columns) else x
-    shift, low, high = bounds
-    return torch.clamp(x[:, columns] - shift, low, high)
-
-
-# A calibrated channel's code range is widened, for activations outside what the calibration saw
-# (its min and max come from a sample of the tokens): below by 30% of its width and 4 codes, since
-# a code below the range is clamped to it; above by 10% and 2 codes, since a code above it only
-# saturates its pair's sum where that sum would pass the limit. On tiny-world's W8A8 layers, a
-# 10% margin below left 49 dB against simulate mode in the worst layer, 30% left 62 dB.
-RANGE_MARGIN_BELOW, RANGE_MARGIN_ABOVE = 0.3, 0.1
-_PAIR_SUM_MAX = 32767  # vpmaddubsw's saturating 16-bit sum
-
-
-def fbgemm_pairs(w: Tensor, top: Tensor, tries: int = 64) -> Tensor:
-    """An order of the input columns of int8 weights w [N, K] for FBGEMM's AVX2 kernel, given the
-    largest unsigned code each column can bring (`top` [K]): int64 [K'] (K' even), -1 for a
-    column of zeros, such that no output row's pair of neighbours can saturate its 16-bit sum:
-    top_i |w_ni| + top_j |w_nj| <= 32767 wherever w_ni and w_nj have the same sign.
-
-    Greedy: the column with the largest product takes, among the `tries` free columns with the
-    smallest, the first that fits beside it in every row; a column that fits beside none sits
-    next to a zero column (alone, any int8 weight times any u8 code fits in 16 bits)."""
-    k = w.shape[1]
-    pos, neg = (w.long().clamp_min(0) * top), ((-w.long()).clamp_min(0) * top)
-    peak = torch.maximum(pos, neg).amax(0)
-    free = torch.ones(k, dtype=torch.bool)
-    order = []
-    for i in torch.argsort(peak, descending=True).tolist():
-        if not free[i]:
-            continue
-        free[i] = False
-        cand = torch.nonzero(free).flatten()
-        cand = cand[torch.argsort(peak[cand])][:tries]
-        fits = ((pos[:, cand] + pos[:, i, None]).amax(0) <= _PAIR_SUM_MAX) & (
-            (neg[:, cand] + neg[:, i, None]).amax(0) <= _PAIR_SUM_MAX
-        )
-        j = int(cand[fits][0]) if bool(fits.any()) else -1
-        if j >= 0:
-            free[j] = False
-        order += [i, j]
-    return torch.tensor(order, dtype=torch.long)
+def fbgemm_input(x: Tensor, extra: Tensor) -> Tensor:
+    """x [M, K] with the input columns `fbgemm_columns` appended."""
+    return torch.cat([x, x[:, extra]], 1) if len(extra) else x
 
 
 class FbgemmWeight:
@@ -381,13 +337,10 @@ class FbgemmWeight:
     _registry: weakref.WeakValueDictionary[int, FbgemmWeight] = weakref.WeakValueDictionary()
     _next = itertools.count()
 
-    def __init__(self, packed: object, columns: Tensor, n: int, bounds: Tensor | None = None):
+    def __init__(self, packed: object, extra: Tensor, n: int):
         key = next(self._next)
         self._registry[key] = self
-        # What `fbgemm_input` takes: the appended columns (exact weights), or the column order and
-        # each column's shift and clamp (weights paired by range).
-        self.columns, self.bounds = columns, bounds
-        self.packed, self.n, self.handle = packed, n, torch.tensor([key])
+        self.packed, self.extra, self.n, self.handle = packed, extra, n, torch.tensor([key])
 
     @classmethod
     def named(cls, handle: int) -> FbgemmWeight:
@@ -407,52 +360,6 @@ def fbgemm_pack(w: Tensor, w_zero: Tensor, w_scale: Tensor, bias: Tensor | None)
         warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
         q = torch._make_per_channel_quantized_tensor(codes, w_scale.double(), zero, 0)
         return FbgemmWeight(torch.ops.quantized.linear_prepack(q, bias), extra, w.shape[0])
-
-
-def fbgemm_pack_by_range(
-    w: Tensor,
-    w_zero: Tensor,
-    w_scale: Tensor,
-    bias: Tensor | None,
-    act: tuple[float, int, int, int],
-    x_range: Tensor,
-) -> FbgemmWeight:
-    """`fbgemm_pack` without extra columns, for static activations whose per-channel range x_range
-    [2, K] (min, max, as calibration saw them) is known.
-
-    What the 16-bit pair sums see is the raw unsigned codes, and a channel's codes sit around the
-    tensor's zero point (often near 128) whatever its own width: so each channel is shifted down
-    to start at code 0 (x minus its lowest code times the scale; the bias gets the difference
-    back), leaving codes up to the channel's width. The columns are then paired (`fbgemm_pairs`)
-    so that no pair can saturate within those widths, which needs no extra columns but the few
-    zero ones of columns left alone, and the weight keeps its int8 codes with FBGEMM's own zero
-    points (extra columns would have put 9-bit differences into more of them). Exact wherever each
-    channel's codes stay within its widened range (`RANGE_MARGIN_BELOW`, `RANGE_MARGIN_ABOVE`);
-    outside it, a code below is clamped to the range, and one above saturates its pair's sum at
-    no more than the error of clamping it to the range."""
-    s, z, qmin, qmax = act
-    zf, top = z - qmin, qmax - qmin  # FBGEMM's zero point and largest code
-    codes = (torch.round(x_range / s) + zf).clamp(0, top)
-    width = codes[1] - codes[0]
-    lo = (codes[0] - (RANGE_MARGIN_BELOW * width).ceil() - 4).clamp_min(0)
-    hi = (codes[1] + (RANGE_MARGIN_ABOVE * width).ceil() + 2).clamp_max(top)
-    order = fbgemm_pairs(w, (hi - lo).long())
-    real = order >= 0
-    col = order.clamp_min(0)
-    codes_w = torch.where(real, w[:, col], 0).to(torch.int8)
-    # Zero columns get code 0 (any x below -zf steps quantizes to it) against zero weights.
-    floor = -(zf + 1) * s
-    shift = torch.where(real, lo[col] * s, 0.0)
-    high = torch.where(real, (top - zf - lo[col]) * s, floor)
-    bounds = torch.stack([shift, torch.full_like(shift, floor), high]).float()
-    # FBGEMM's sum over the shifted codes and the zero columns, minus what the true one has.
-    v = w.long() - w_zero.long()[:, None]
-    missing = v @ lo.long() - int((~real).sum()) * zf * w_zero.long()
-    bias = (0 if bias is None else bias) + s * w_scale * missing.double()
-    with warnings.catch_warnings(), _fbgemm_engine():
-        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
-        q = torch._make_per_channel_quantized_tensor(codes_w, w_scale.double(), w_zero.long(), 0)
-        return FbgemmWeight(torch.ops.quantized.linear_prepack(q, bias.float()), col, w.shape[0], bounds)
 
 
 @contextmanager
@@ -481,7 +388,7 @@ def int8_linear_fbgemm(
     linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
     if isinstance(act, tuple):
         s, z, qmin, qmax = act
-        if qmax - qmin < 255 and w.bounds is None:  # paired by range: `fbgemm_input` clamped x
+        if qmax - qmin < 255:
             x = x.clamp((qmin - z) * s, (qmax - z) * s)
         y = linear(x, s, z - qmin, w.packed)
         return y if bias is None else y + bias

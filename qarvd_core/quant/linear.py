@@ -75,10 +75,6 @@ class QuantLinear(nn.Module):
         self.register_buffer("a_zero", torch.tensor(0.0))
         # SmoothQuant-style migration: inputs are divided per channel by `smooth` (None: off).
         self.register_buffer("smooth", None)
-        # Static activations: each input channel's (min, max) [2, in] in calibration, smoothed as
-        # the quantizer sees it, for kernels exact only within such ranges
-        # (`kernels.fbgemm_pack_by_range`); None where not recorded (older checkpoints).
-        self.register_buffer("act_range", None)
         self._deploy_cache: dict | None = None
 
     @classmethod
@@ -106,7 +102,6 @@ class QuantLinear(nn.Module):
             if self.smooth is not None:
                 x = x / self.smooth
             kw = {} if pcts is None else {"pcts": pcts}
-            self.act_range = torch.stack([x.amin(0), x.amax(0)]).float()
             self.set_activation(*weighted_mse_search_activation(x, self.a_spec, sample_weights, **kw))
 
     # Weights ---------------------------------------------------------------------
@@ -160,12 +155,6 @@ class QuantLinear(nn.Module):
         w = self.dequantized_weight().to(x.dtype)
         return F.linear(self.quantize_input(x), w, None if self.bias is None else self.bias.to(x.dtype))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        # A checkpoint may record the activation ranges or not (older ones): take them when it does.
-        if prefix + "act_range" in state_dict and self.act_range is None:
-            self.act_range = torch.empty(2, self.in_features)
-        super()._load_from_state_dict(state_dict, prefix, *args)
-
     def __getstate__(self) -> dict:
         # The deploy cache is derived from the buffers, and FBGEMM's packed weights in it are found
         # by handle through a registry of live objects: a copy or pickle rebuilds its own.
@@ -189,15 +178,10 @@ class QuantLinear(nn.Module):
             }
             if backend == "fbgemm" and self.act_mode != "none":
                 bias = self.bias if self.act_mode == "static" else None  # per-token: added after the rescale
-                w = kernels.fbgemm_pack(d["w"], d["w_zero"], self.w_scale, bias)
-                if len(w.columns) and self.act_mode == "static" and self.act_range is not None:
-                    # Exact weights would need extra columns: pair the columns by their calibrated ranges.
-                    w = kernels.fbgemm_pack_by_range(
-                        d["w"], d["w_zero"], self.w_scale, bias, self._act(), self.act_range
-                    )
-                d["fbgemm"], d["fbgemm_act"] = w, self._act()
+                d["fbgemm"] = kernels.fbgemm_pack(d["w"], d["w_zero"], self.w_scale, bias)
+                d["fbgemm_act"] = self._act()
                 # What compiled graphs take instead, as tensors: inputs like the weights, not constants.
-                d["fbgemm_handle"], d["fbgemm_columns"], d["fbgemm_bounds"] = w.handle, w.columns, w.bounds
+                d["fbgemm_handle"], d["fbgemm_extra"] = d["fbgemm"].handle, d["fbgemm"].extra
                 d["fbgemm_act_t"] = torch.tensor(d["fbgemm_act"] if self.act_mode == "static" else [self.a_spec.bits])
         return d
 
@@ -237,10 +221,10 @@ class QuantLinear(nn.Module):
             w, act = d["fbgemm"], d["fbgemm_act"]
             bias = None if self.act_mode == "static" else self.bias
             if torch.compiler.is_compiling():
-                x2 = kernels.fbgemm_input(x2, d["fbgemm_columns"], d["fbgemm_bounds"])
+                x2 = kernels.fbgemm_input(x2, d["fbgemm_extra"])
                 y = kernels.fbgemm_linear(x2, d["fbgemm_handle"], d["fbgemm_act_t"], bias, w.n)
             else:
-                y = kernels.int8_linear_fbgemm(kernels.fbgemm_input(x2, w.columns, w.bounds), w, act, bias)
+                y = kernels.int8_linear_fbgemm(kernels.fbgemm_input(x2, w.extra), w, act, bias)
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         common = (d["w"], d["colsum"], d["w_zero"], self.w_scale, self.bias)
         if d["int4_cuda"]:

@@ -56,9 +56,6 @@ def test_save_load_gives_identical_outputs_and_a_full_manifest(checkpoint):
     qi = m["quantization"]
     assert qi["config"]["method"] == "qarvd" and qi["frame_weights"] and qi["calibration"]["rollouts"] == 1
     assert qi["layers"]["blocks.0.ffn.0"]["outliers"] == 16 and m["evaluation"]["psnr_db_mean"] == 40.0
-    # Static layers keep each input channel's calibrated range (what FBGEMM's pairing needs).
-    ranges = {n: m.act_range for n, m in q.named_modules() if getattr(m, "act_range", None) is not None}
-    assert ranges and all(torch.equal(loaded.get_submodule(n).act_range, r) for n, r in ranges.items())
     # Through the model-name path too, in deploy mode.
     assert load_model(str(path)).blocks[0].ffn[2].mode == "deploy"
 

@@ -13,8 +13,6 @@ from qarvd_core.quant.kernels import (
     fbgemm_input,
     fbgemm_linear,
     fbgemm_pack,
-    fbgemm_pack_by_range,
-    fbgemm_pairs,
     int8_linear_dynamic,
     int8_linear_onednn,
     int8_linear_static,
@@ -177,64 +175,9 @@ def test_fbgemm_int8_linear_is_exact_where_16_bit_pair_sums_would_saturate(k):
         True,
     )
     packed = fbgemm_pack(w, w_zero, w_scale, bias)
-    out = fbgemm_linear(fbgemm_input(x, packed.columns), packed.handle, torch.tensor([s, z, 0, 255]), None, n)
-    assert len(packed.columns) > 0
+    out = fbgemm_linear(fbgemm_input(x, packed.extra), packed.handle, torch.tensor([s, z, 0, 255]), None, n)
+    assert len(packed.extra) > 0
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-
-
-@pytest.mark.parametrize("k", [64, 71])
-def test_fbgemm_pairs_keep_every_pair_within_16_bits_for_the_codes_each_column_brings(k):
-    g = torch.Generator().manual_seed(k)
-    w = torch.randint(-128, 128, (40, k), dtype=torch.int8, generator=g)
-    w[:2] = torch.where(torch.arange(k) % 2 == 0, -128, 127).to(torch.int8)
-    # Calibrated widths: most channels narrow, a few spanning every code.
-    top = torch.randint(4, 60, (k,), generator=g)
-    top[:5] = 255
-    order = fbgemm_pairs(w, top)
-    real = order[order >= 0]
-    assert len(order) % 2 == 0 and sorted(real.tolist()) == list(range(k))  # each column once
-    # Zero columns (-1) bring nothing; every same-sign pair fits in vpmaddubsw's 16-bit sum.
-    prod = torch.where(order >= 0, w.long()[:, order.clamp_min(0)] * top[order.clamp_min(0)], 0)
-    a, b = prod.unflatten(1, (-1, 2)).unbind(-1)
-    assert not ((a * b > 0) & ((a + b).abs() > 32767)).any()
-    assert len(order) - k <= 6  # only the columns that fit beside none are left alone
-
-
-@needs_fbgemm
-def test_fbgemm_weights_paired_by_range_are_exact_within_the_calibrated_ranges():
-    # Trained 8-bit weights would need extra columns; activations whose channels each keep to a
-    # calibrated band of codes (most narrow, around the zero point or off it) need none.
-    g = torch.Generator().manual_seed(0)
-    m, n, k = 48, 40, 96
-    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
-    w[:4] = -128  # same-sign neighbours: two full-width channels side by side would saturate
-    w_zero = torch.randint(-3, 4, (n,), generator=g).int()
-    w_scale, bias = torch.rand(n, generator=g) * 0.01 + 1e-3, torch.randn(n, generator=g)
-    s, z = 0.05, 131
-    width = torch.randint(3, 40, (k,), generator=g)
-    width[:4] = 255
-    low = (torch.rand(k, generator=g) * (256 - width)).floor()
-    codes = low + (torch.rand(m, k, generator=g) * (width + 1)).floor().clamp(max=width)
-    x = (codes - z) * s
-    act = (s, z, 0, 255)
-    ref = int8_linear_static(
-        x,
-        w,
-        w.sum(1, dtype=torch.int32),
-        w_zero,
-        w_scale,
-        bias,
-        torch.tensor(s),
-        torch.tensor(float(z)),
-        0,
-        255,
-        128,
-        True,
-    )
-    packed = fbgemm_pack_by_range(w, w_zero, w_scale, bias, act, torch.stack([x.amin(0), x.amax(0)]))
-    assert packed.bounds is not None and len(packed.columns) <= k + 6  # no extra columns
-    out = fbgemm_linear(fbgemm_input(x, packed.columns, packed.bounds), packed.handle, torch.tensor(act), None, n)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
 def test_the_load_time_measurement_covers_quantized_layers_only(mini):

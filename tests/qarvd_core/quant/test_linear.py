@@ -236,7 +236,7 @@ def test_compiled_blocks_call_fbgemm_without_a_graph_break(mini):
         torch._dynamo.utils.counters.clear()
         compiled = Stream(q.compile_blocks(), "islands", 0).step("right")
         layouts = {
-            tuple(len(m._deploy_tensors()["fbgemm_columns"]) for m in block.modules() if isinstance(m, QuantLinear))
+            tuple(len(m._deploy_tensors()["fbgemm_extra"]) for m in block.modules() if isinstance(m, QuantLinear))
             for block in q.blocks
         }
     finally:
