@@ -148,6 +148,28 @@ def onednn_int8_is_exact() -> bool:
     return probe_host().vnni
 
 
+# Caps that make a process emulate a smaller host (`probe_host`).
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
+def _compile_cache_per_cap() -> None:
+    """Give a process capped to a smaller instruction set its own inductor cache.
+
+    Inductor's graph cache is not keyed by the vector width its C++ kernels were written for: a
+    graph cached by a process capped at AVX2 and loaded by an uncapped AVX-512 one (or the
+    reverse) runs loops written for 8 floats a vector with 16-float vectors, and corrupts the
+    heap ("malloc(): unaligned tcache chunk detected"). An explicit TORCHINDUCTOR_CACHE_DIR wins.
+    """
+    caps = [f"{name.lower()}-{os.environ[name].lower()}" for name in ISA_CAPS if os.environ.get(name)]
+    if caps and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = "_".join([default_cache_dir(), *caps])
+
+
+_compile_cache_per_cap()
+
+
 @dataclass(frozen=True)
 class Host:
     """What this process's CPU can run, as torch sees it."""

@@ -118,12 +118,18 @@ def test_an_instruction_set_cap_is_what_the_probe_sees():
     # choice for that host class is checked whatever CPU runs the tests.
     code = (
         "from qarvd_core.runtime import plan; from qarvd_core.quant.kernels import probe_host; "
-        "h = probe_host(); p = plan(); print(h.capability, h.vnni, h.amx, h.native_bf16, p.kernels, p.dtype)"
+        "h = probe_host(); p = plan(); print(h.capability, h.vnni, h.amx, h.native_bf16, p.kernels, p.dtype); "
+        "from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir; "
+        "print(cache_dir() != default_cache_dir(), 'avx2' in cache_dir())"
     )
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
-    assert out.split() == ["AVX2", "False", "False", "False", "fbgemm" if fbgemm else "int_mm", "fp32"]
+    probe, cache = out.splitlines()
+    assert probe.split() == ["AVX2", "False", "False", "False", "fbgemm" if fbgemm else "int_mm", "fp32"]
+    # Graphs compiled capped stay apart from uncapped ones (their kernels' vector width differs).
+    assert cache == "True True"
 
 
 needs_fbgemm = pytest.mark.skipif(
