@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from qarvd_core.quant.linear import pack_int4, unpack_int4
@@ -141,9 +140,17 @@ def dequantize_tokens(codes: Tensor, scale: Tensor, bits: int, dtype: torch.dtyp
     return (codes.float() * scale.float()).to(dtype)
 
 
-# Signed 4-bit codes of every byte (low nibble first), as floats: unpacking is one lookup.
-_INT4_PAIRS = torch.stack([torch.arange(256) & 15, torch.arange(256) >> 4], -1).float()
-_INT4_PAIRS = torch.where(_INT4_PAIRS > 7, _INT4_PAIRS - 16, _INT4_PAIRS)
+def _unpack_int4_float(packed: Tensor) -> Tensor:
+    """uint8 [..., hd / 2], two signed codes a byte (low nibble first) -> float [..., hd].
+
+    Arithmetic shifts of the bytes as int8 sign-extend each nibble: two elementwise ops written
+    straight into the float result, several times faster than unpacking through a lookup table
+    (this runs for every held chunk on every denoising pass)."""
+    s = packed.view(torch.int8)
+    out = torch.empty(*s.shape, 2, device=s.device)
+    out[..., 0] = (s << 4) >> 4
+    out[..., 1] = s >> 4
+    return out.flatten(-2)
 
 
 def read_into(out: Tensor, stores: Sequence[TokenStore], layer: int, mixes: Sequence[Tensor | None]) -> None:
@@ -160,7 +167,7 @@ def read_into(out: Tensor, stores: Sequence[TokenStore], layer: int, mixes: Sequ
     if first.bits is None:
         x, scale = held[0].float(), None
     elif first.bits == 4:
-        x, scale = F.embedding(held[0].int(), _INT4_PAIRS.to(out.device)).flatten(-2), held[1]
+        x, scale = _unpack_int4_float(held[0]), held[1]
     else:
         x, scale = held[0].float(), held[1]
     if all(m is mixes[0] for m in mixes):  # one matrix for all (`mixes` reuses its tensors): one GEMM
