@@ -259,6 +259,7 @@ class KVCache:
         # stays at fixed addresses across chunks (CUDA graphs replay on them): an FP cache's storage
         # `shape`, or a quantized cache's working buffers [1, *shape[1:]] (otherwise allocated while
         # a chunk is made, `_working`).
+        self.value_basis: Tensor | None = None  # the basis a pass's values are in (None: their own)
         if self.quant is None:
             self.k, self.v = buffers or (torch.zeros(shape, device=device, dtype=dtype) for _ in "kv")
             self.device = self.k.device
@@ -272,6 +273,12 @@ class KVCache:
             self._age: list[int] = []
             self._commit: tuple[TokenStore, TokenStore] | None = None  # the store a commit writes into
             self._mixes: dict[tuple[bool, int], Tensor | None] = {}  # `_mix`'s matrices
+            # Values are read in the stores' rotated basis, and the attention output is rotated back
+            # once (`SelfAttention`): a pass then undoes no rotation over the held chunks' values,
+            # only over the chunk being made. (Keys cannot: a rolled chunk's shift is its own.)
+            from qarvd_core.quant.kv import hadamard  # the quant package imports this module
+
+            self.value_basis = hadamard(args.head_dim).to(self.device) if self.quant.rotate else None
         self.n_chunks = 0  # chunks held now
         self.committed = 0  # chunks ever committed
         self.camera = torch.zeros(batch, 2, dtype=torch.long)
@@ -321,6 +328,8 @@ class KVCache:
         _, B, H, ct, hd = self._chunk_shape
         k, v = (torch.zeros(B, H, self.length, hd, device=self.device, dtype=self.dtype) for _ in "kv")
         self._read(layer, k, v)
+        if self.value_basis is not None:
+            v = (v.float() @ self.value_basis.T).to(self.dtype)
         return k, v
 
     def slot(self) -> tuple[Tensor, Tensor]:
@@ -334,12 +343,12 @@ class KVCache:
     def layer(self, i: int, slot: Tensor | None) -> CachedKV:
         """Layer i's key and value buffers [B, H, capacity, hd] for a cached pass, with `slot`."""
         if self.quant is None:  # fresh views each pass (a kept one breaks autograd after a write under grad)
-            return *_static(self.k[i], self.v[i]), slot
+            return *_static(self.k[i], self.v[i]), slot, None
         k, v = self._working()
         for buf in (k, v):  # what earlier layers left past the held chunks, as a fresh buffer would be
             buf[:, :, self.length :].zero_()
         self._read(i, k[:, :, : self.length], v[:, :, : self.length])
-        return *_static(k, v), slot
+        return *_static(k, v), slot, self.value_basis
 
     def _working(self) -> tuple[Tensor, Tensor]:
         """The working key and value buffers [B, H, capacity, hd]: the caller's, or allocated for
@@ -363,8 +372,11 @@ class KVCache:
                 end += 1
             run = held[start:end]
             for j, buf in enumerate((k, v)):
-                ages = self._age[start:end] if j == 0 else [0] * len(run)
-                mixes = [self._mix(s[j], age) for s, age in zip(run, ages)]
+                if j == 1 and self.value_basis is not None:  # into the basis: nothing to undo where rotated
+                    mixes = [None if s[1].rotation is not None else self.value_basis for s in run]
+                else:
+                    ages = self._age[start:end] if j == 0 else [0] * len(run)
+                    mixes = [self._mix(s[j], age) for s, age in zip(run, ages)]
                 read_into(buf[:, :, start * ct : end * ct], [s[j] for s in run], i, mixes)
             start = end
 
@@ -401,8 +413,14 @@ class KVCache:
             oldest = self.chunks[a.sink_chunks] if full else None
             # Over the oldest window chunk's store, which this commit's layers read before writing.
             self._commit = oldest if oldest is not None and oldest[0].bits == bits else self._new_store(bits)
-        for store, x in zip(self._commit, kv[:2]):
-            store.write(i, x[:, :, n * ct : (n + 1) * ct])
+        for j, (store, x) in enumerate(zip(self._commit, kv[:2])):
+            x = x[:, :, n * ct : (n + 1) * ct]
+            if j == 1 and self.value_basis is not None:  # values in the basis (`layer`)
+                if store.rotation is None:  # a full-precision chunk keeps them in their own
+                    x = x.float() @ self.value_basis.T
+                store.write(i, x, rotated=store.rotation is not None)
+            else:
+                store.write(i, x)
 
     def advance(self, camera: Tensor | None = None) -> None:
         """Count the chunk just written (its last frame's camera: `camera`); roll the window if over-full."""
@@ -477,8 +495,9 @@ class KVCache:
 # ----------------------------------------------------------------------------- layers
 
 # One layer's view of the cache for a cached pass: key and value buffers [B, H, capacity, hd]
-# and the token indices [chunk_tokens] of the slot the current chunk is written to.
-CachedKV = tuple[Tensor, Tensor, Tensor]
+# the token indices [chunk_tokens] of the slot the current chunk is written to, and the basis
+# [hd, hd] the value buffer is in (None: the values' own; `KVCache.value_basis`).
+CachedKV = tuple[Tensor, Tensor, Tensor, Tensor | None]
 
 
 class RMSNorm(nn.Module):
@@ -515,11 +534,15 @@ class SelfAttention(Attention):
         if kv is not None:
             # The chunk's keys go into the slot after the held chunks (a commit keeps them there,
             # a denoising pass leaves them to be overwritten); the query sees the buffer masked.
-            k_buf, v_buf, slot = kv
+            k_buf, v_buf, slot, basis = kv
+            if basis is not None:
+                v = v @ basis.to(v.dtype)
             k_buf.index_copy_(2, slot, k.to(k_buf.dtype))
             v_buf.index_copy_(2, slot, v.to(v_buf.dtype))
             k, v = k_buf.to(q.dtype), v_buf.to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, L, hd]
+        if kv is not None and kv[3] is not None:  # weighted sums of values in that basis: back
+            y = y @ kv[3].T.to(y.dtype)
         return self.o(y.transpose(1, 2).reshape(B, L, D))
 
 

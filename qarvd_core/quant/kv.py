@@ -204,9 +204,9 @@ class TokenStore:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
-    def write(self, layer: int, x: Tensor) -> None:
-        """Store x [batch, heads, n, hd] as `layer`'s tokens."""
-        if self.rotation is not None:
+    def write(self, layer: int, x: Tensor, rotated: bool = False) -> None:
+        """Store x [batch, heads, n, hd] as `layer`'s tokens (`rotated`: already in the rotated basis)."""
+        if self.rotation is not None and not rotated:
             x = x.float() @ self.rotation
         parts = [x.to(self.dtype)] if self.bits is None else quantize_tokens(x, self.bits)
         for t, p in zip(self.tensors, parts):
