@@ -531,6 +531,7 @@ class SelfAttention(Attention):
         q = apply_rope(self.norm_q(self.q(x)).view(B, L, self.n_heads, self.head_dim), freqs).transpose(1, 2)
         k = apply_rope(self.norm_k(self.k(x)).view(B, L, self.n_heads, self.head_dim), freqs).transpose(1, 2)
         v = self.v(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        basis = None
         if kv is not None:
             # The chunk's keys go into the slot after the held chunks (a commit keeps them there,
             # a denoising pass leaves them to be overwritten); the query sees the buffer masked.
@@ -541,8 +542,8 @@ class SelfAttention(Attention):
             v_buf.index_copy_(2, slot, v.to(v_buf.dtype))
             k, v = k_buf.to(q.dtype), v_buf.to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, L, hd]
-        if kv is not None and kv[3] is not None:  # weighted sums of values in that basis: back
-            y = y @ kv[3].T.to(y.dtype)
+        if basis is not None:  # weighted sums of values in that basis: back
+            y = y @ basis.T.to(y.dtype)
         return self.o(y.transpose(1, 2).reshape(B, L, D))
 
 
